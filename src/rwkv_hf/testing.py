@@ -1,0 +1,213 @@
+"""Synthetic RWKV checkpoints in BlinkDL's `.pth` layout, and a runner for the reference package.
+
+No real weights can be downloaded where our tests run, so every test (and `rwkv-hf demo`) builds a
+seeded random checkpoint with exactly the keys, shapes and conventions of a real BlinkDL checkpoint of
+the requested version, scaled so that the logits vary a lot (a model whose logits are all ~0 would let
+many bugs through). `run_reference` runs BlinkDL's own `rwkv` package on such a file in a subprocess
+(RWKV-7 needs `RWKV_V7_ON=1` before the package is imported, so it must be a fresh interpreter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+VERSIONS = ("4", "5.0", "5.1", "5.2", "6", "7")
+
+
+def _lora_widths(version: str, n_embd: int) -> Dict[str, int]:
+    """The LoRA widths BlinkDL's training code picks for a model of this width."""
+    if version == "6":
+        return {"maa": 32 if n_embd < 4096 else 64, "decay": 64 if n_embd < 4096 else 128}
+    if version == "7":
+        # RWKV-LM x070: max(32, round(f * C**e / 32) * 32)
+        def width(f: float, e: float) -> int:
+            return max(32, int(round(f * (n_embd**e) / 32) * 32))
+
+        return {"w": width(1.8, 0.5), "a": width(1.8, 0.5), "v": width(1.3, 0.5), "g": width(0.6, 0.8)}
+    return {}
+
+
+def make_state_dict(
+    version: str,
+    n_layer: int = 2,
+    n_embd: int = 128,
+    vocab_size: int = 65536,
+    head_size: int = 64,
+    ffn_dim: Optional[int] = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    logit_scale: float = 4.0,
+) -> Dict[str, torch.Tensor]:
+    """A seeded random state dict with the keys and shapes of a BlinkDL RWKV checkpoint.
+
+    `logit_scale` sets the spread of the logits (their std is about this many nats).
+    """
+    version = str(version)
+    if version not in VERSIONS:
+        raise ValueError(f"unknown RWKV version {version!r}; expected one of {VERSIONS}")
+    if n_embd % head_size:
+        raise ValueError(f"n_embd {n_embd} is not a multiple of head_size {head_size}")
+    g = torch.Generator().manual_seed(seed)
+    C, H, N = n_embd, n_embd // head_size, head_size
+    if ffn_dim is None:
+        ffn_dim = 4 * C if version == "7" else (int(C * 3.5) // 32 * 32 if version == "6" else 4 * C)
+
+    def uniform(*shape, lo=0.0, hi=1.0):
+        return torch.rand(*shape, generator=g) * (hi - lo) + lo
+
+    def linear(out_f, in_f, gain=1.0):  # torch layout [out, in], variance-preserving
+        return torch.randn(out_f, in_f, generator=g) * (gain / in_f**0.5)
+
+    def mix():  # token-shift mixing coefficients, [1, 1, C] in (0, 1)
+        return uniform(1, 1, C)
+
+    sd: Dict[str, torch.Tensor] = {"emb.weight": uniform(vocab_size, C, lo=-1.0, hi=1.0)}
+    lora = _lora_widths(version, C)
+    for i in range(n_layer):
+        p = f"blocks.{i}."
+        if i == 0:
+            sd[p + "ln0.weight"] = uniform(C, lo=0.8, hi=1.2)
+            sd[p + "ln0.bias"] = uniform(C, lo=-0.1, hi=0.1)
+        for ln in ("ln1", "ln2"):
+            sd[p + ln + ".weight"] = uniform(C, lo=0.8, hi=1.2)
+            sd[p + ln + ".bias"] = uniform(C, lo=-0.1, hi=0.1)
+        a, f = p + "att.", p + "ffn."
+        if version == "7":
+            for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
+                sd[a + name] = mix()
+            sd[a + "w0"] = uniform(1, 1, C, lo=-2.0, hi=2.0)
+            sd[a + "w1"] = torch.randn(C, lora["w"], generator=g) * 0.1
+            sd[a + "w2"] = torch.randn(lora["w"], C, generator=g) * 0.1
+            sd[a + "a0"] = uniform(1, 1, C, lo=-1.0, hi=1.0)
+            sd[a + "a1"] = torch.randn(C, lora["a"], generator=g) * 0.1
+            sd[a + "a2"] = torch.randn(lora["a"], C, generator=g) * 0.1
+            sd[a + "v0"] = uniform(1, 1, C, lo=-1.0, hi=1.0)
+            sd[a + "v1"] = torch.randn(C, lora["v"], generator=g) * 0.1
+            sd[a + "v2"] = torch.randn(lora["v"], C, generator=g) * 0.1
+            sd[a + "g1"] = torch.randn(C, lora["g"], generator=g) * 0.1
+            sd[a + "g2"] = torch.randn(lora["g"], C, generator=g) * 0.1
+            sd[a + "k_k"] = uniform(1, 1, C, lo=0.5, hi=1.5)
+            sd[a + "k_a"] = uniform(1, 1, C, lo=0.0, hi=1.0)
+            sd[a + "r_k"] = uniform(H, N, lo=-0.5, hi=0.5)
+        elif version == "6":
+            for name in ("x", "w", "k", "v", "r", "g"):
+                sd[a + "time_maa_" + name] = mix()
+            sd[a + "time_maa_w1"] = torch.randn(C, 5 * lora["maa"], generator=g) * 0.1
+            sd[a + "time_maa_w2"] = torch.randn(5, lora["maa"], C, generator=g) * 0.1
+            sd[a + "time_decay"] = uniform(1, 1, C, lo=-4.0, hi=1.0)
+            sd[a + "time_decay_w1"] = torch.randn(C, lora["decay"], generator=g) * 0.1
+            sd[a + "time_decay_w2"] = torch.randn(lora["decay"], C, generator=g) * 0.1
+            sd[a + "time_faaaa"] = uniform(H, N, lo=-1.0, hi=1.0)
+        else:
+            for name in ("k", "v", "r") + (("g",) if version in ("5.1", "5.2") else ()):
+                sd[a + "time_mix_" + name] = mix()
+            if version == "4":
+                sd[a + "time_decay"] = uniform(C, lo=-4.0, hi=1.0)
+                sd[a + "time_first"] = uniform(C, lo=-1.0, hi=1.0)
+            elif version == "5.2":
+                sd[a + "time_decay"] = uniform(H, N, lo=-4.0, hi=1.0)
+                sd[a + "time_faaaa"] = uniform(H, N, lo=-1.0, hi=1.0)
+            else:  # 5.0, 5.1: one decay and one bonus per head
+                sd[a + "time_decay"] = uniform(H, lo=-4.0, hi=1.0)
+                sd[a + "time_first"] = uniform(H, lo=-1.0, hi=1.0)
+        for name in ("receptance", "key", "value"):
+            sd[a + name + ".weight"] = linear(C, C)
+        if version in ("5.1", "5.2", "6"):
+            sd[a + "gate.weight"] = linear(C, C)
+        sd[a + "output.weight"] = linear(C, C)
+        if version != "4":
+            sd[a + "ln_x.weight"] = uniform(C, lo=0.8, hi=1.2)
+            sd[a + "ln_x.bias"] = uniform(C, lo=-0.1, hi=0.1)
+        if version == "7":
+            sd[f + "x_k"] = mix()
+        elif version == "6":
+            sd[f + "time_maa_k"] = mix()
+            sd[f + "time_maa_r"] = mix()
+        else:
+            sd[f + "time_mix_k"] = mix()
+            sd[f + "time_mix_r"] = mix()
+        sd[f + "key.weight"] = linear(ffn_dim, C)
+        if version != "7":
+            sd[f + "receptance.weight"] = linear(C, C)
+        sd[f + "value.weight"] = linear(C, ffn_dim, gain=0.5)
+    sd["ln_out.weight"] = uniform(C, lo=0.8, hi=1.2)
+    sd["ln_out.bias"] = uniform(C, lo=-0.1, hi=0.1)
+    sd["head.weight"] = linear(vocab_size, C, gain=logit_scale)
+    return {k: v.to(dtype).contiguous() for k, v in sd.items()}
+
+
+def save_checkpoint(path, version: str, **kwargs) -> Path:
+    """Write `make_state_dict(version, **kwargs)` to `path` (a `.pth`), as BlinkDL's trainer does."""
+    path = Path(path)
+    torch.save(make_state_dict(version, **kwargs), path)
+    return path
+
+
+# ------------------------------------------------------------------------------ the reference runner
+_REFERENCE_SCRIPT = r"""
+import json, os, sys
+import torch
+args = json.load(open(sys.argv[1]))
+torch.set_num_threads(args["threads"])
+from rwkv.model import RWKV
+kw = {} if os.environ.get("RWKV_V7_ON") == "1" else {"verbose": False}
+model = RWKV(model=args["ckpt"][:-4], strategy=args["strategy"], **kw)
+state = None
+outs = []
+for chunk in args["chunks"]:
+    out, state = model.forward(chunk, state, full_output=True)
+    if out.dim() == 1:
+        out = out.unsqueeze(0)
+    outs.append(out.float())
+torch.save({"logits": torch.cat(outs), "state": [s.float().clone() for s in state]}, args["out"])
+"""
+
+
+def reference_available() -> bool:
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec("rwkv") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def run_reference(
+    ckpt: os.PathLike,
+    tokens: Sequence[int],
+    version: str,
+    strategy: str = "cpu fp32",
+    split_at: Sequence[int] = (),
+    threads: int = 2,
+    timeout: float = 900,
+) -> dict:
+    """Run BlinkDL's `rwkv` package on `ckpt` over `tokens` in a fresh interpreter.
+
+    The tokens are fed as consecutive chunks cut at `split_at`, carrying the reference's state.
+    Returns {"logits": [T, V] fp32, "state": list of the reference's state tensors}.
+    """
+    ckpt = str(ckpt)
+    if not ckpt.endswith(".pth"):
+        raise ValueError(f"the reference package only loads .pth files, got {ckpt}")
+    cuts = [0, *sorted(split_at), len(tokens)]
+    chunks: List[List[int]] = [list(map(int, tokens[a:b])) for a, b in zip(cuts, cuts[1:]) if b > a]
+    env = dict(os.environ)
+    env.update(RWKV_JIT_ON="1", RWKV_CUDA_ON="0", RWKV_V7_ON="1" if str(version) == "7" else "0")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "args.json"
+        out = Path(tmp) / "out.pt"
+        spec.write_text(json.dumps({"ckpt": ckpt, "strategy": strategy, "chunks": chunks, "out": str(out), "threads": threads}))
+        proc = subprocess.run(
+            [sys.executable, "-c", _REFERENCE_SCRIPT, str(spec)], env=env, capture_output=True, text=True, timeout=timeout
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"the reference package failed on {ckpt}:\n{proc.stderr[-3000:]}")
+        return torch.load(out, weights_only=True)
