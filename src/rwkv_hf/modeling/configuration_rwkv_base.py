@@ -1,0 +1,62 @@
+"""What every RWKV World configuration shares: sizes, special tokens, and how to run the WKV."""
+
+from transformers import PretrainedConfig
+
+
+class RwkvWorldConfigBase(PretrainedConfig):
+    """Sizes come from the checkpoint's tensor shapes (see `rwkv_hf.convert`), never from a size name.
+
+    Args:
+        vocab_size: rows of `emb.weight` (65536 for World models).
+        hidden_size: the model width C (`n_embd`).
+        num_hidden_layers: the number of blocks.
+        intermediate_size: the channel-mix width (rows of `ffn.key.weight`).
+        head_size: the WKV head size N (64 in every released v5-v7 model); heads = hidden_size / head_size.
+        layer_norm_epsilon: eps of every LayerNorm (the reference uses torch's default, 1e-5).
+        rescale_every: in fp16, the reference halves the residual after every this many layers and
+            scales the output projections to match, to keep fp16 from overflowing. 0 disables it.
+            It is applied on the fly, so the weights are never changed. (Not used by v7.)
+        wkv_mode: "auto" (one token: recurrent; CUDA with flash-linear-attention: its kernels;
+            otherwise the chunked form), or force "recurrent", "chunk" or "fla".
+    """
+
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    attribute_map = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers"}
+
+    def __init__(
+        self,
+        vocab_size: int = 65536,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        intermediate_size: int = 3072,
+        head_size: int = 64,
+        layer_norm_epsilon: float = 1e-5,
+        rescale_every: int = 6,
+        wkv_mode: str = "auto",
+        bos_token_id: int = 0,
+        eos_token_id: int = 0,
+        pad_token_id: int = 0,
+        tie_word_embeddings: bool = False,
+        use_cache: bool = True,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.intermediate_size = intermediate_size
+        self.head_size = head_size
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.rescale_every = rescale_every
+        self.wkv_mode = wkv_mode
+        self.use_cache = use_cache
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.hidden_size // self.head_size

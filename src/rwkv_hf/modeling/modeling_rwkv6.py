@@ -1,0 +1,112 @@
+"""RWKV-6 "Finch" World (x060), in the reference package's words (`rwkv/model.py`, att_*_v6_0, ffn_*_v6).
+
+Time mix, for each token, with sx = x_prev - x and a data-dependent token shift:
+    m_w, m_k, m_v, m_r, m_g = tanh((x + sx * time_maa_x) W1) W2          (five LoRAs, width mix_lora)
+    x* = x + sx * (time_maa_* + m_*)                                      for * in w, k, v, r, g
+    r = xr R;  k = xk K;  v = xv V;  g = silu(xg G)
+    w = exp(-exp(time_decay + tanh(xw D1) D2))                           per channel, per token
+    y = r (S + diag(u) k^T v);  S = diag(w) S + k^T v;   u = time_faaaa   (S is [key, value])
+    out = (GroupNorm_H(y) * g) O
+Channel mix: xk = x + sx * time_maa_k, xr likewise;  out = sigmoid(xr R) * (relu(xk K)^2 V).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .configuration_rwkv6 import Rwkv6Config
+from .rwkv_common import RwkvForCausalLMBase, RwkvModelBase, token_shift
+from .rwkv_ops import wkv5
+
+
+class Rwkv6TimeMix(nn.Module):
+    def __init__(self, config: Rwkv6Config, layer_id: int):
+        super().__init__()
+        C, N = config.hidden_size, config.head_size
+        H = C // N
+        self.n_head, self.head_size = H, N
+        for name in ("x", "w", "k", "v", "r", "g"):
+            setattr(self, "time_maa_" + name, nn.Parameter(torch.empty(1, 1, C)))
+        self.time_maa_w1 = nn.Parameter(torch.empty(C, 5 * config.mix_lora))
+        self.time_maa_w2 = nn.Parameter(torch.empty(5, config.mix_lora, C))
+        self.time_decay = nn.Parameter(torch.empty(1, 1, C))
+        self.time_decay_w1 = nn.Parameter(torch.empty(C, config.decay_lora))
+        self.time_decay_w2 = nn.Parameter(torch.empty(config.decay_lora, C))
+        self.time_faaaa = nn.Parameter(torch.empty(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.gate = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+    def init_parameters(self):
+        with torch.no_grad():
+            for name in ("x", "w", "k", "v", "r", "g"):
+                getattr(self, "time_maa_" + name).fill_(0.5)
+            self.time_decay.copy_(torch.linspace(-5, 1, self.time_decay.numel()).view_as(self.time_decay))
+            self.time_faaaa.fill_(0.3)
+            for p in (self.time_maa_w1, self.time_maa_w2, self.time_decay_w1, self.time_decay_w2):
+                nn.init.normal_(p, std=0.02)
+
+    def zero_wkv(self, batch_size: int, device):
+        return torch.zeros(batch_size, self.n_head, self.head_size, self.head_size, device=device, dtype=torch.float32)
+
+    def forward(self, x, shift, wkv, mask, v_first, mode, scale=1.0):
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        prev, shift = token_shift(x, shift, mask)
+        sx = prev - x
+        lora = torch.tanh((x + sx * self.time_maa_x) @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
+        mw, mk, mv, mr, mg = torch.bmm(lora, self.time_maa_w2).view(5, B, T, C).unbind(0)
+        xw = x + sx * (self.time_maa_w + mw)
+        xk = x + sx * (self.time_maa_k + mk)
+        xv = x + sx * (self.time_maa_v + mv)
+        xr = x + sx * (self.time_maa_r + mr)
+        xg = x + sx * (self.time_maa_g + mg)
+
+        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
+        g = F.silu(self.gate(xg))
+        w = self.time_decay + (torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2)
+        log_w = -torch.exp(w.float())
+
+        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+        y, wkv = wkv5(heads(r), heads(k), heads(v), heads(log_w), self.time_faaaa.float(), wkv, mask, mode)
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C).to(x.dtype)
+        return self.output(y * g * scale), shift, wkv, v_first
+
+
+class Rwkv6ChannelMix(nn.Module):
+    def __init__(self, config: Rwkv6Config, layer_id: int):
+        super().__init__()
+        C = config.hidden_size
+        self.time_maa_k = nn.Parameter(torch.empty(1, 1, C))
+        self.time_maa_r = nn.Parameter(torch.empty(1, 1, C))
+        self.key = nn.Linear(C, config.intermediate_size, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(config.intermediate_size, C, bias=False)
+
+    def init_parameters(self):
+        with torch.no_grad():
+            self.time_maa_k.fill_(0.5)
+            self.time_maa_r.fill_(0.5)
+
+    def forward(self, x, shift, mask, scale=1.0):
+        prev, shift = token_shift(x, shift, mask)
+        sx = prev - x
+        r = torch.sigmoid(self.receptance(x + sx * self.time_maa_r))
+        k = torch.relu(self.key(x + sx * self.time_maa_k)) ** 2
+        return r * self.value(k * scale), shift
+
+
+class Rwkv6Model(RwkvModelBase):
+    config_class = Rwkv6Config
+    time_mix_cls = Rwkv6TimeMix
+    channel_mix_cls = Rwkv6ChannelMix
+
+
+class Rwkv6ForCausalLM(RwkvForCausalLMBase):
+    config_class = Rwkv6Config
+    model_cls = Rwkv6Model

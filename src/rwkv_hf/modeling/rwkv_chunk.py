@@ -1,0 +1,219 @@
+"""Chunked (parallel-in-time) forms of the RWKV-4 and RWKV-5/6 WKV recurrences.
+
+These compute exactly what the per-token loops in `rwkv_ops.py` compute (`wkv4_recurrent`,
+`wkv5_recurrent`, the truth), with the same conventions: batch-first inputs, fp32 compute and outputs,
+``log_w <= 0``, ``mask`` [B, T] bool where False = the position does not exist (state neither updated
+nor decayed, output there meaningless), state returned new. Plain PyTorch, any device, autograd.
+
+RWKV-5/6 (`wkv5_chunk`), per head, with S[key, value]:
+
+    out_t = r_t (S_{t-1} + diag(u) k_t^T v_t),      S_t = diag(w_t) S_{t-1} + k_t^T v_t,   w_t = exp(log_w_t)
+
+Cut the sequence into chunks of L positions. Inside a chunk starting from the state S0, with
+``g_t = sum_{m<t} log_w_m`` (exclusive prefix sum in the chunk),
+
+    out_t = (r_t * e^{g_t}) S0                                             (state entering the chunk)
+          + sum_{j<t} [sum_n r_tn k_jn e^{sum_{m=j+1}^{t-1} log_w_mn}] v_j   (earlier tokens of the chunk)
+          + (r_t . (u * k_t)) v_t                                          (bonus of the current token)
+    S_end = diag(e^{sum_m log_w_m}) S0 + sum_j (k_j * e^{sum_{m>j} log_w_m})^T v_j
+
+Every exponent above is a sum of log-decays over a range that is computed directly (a prefix, a suffix,
+or a masked cumulative sum over the [L, L] pairs), never as a difference of two running sums, so all
+exponentials are <= 1 (no overflow for any decay, e.g. log_w = -1e3) and there is no cancellation
+when a very strong decay is followed by weak ones. The intra-chunk decay is an explicit [L, L, N]
+tensor per chunk, which is why chunks are small (16 on CPU); the rest is matmuls, plus a sequential
+pass over chunks that carries the [N, N] state.
+
+RWKV-4 (`wkv4_chunk`), per channel, with the reference's overflow-free state (aa, bb, pp), meaning a
+numerator aa*e^pp and a denominator bb*e^pp:
+
+    wkv_t = (e^{pp} aa + e^{u+k_t} v_t) / (e^{pp} bb + e^{u+k_t});   (aa, bb, pp) <- decay by e^{w}, add e^{k_t} (v_t, 1)
+
+There is no matrix to multiply, so the chunked form is a two-level scan: every chunk runs the same
+max-subtracted recurrence from an empty state, all chunks in parallel (L steps over [B*nc, C]); a
+sequential pass over the nc chunk summaries gives the state entering each chunk; and each output adds
+that incoming state, decayed by the count of real positions before it, to its chunk-local state and the
+bonus term, all three combined in log space (subtract the largest exponent). Safe for any k and w.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+WKV5_CHUNK = 16  # see the timings in tests/test_ops_chunk.py's module docstring
+WKV4_CHUNK = 32
+
+_NEG = -1e38  # "log of zero" for the v4 state, as the reference initialises pp
+
+
+# ------------------------------------------------------------------------------------- v5.x and v6
+def _pad_time(x: Tensor, pad: int) -> Tensor:
+    """Zero-pad dim 1 (time) of a [B, T, H, N] tensor at the end."""
+    return F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
+
+
+def _exclusive_cumsum(x: Tensor, dim: int) -> Tensor:
+    """sum_{m<t} x_m along dim, computed as a shifted running sum (no subtraction)."""
+    inc = x.cumsum(dim)
+    return torch.cat([torch.zeros_like(inc.narrow(dim, 0, 1)), inc.narrow(dim, 0, x.shape[dim] - 1)], dim)
+
+
+def _suffix_sum(x: Tensor, dim: int) -> Tensor:
+    """sum_{m>t} x_m along dim, computed as a reversed running sum (no subtraction)."""
+    return _exclusive_cumsum(x.flip(dim), dim).flip(dim)
+
+
+def wkv5_chunk(
+    r: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_w: Tensor,
+    u: Tensor,
+    state: Optional[Tensor],
+    mask: Optional[Tensor] = None,
+    chunk_size: int = WKV5_CHUNK,
+) -> Tuple[Tensor, Tensor]:
+    """RWKV-5/6 WKV in chunks; same contract as `rwkv_ops.wkv5_recurrent`.
+
+    r, k [B, T, H, K]; v [B, T, H, V]; log_w [B, T, H, K] or broadcastable to it ([H, K], [1, 1, H, K],
+    [H, 1]); u broadcastable to [H, K]; state [B, H, K, V] or None (zeros); mask [B, T] bool or None.
+    Returns (out [B, T, H, V] fp32, new state [B, H, K, V] fp32).
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    L = max(1, min(int(chunk_size), T))
+    nc = -(-T // L)
+    pad = nc * L - T
+
+    # 1. fp32, broadcast decay; a missing position (masked or padding) is k = v = 0 and identity decay.
+    r, k, v = r.float(), k.float(), v.float()
+    lw = log_w.float().expand(B, T, H, K)
+    u = torch.broadcast_to(u.float(), (H, K))
+    S = state.float() if state is not None else k.new_zeros(B, H, K, V)
+    if mask is not None:
+        m = mask.to(torch.bool).view(B, T, 1, 1)
+        k = torch.where(m, k, 0.0)
+        v = torch.where(m, v, 0.0)
+        lw = torch.where(m, lw, 0.0)
+
+    # 2. chunk layout [B, H, nc, L, *]
+    def chunks(x: Tensor) -> Tensor:
+        return _pad_time(x, pad).view(B, nc, L, H, x.shape[-1]).permute(0, 3, 1, 2, 4)
+
+    r, k, v, lw = chunks(r), chunks(k), chunks(v), chunks(lw)
+
+    # 3. decays inside each chunk, as direct sums of log_w
+    g_in = _exclusive_cumsum(lw, -2)  # decay from the chunk start to just before t
+    g_out = _suffix_sum(lw, -2)  # decay from just after j to the chunk end
+    g_all = lw.sum(-2)  # decay across the whole chunk [B, H, nc, K]
+    # pairwise: D[t, j] = sum_{m=j+1}^{t-1} log_w_m for j < t (0 elsewhere), as a masked running sum over t
+    lw_prev = torch.cat([torch.zeros_like(lw[..., :1, :]), lw[..., :-1, :]], -2)  # lw_prev[t] = log_w[t-1]
+    idx = torch.arange(L, device=k.device)
+    starts_after = (idx.view(L, 1) - idx.view(1, L) >= 2).to(lw.dtype).unsqueeze(-1)  # [t, j, 1]: t-1 > j
+    D = (lw_prev.unsqueeze(-2) * starts_after).cumsum(-3)  # [B, H, nc, L(t), L(j), K]
+
+    # 4. within the chunk: scores of earlier tokens, plus the bonus of the current token on the diagonal
+    A = torch.einsum("...tn,...tjn,...jn->...tj", r, torch.exp(D), k)
+    A = A * (idx.view(L, 1) > idx.view(1, L)).to(A.dtype)
+    A = A + torch.diag_embed((r * u.view(1, H, 1, 1, K) * k).sum(-1))
+    out = A @ v
+
+    # 5. carry the state chunk to chunk: S_end = diag(e^{g_all}) S + (k e^{g_out})^T v
+    kv = (k * torch.exp(g_out)).transpose(-1, -2) @ v  # [B, H, nc, K, V]
+    decay = torch.exp(g_all).unsqueeze(-1)  # [B, H, nc, K, 1]
+    entering = []
+    for c in range(nc):
+        entering.append(S)
+        S = decay[:, :, c] * S + kv[:, :, c]
+    S_in = torch.stack(entering, 2)  # [B, H, nc, K, V]
+
+    # 6. the state entering the chunk, decayed to each position
+    out = out + (r * torch.exp(g_in)) @ S_in
+    out = out.permute(0, 2, 3, 1, 4).reshape(B, nc * L, H, V)[:, :T]
+    return out, S
+
+
+# ----------------------------------------------------------------------------------------------- v4
+def _add_logs(a1: Tensor, b1: Tensor, p1: Tensor, a2: Tensor, b2: Tensor, p2: Tensor):
+    """(a1, b1) e^{p1} + (a2, b2) e^{p2} as (a, b) e^{p} with p the larger exponent."""
+    p = torch.maximum(p1, p2)
+    e1, e2 = torch.exp(p1 - p), torch.exp(p2 - p)
+    return e1 * a1 + e2 * a2, e1 * b1 + e2 * b2, p
+
+
+def wkv4_chunk(
+    log_w: Tensor,
+    u: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: Tuple[Tensor, Tensor, Tensor],
+    mask: Optional[Tensor] = None,
+    chunk_size: int = WKV4_CHUNK,
+) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor]]:
+    """RWKV-4 WKV in chunks; same contract as `rwkv_ops.wkv4_recurrent`.
+
+    log_w, u [C]; k, v [B, T, C]; state (aa, bb, pp) each [B, C]; mask [B, T] bool or None.
+    Returns (wkv [B, T, C] fp32, (aa, bb, pp)): the returned state represents the same numerator aa*e^pp
+    and denominator bb*e^pp as the recurrence's (up to rounding), not necessarily the same triple.
+    """
+    B, T, C = k.shape
+    if T == 0:
+        return k.float().new_zeros(B, 0, C), state
+    L = max(1, min(int(chunk_size), T))
+    if chunk_size <= 0:  # auto: balance the local steps against the carry steps
+        L = max(1, int(math.sqrt(T)))
+    nc = -(-T // L)
+    pad = nc * L - T
+    k, v = k.float(), v.float()
+    log_w, u = log_w.float(), u.float()
+    aa, bb, pp = (s.float() for s in state)
+
+    # 1. which positions exist (padding does not); chunk layout [nc, B, L, C] -> rows [nc * B, ...]
+    real = torch.ones(B, T, dtype=torch.bool, device=k.device) if mask is None else mask.to(torch.bool)
+    if pad:
+        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+        real = F.pad(real, (0, pad), value=False)
+
+    def rows(x: Tensor) -> Tensor:  # [B, nc*L, *] -> [nc*B, L, *], chunk-major
+        return x.reshape(B, nc, L, *x.shape[2:]).transpose(0, 1).reshape(nc * B, L, *x.shape[2:])
+
+    kc, vc, rc = rows(k), rows(v), rows(real).unsqueeze(-1)  # rc [nc*B, L, 1]
+
+    # 2. every chunk runs the recurrence from an empty state, all chunks at once;
+    #    keep the local state *before* each position (what its output sees)
+    a = kc.new_zeros(nc * B, C)
+    b = kc.new_zeros(nc * B, C)
+    p = kc.new_full((nc * B, C), _NEG)
+    before = []
+    for t in range(L):
+        before.append((a, b, p))
+        kt, vt, mt = kc[:, t], vc[:, t], rc[:, t]
+        a2, b2, p2 = _add_logs(a, b, log_w + p, vt, torch.ones_like(vt), kt)
+        a, b, p = torch.where(mt, a2, a), torch.where(mt, b2, b), torch.where(mt, p2, p)
+    la, lb, lp = (torch.stack(x, 1) for x in zip(*before))  # [nc*B, L, C]
+
+    # 3. carry the state chunk to chunk: decay by the number of real positions, then add the chunk's own
+    n_real = rc.squeeze(-1).to(k.dtype)  # [nc*B, L]
+    n_before = _exclusive_cumsum(n_real, 1).view(nc, B, L, 1)  # real positions before t in its chunk
+    n_all = n_real.sum(1).view(nc, B, 1)
+    a, b, p = a.view(nc, B, C), b.view(nc, B, C), p.view(nc, B, C)
+    entering = []
+    for c in range(nc):
+        entering.append((aa, bb, pp))
+        aa, bb, pp = _add_logs(aa, bb, pp + n_all[c] * log_w, a[c], b[c], p[c])
+    ea, eb, ep = (torch.stack(x, 0).unsqueeze(2) for x in zip(*entering))  # [nc, B, 1, C]
+
+    # 4. each output: entering state decayed to t + local state before t + bonus e^{u+k_t} (v_t, 1)
+    ep = ep + n_before * log_w
+    la, lb, lp = la.view(nc, B, L, C), lb.view(nc, B, L, C), lp.view(nc, B, L, C)
+    na, nb, npow = _add_logs(ea, eb, ep, la, lb, lp)
+    kc, vc = kc.view(nc, B, L, C), vc.view(nc, B, L, C)
+    na, nb, _ = _add_logs(na, nb, npow, vc, torch.ones_like(vc), u + kc)
+    out = (na / nb).transpose(0, 1).reshape(B, nc * L, C)[:, :T]
+    return out, (aa, bb, pp)

@@ -1,0 +1,398 @@
+"""What every RWKV version shares: the recurrent state as a transformers `Cache`, padding masks, the
+block skeleton, the model body and the causal-LM head with generation support.
+
+Each `modeling_rwkvN.py` only writes its time-mix and channel-mix (the equations of that version) and
+plugs them into the classes here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+Tensor = torch.Tensor
+
+
+# -------------------------------------------------------------------------------------------- state
+def _map_tensors(fn: Callable[[Tensor], Tensor], obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(fn, o) for o in obj)
+    return obj
+
+
+class RwkvCache(Cache):
+    """The recurrent state of an RWKV model, as a transformers `Cache`.
+
+    `layers_state[i]` is the state of layer i: `(att_shift [B, C], wkv, ffn_shift [B, C])`, where wkv is
+    the fp32 matrix state `[B, H, N, N]` (v5-v7) or the `(aa, bb, pp)` triple `[B, C]` each (v4).
+    `seen_tokens` counts the columns consumed so far (padding included), which is what `generate()`
+    needs to know which input ids are new. A state cannot be cropped: it holds no per-token history.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[])
+        self.num_layers = num_layers
+        self.layers_state: List[Optional[tuple]] = [None] * num_layers
+        self.seen_tokens = 0
+
+    def __repr__(self):
+        return f"RwkvCache(num_layers={self.num_layers}, seen_tokens={self.seen_tokens})"
+
+    def __len__(self):
+        return self.num_layers
+
+    @property
+    def is_linear(self) -> List[bool]:
+        return [True] * self.num_layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return -1
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        for s in self.layers_state:
+            if s is not None:
+                return s[0].shape[0]
+        return None
+
+    def _apply(self, fn: Callable[[Tensor], Tensor]) -> None:
+        self.layers_state = [_map_tensors(fn, s) for s in self.layers_state]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row b of the new state is row beam_idx[b] of the old one."""
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._apply(lambda t: t[indices])
+
+    def crop(self, max_length: int) -> None:
+        raise ValueError("an RWKV state holds no per-token history and cannot be cropped")
+
+    def reset(self) -> None:
+        self.layers_state = [None] * self.num_layers
+        self.seen_tokens = 0
+
+    def to(self, *args, **kwargs) -> "RwkvCache":
+        self._apply(lambda t: t.to(*args, **kwargs))
+        return self
+
+    def clone(self) -> "RwkvCache":
+        """An independent copy, e.g. to branch a conversation from a shared prompt state."""
+        new = RwkvCache(self.num_layers)
+        new.layers_state = [_map_tensors(lambda t: t.clone(), s) for s in self.layers_state]
+        new.seen_tokens = self.seen_tokens
+        return new
+
+
+# -------------------------------------------------------------------------------------------- masks
+def token_shift(x: Tensor, prev: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """The token shift: for each position, the vector of the previous *real* token.
+
+    x [B, T, C]; prev [B, C] is the last real token before this chunk (from the state).
+    Returns (shifted [B, T, C], the new prev [B, C]). Masked positions are skipped: the shift
+    carries the last real token's vector across them, so they change nothing.
+    """
+    if mask is None:
+        return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1), x[:, -1]
+    B, T, C = x.shape
+    pos = torch.arange(1, T + 1, device=x.device).expand(B, T)
+    last_incl = torch.cummax(torch.where(mask, pos, torch.zeros_like(pos)), dim=1).values  # 0 = from state
+    last_excl = F.pad(last_incl[:, :-1], (1, 0))
+    ext = torch.cat([prev.unsqueeze(1), x], dim=1)  # index 0 is the state's vector
+    shifted = torch.gather(ext, 1, last_excl.unsqueeze(-1).expand(B, T, C))
+    new_prev = torch.gather(ext, 1, last_incl[:, -1:].unsqueeze(-1).expand(B, 1, C)).squeeze(1)
+    return shifted, new_prev
+
+
+def normalize_mask(attention_mask: Optional[Tensor], shape: Tuple[int, int], device) -> Optional[Tensor]:
+    """A [B, T] bool mask, or None when every position is real (the fast path)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(
+            f"attention_mask must be [batch, seq_len] = {list(shape)} with 1 for real tokens and 0 for padding; "
+            f"got shape {list(attention_mask.shape)}"
+        )
+    mask = attention_mask.to(device=device, dtype=torch.bool)
+    return None if bool(mask.all()) else mask
+
+
+# -------------------------------------------------------------------------------------------- block
+class RwkvBlock(GradientCheckpointingLayer):
+    """LayerNorms and residuals around a version's time-mix and channel-mix.
+
+    x = x + att(ln1(x)); x = x + ffn(ln2(x)); block 0 first applies ln0 to the embedding.
+    In fp16, v4-v6 scale each branch by 2^-(layer // rescale_every) and halve x after every
+    `rescale_every` layers, as the reference does (on the fly here, so the weights stay as loaded).
+    """
+
+    def __init__(self, config, layer_id: int, time_mix_cls, channel_mix_cls):
+        super().__init__()
+        self.layer_id = layer_id
+        C, eps = config.hidden_size, config.layer_norm_epsilon
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(C, eps=eps)
+        self.ln1 = nn.LayerNorm(C, eps=eps)
+        self.ln2 = nn.LayerNorm(C, eps=eps)
+        self.att = time_mix_cls(config, layer_id)
+        self.ffn = channel_mix_cls(config, layer_id)
+        self.rescale_every = getattr(config, "rescale_every", 0)
+
+    def zero_state(self, batch_size: int, device, dtype) -> tuple:
+        shift = torch.zeros(batch_size, self.ln1.normalized_shape[0], device=device, dtype=dtype)
+        return (shift, self.att.zero_wkv(batch_size, device), shift.clone())
+
+    def forward(self, x: Tensor, state: tuple, mask: Optional[Tensor], v_first: Optional[Tensor], mode: Optional[str]):
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        rescale = self.rescale_every > 0 and x.dtype == torch.float16
+        scale = 0.5 ** (self.layer_id // self.rescale_every) if rescale else 1.0
+        att_shift, wkv, ffn_shift = state
+        out, att_shift, wkv, v_first = self.att(self.ln1(x), att_shift, wkv, mask, v_first, mode, scale)
+        x = x + out
+        out, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask, scale)
+        x = x + out
+        if rescale and (self.layer_id + 1) % self.rescale_every == 0:
+            x = x / 2
+        return x, (att_shift, wkv, ffn_shift), v_first
+
+
+# -------------------------------------------------------------------------------------------- model
+# transformers 5 renamed `past_key_values` to `cache` (in outputs, generate() and forward kwargs);
+# 4.57 still uses the old name. We accept both on input and fill whichever the installed line reads.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class RwkvPreTrainedModel(PreTrainedModel):
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _is_stateful = True
+    _supports_cache_class = True
+    _no_split_modules = ["RwkvBlock"]
+    _keep_in_fp32_modules: List[str] = []
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """For models built from a config (training from scratch, tests); conversion loads every tensor."""
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        if hasattr(module, "init_parameters"):
+            module.init_parameters()
+
+
+class RwkvModelBase(RwkvPreTrainedModel):
+    """Embedding, blocks, final LayerNorm. Subclasses set `time_mix_cls`, `channel_mix_cls`, `init_state`."""
+
+    time_mix_cls: type = None
+    channel_mix_cls: type = None
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.emb = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(
+            [RwkvBlock(config, i, self.time_mix_cls, self.channel_mix_cls) for i in range(config.num_hidden_layers)]
+        )
+        self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def set_input_embeddings(self, value):
+        self.emb = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        cache: Optional[RwkvCache] = None,
+        past_key_values: Optional[RwkvCache] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        wkv_mode: Optional[str] = None,
+        **kwargs,
+    ) -> Union[BaseModelOutputWithPast, tuple]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+                raise ValueError(
+                    f"input_ids must be in [0, {self.config.vocab_size}); got values in "
+                    f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+                )
+            inputs_embeds = self.emb(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        if T == 0:
+            raise ValueError("the input has no tokens")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, RwkvCache):
+            raise TypeError(f"an RWKV model's cache must be an RwkvCache, got {type(cache).__name__}")
+        if cache is None and use_cache:
+            cache = RwkvCache(len(self.blocks))
+        if cache is not None and cache.batch_size not in (None, B):
+            raise ValueError(f"the cache holds a batch of {cache.batch_size} but the input has {B} rows")
+        mask = normalize_mask(attention_mask, (B, T), inputs_embeds.device)
+        mode = wkv_mode or self.config.wkv_mode
+
+        x = inputs_embeds
+        v_first = None
+        all_hidden = [] if output_hidden_states else None
+        for i, block in enumerate(self.blocks):
+            if all_hidden is not None:
+                all_hidden.append(x)
+            state = cache.layers_state[i] if cache is not None else None
+            if state is None:
+                state = block.zero_state(B, x.device, x.dtype)
+            x, new_state, v_first = block(x, state, mask, v_first, mode)
+            if cache is not None:
+                cache.layers_state[i] = new_state
+        x = self.ln_out(x)
+        if all_hidden is not None:
+            all_hidden.append(x)
+        if cache is not None:
+            cache.seen_tokens += T
+        out = BaseModelOutputWithPast(
+            last_hidden_state=x,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **{CACHE_FIELD: cache},
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+
+class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
+    """The language-model head over a version's model. Subclasses set `model_cls`."""
+
+    model_cls: type = None
+    _tied_weights_keys: List[str] = []
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = self.model_cls(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.emb
+
+    def set_input_embeddings(self, value):
+        self.model.emb = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        cache: Optional[RwkvCache] = None,
+        past_key_values: Optional[RwkvCache] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        logits_to_keep: Union[int, Tensor] = 0,
+        wkv_mode: Optional[str] = None,
+        **kwargs,
+    ) -> Union[CausalLMOutputWithPast, tuple]:
+        """`logits_to_keep`: 0 computes logits everywhere; k > 0 only for the last k positions; a tensor
+        of indices only there. `labels` give the mean shifted cross-entropy, ignoring -100."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache=cache if cache is not None else past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            wkv_mode=wkv_mode,
+        )
+        hidden = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep])
+        loss = None
+        if labels is not None:
+            if isinstance(logits_to_keep, int) and logits_to_keep != 0:
+                raise ValueError("labels need logits at every position: leave logits_to_keep at 0")
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100,
+            )
+        result = CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: getattr(out, CACHE_FIELD)}
+        )
+        return result if return_dict is not False else result.to_tuple()
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Optional[RwkvCache] = None,
+        attention_mask: Optional[Tensor] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        cache: Optional[RwkvCache] = None,
+        use_cache: Optional[bool] = None,
+        **kwargs,
+    ) -> dict:
+        """Feed only the columns the state has not consumed yet (works for transformers 4.57 and 5.x).
+
+        The cache counts consumed columns, so a cache handed back from an earlier `generate()` call
+        continues exactly where it stopped: the new tokens are those past `cache.seen_tokens`.
+        """
+        cache = cache if cache is not None else past_key_values
+        seen = cache.get_seq_length() if isinstance(cache, RwkvCache) else 0
+        inputs = {}
+        if inputs_embeds is not None and seen == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            if seen >= input_ids.shape[1]:
+                raise ValueError(
+                    f"the cache has already consumed {seen} columns but input_ids has only {input_ids.shape[1]}: "
+                    "pass the whole conversation (old tokens and new) together with the cache"
+                )
+            inputs["input_ids"] = input_ids[:, seen:]
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask[:, seen:]
+        inputs["cache"] = cache
+        inputs["use_cache"] = True if use_cache is None else use_cache
+        # generation only needs the last position: never build [T, vocab] logits for a prompt
+        inputs["logits_to_keep"] = kwargs.get("logits_to_keep") or 1
+        if "wkv_mode" in kwargs:
+            inputs["wkv_mode"] = kwargs["wkv_mode"]
+        return inputs
+
+    def _reorder_cache(self, cache: RwkvCache, beam_idx: torch.LongTensor) -> RwkvCache:
+        cache.reorder_cache(beam_idx)
+        return cache
