@@ -1,3 +1,63 @@
-"""rwkv-hf: RWKV World models as first-class Hugging Face transformers models."""
+"""rwkv-hf: RWKV World models (v4, v5, v6, v7) as first-class Hugging Face transformers models.
+
+Importing the package registers every config, model and tokenizer class with the transformers Auto*
+factories, so `AutoModelForCausalLM.from_pretrained(folder)` works without `trust_remote_code`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from .modeling import (
+    FAMILIES,
+    Rwkv4Config,
+    Rwkv4ForCausalLM,
+    Rwkv4Model,
+    Rwkv5Config,
+    Rwkv5ForCausalLM,
+    Rwkv5Model,
+    Rwkv6Config,
+    Rwkv6ForCausalLM,
+    Rwkv6Model,
+    Rwkv7Config,
+    Rwkv7ForCausalLM,
+    Rwkv7Model,
+    RwkvCache,
+)
 
 __version__ = "0.1.0"
+
+try:  # the tokenizer is being written alongside; registration below uses it when present
+    from .tokenization import RwkvWorldTokenizer, RwkvWorldTokenizerFast
+except ImportError:  # pragma: no cover
+    RwkvWorldTokenizer = RwkvWorldTokenizerFast = None
+
+
+def _register() -> None:
+    for config_cls, model_cls, lm_cls in FAMILIES.values():
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModel.register(config_cls, model_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, lm_cls, exist_ok=True)
+        if RwkvWorldTokenizer is not None:
+            AutoTokenizer.register(
+                config_cls, slow_tokenizer_class=RwkvWorldTokenizer, fast_tokenizer_class=RwkvWorldTokenizerFast, exist_ok=True
+            )
+
+
+_register()
+
+__all__ = [
+    "RwkvCache",
+    "Rwkv4Config",
+    "Rwkv4Model",
+    "Rwkv4ForCausalLM",
+    "Rwkv5Config",
+    "Rwkv5Model",
+    "Rwkv5ForCausalLM",
+    "Rwkv6Config",
+    "Rwkv6Model",
+    "Rwkv6ForCausalLM",
+    "Rwkv7Config",
+    "Rwkv7Model",
+    "Rwkv7ForCausalLM",
+    "RwkvWorldTokenizer",
+    "RwkvWorldTokenizerFast",
+]
