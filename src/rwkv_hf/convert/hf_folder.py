@@ -1,10 +1,11 @@
-"""Write a Hugging Face model folder from a BlinkDL checkpoint, and read one back.
+"""Read RWKV weights in any known layout, write a Hugging Face model folder, and export back.
 
-The folder holds config.json (with `architectures` and `auto_map`), generation_config.json,
-safetensors weights, the tokenizer files and the remote-code `.py` files, so it loads with
+A written folder holds config.json (with `architectures`, `auto_map`, every size and the version),
+generation_config.json, safetensors weights (sharded above `max_shard_size`, with an index), the
+tokenizer files, the remote-code `.py` files and a model card, so it loads with
 `AutoModelForCausalLM.from_pretrained(folder)` after `import rwkv_hf`, and with
 `trust_remote_code=True` on a machine that never installed rwkv-hf. Everything is written into a
-temporary folder that is renamed into place only once complete.
+temporary folder beside the target that is renamed into place only once complete.
 """
 
 from __future__ import annotations
@@ -13,18 +14,24 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from transformers import GenerationConfig
 
 from ..modeling import FAMILIES
 from .blinkdl import SPECS, CheckpointError, config_from_state_dict, to_blinkdl_key, to_hf_key
+from .layouts import HF_LEGACY, LAYOUTS, to_blinkdl
 
 MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+PROGRESS_MIN_BYTES = 256 * 2**20  # show a progress bar above this much data
 
 
 def remote_code_files() -> list:
@@ -32,25 +39,101 @@ def remote_code_files() -> list:
     return sorted(p for p in MODELING_DIR.glob("*.py") if p.name != "__init__.py")
 
 
-def load_checkpoint(path: os.PathLike) -> Dict[str, torch.Tensor]:
-    """Load a BlinkDL `.pth` safely (`weights_only=True`), with one clear error for a bad file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+# ------------------------------------------------------------------------------------------ reading
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _load_torch_file(path: Path) -> Dict[str, torch.Tensor]:
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # the legacy (pre-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for truncated/corrupt/unsafe files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({first})") from None
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({_first_line(e)})") from None
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]  # a Lightning-style wrapper
+    if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: is not a state dict of tensors")
     return dict(sd)
+
+
+def _load_safetensors_file(path: Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({_first_line(e)})") from None
+    if not sd:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return sd
+
+
+def _folder_weight_files(folder: Path) -> List[Path]:
+    for index_name, suffix in (("model.safetensors.index.json", ".safetensors"), ("pytorch_model.bin.index.json", ".bin")):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except Exception as e:
+                raise CheckpointError(f"{index}: unreadable index ({_first_line(e)})") from None
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise CheckpointError(f"{folder}: the index names {missing[0]}, which is missing")
+            return [folder / n for n in names]
+    for pattern in ("*.safetensors", "pytorch_model*.bin", "*.pth"):
+        files = sorted(folder.glob(pattern))
+        if files:
+            return files
+    raise CheckpointError(f"{folder}: no weights (*.safetensors, pytorch_model*.bin or *.pth)")
+
+
+def load_checkpoint(path: os.PathLike) -> Dict[str, torch.Tensor]:
+    """Load every tensor of a `.pth`/`.bin`, a `.safetensors` file or a model folder, safely
+    (`weights_only=True`), with one clear error for a bad file. Keys are left as they are."""
+    path = Path(path)
+    if path.is_dir():
+        sd: Dict[str, torch.Tensor] = {}
+        for f in _folder_weight_files(path):
+            sd.update(_load_safetensors_file(f) if f.suffix == ".safetensors" else _load_torch_file(f))
+        return sd
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.suffix == ".safetensors":
+        return _load_safetensors_file(path)
+    return _load_torch_file(path)
+
+
+@dataclass
+class Source:
+    """A checkpoint read and mapped onto BlinkDL's layout, with what was found out about it."""
+
+    path: Path
+    layout: str
+    state_dict: Dict[str, torch.Tensor]  # BlinkDL keys and shapes
+    notes: List[str] = field(default_factory=list)
+
+
+def read_source(path: os.PathLike) -> Source:
+    """Load any supported checkpoint and map it onto BlinkDL's keys and shapes."""
+    raw = load_checkpoint(path)
+    bad = [k for k, v in raw.items() if not v.is_floating_point()]
+    if bad:
+        raise CheckpointError(f"tensor {bad[0]} has dtype {raw[bad[0]].dtype}, expected a float type")
+    layout, sd, notes = to_blinkdl(raw)
+    return Source(Path(path), layout.name, sd, notes)
 
 
 def build_hf_state_dict(sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None):
     """Detect, validate every tensor against the model's own parameters, and rename to our keys.
 
-    Returns (spec, config, hf_state_dict). Missing, unexpected or mis-shaped tensors raise CheckpointError.
+    `sd` is in BlinkDL's layout. Returns (spec, config, hf_state_dict). Missing, unexpected or
+    mis-shaped tensors raise CheckpointError.
     """
     spec, config = config_from_state_dict(sd)
     lm_cls = FAMILIES[spec.family][2]
@@ -91,30 +174,99 @@ def describe(spec, config, n_params: int) -> str:
     return ", ".join(parts)
 
 
+def _dtype_summary(sd: Mapping[str, torch.Tensor]) -> str:
+    counts: Dict[torch.dtype, int] = {}
+    for v in sd.values():
+        counts[v.dtype] = counts.get(v.dtype, 0) + v.numel()
+    return "/".join(DTYPE_NAMES.get(d, str(d).replace("torch.", "")) for d, _ in sorted(counts.items(), key=lambda x: -x[1]))
+
+
+# ------------------------------------------------------------------------------------------ writing
+def check_out_dir(out_dir: os.PathLike, force: bool = False) -> None:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise FileExistsError(f"{out_dir} exists and is not empty (use --force to replace it)")
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out_dir` that replaces it only if the block finishes."""
+    """Yield a temporary folder beside `out_dir` that replaces it only if the block finishes.
+
+    An exception (or Ctrl-C) inside the block removes the temporary folder and leaves `out_dir` as it was.
+    """
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise FileExistsError(f"{out_dir} exists and is not empty (use --force to replace it)")
+    check_out_dir(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         yield tmp
         if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+            shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_hf_folder(
-    out_dir: Path, spec, config, hf_sd: Mapping[str, torch.Tensor], max_shard_size="5GB", source: str = ""
-) -> None:
-    """Write config, generation config, weights, tokenizer and remote code into `out_dir`."""
-    from huggingface_hub import save_torch_state_dict
+def _progress(total_bytes: int, desc: str, progress: Optional[bool]):
+    from tqdm.auto import tqdm
 
+    disable = (not progress) if progress is not None else (total_bytes < PROGRESS_MIN_BYTES or not sys.stderr.isatty())
+    return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=disable, leave=False)
+
+
+def save_sharded(sd: Mapping[str, torch.Tensor], out_dir: Path, max_shard_size="5GB", progress: Optional[bool] = None) -> List[str]:
+    """safetensors shards of at most `max_shard_size` (one file if it fits), plus the index when sharded."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(dict(sd), max_shard_size=max_shard_size)
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    with _progress(total, "writing weights", progress) as bar:
+        for filename, names in split.filename_to_tensors.items():
+            shard = {k: sd[k].contiguous() for k in names}
+            save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
+            bar.update(sum(v.numel() * v.element_size() for v in shard.values()))
+    files = list(split.filename_to_tensors)
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata, "total_size": total}, "weight_map": split.tensor_to_filename}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return files
+
+
+def _save_tokenizer(out_dir: Path) -> None:
+    from ..tokenization import save_tokenizer_files
+
+    save_tokenizer_files(out_dir)
+
+
+def _generation_config() -> GenerationConfig:
+    # World models end a document with token 0; sampling defaults as commonly used for RWKV World chat
+    return GenerationConfig(
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, do_sample=True, temperature=1.0, top_p=0.3, top_k=0, max_new_tokens=256
+    )
+
+
+def _set_dtype(config, sd: Mapping[str, torch.Tensor]) -> None:
+    dtypes = {v.dtype for v in sd.values()}
+    if len(dtypes) == 1:  # transformers 5 calls it `dtype`, 4.57 `torch_dtype`
+        name = "dtype" if "dtype" in type(config)().to_dict() else "torch_dtype"
+        setattr(config, name, str(next(iter(dtypes))).replace("torch.", ""))
+
+
+def write_hf_folder(
+    out_dir: Path,
+    spec,
+    config,
+    hf_sd: Mapping[str, torch.Tensor],
+    max_shard_size="5GB",
+    source: str = "",
+    card: str = "",
+    progress: Optional[bool] = None,
+) -> List[str]:
+    """Write config, generation config, weights, tokenizer, remote code and model card into `out_dir`."""
     config_cls, model_cls, lm_cls = FAMILIES[spec.family]
     config.architectures = [lm_cls.__name__]
     config.auto_map = {
@@ -122,26 +274,148 @@ def write_hf_folder(
         "AutoModel": f"modeling_rwkv{spec.family}.{model_cls.__name__}",
         "AutoModelForCausalLM": f"modeling_rwkv{spec.family}.{lm_cls.__name__}",
     }
-    dtypes = {v.dtype for v in hf_sd.values()}
-    if len(dtypes) == 1:  # transformers 5 calls it `dtype`, 4.57 `torch_dtype`
-        name = "dtype" if "dtype" in type(config)().to_dict() else "torch_dtype"
-        setattr(config, name, str(next(iter(dtypes))).replace("torch.", ""))
+    config.rwkv_version = spec.version
+    _set_dtype(config, hf_sd)
     config.save_pretrained(out_dir)
-    GenerationConfig(
-        bos_token_id=0, eos_token_id=0, pad_token_id=0, do_sample=True, temperature=1.0, top_p=0.3, max_new_tokens=256
-    ).save_pretrained(out_dir)
-    save_torch_state_dict(dict(hf_sd), out_dir, max_shard_size=max_shard_size, safe_serialization=True)
+    _generation_config().save_pretrained(out_dir)
+    files = save_sharded(hf_sd, out_dir, max_shard_size=max_shard_size, progress=progress)
     for f in remote_code_files():
         shutil.copy2(f, out_dir / f.name)
     _save_tokenizer(out_dir)
+    if card:
+        (out_dir / "README.md").write_text(card, encoding="utf-8")
+    return files
 
 
-def _save_tokenizer(out_dir: Path) -> None:
-    try:
-        from ..tokenization import save_tokenizer_files
-    except ImportError:  # pragma: no cover - the tokenizer lands alongside
-        return
-    save_tokenizer_files(out_dir)
+def transformers_rwkv4_config(config):
+    """transformers' own `RwkvConfig` for one of our RWKV-4 configs."""
+    from transformers import RwkvConfig
+
+    return RwkvConfig(
+        vocab_size=config.vocab_size,
+        context_length=4096,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        attention_hidden_size=config.attention_hidden_size,
+        intermediate_size=config.intermediate_size,
+        layer_norm_epsilon=config.layer_norm_epsilon,
+        bos_token_id=0,
+        eos_token_id=0,
+        rescale_every=6,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
+
+
+def write_transformers_rwkv4_folder(
+    out_dir: Path, config, blinkdl_sd: Mapping[str, torch.Tensor], max_shard_size="5GB", card="", progress=None
+) -> List[str]:
+    """The layout transformers' built-in `RwkvForCausalLM` loads without remote code."""
+    tf_config = transformers_rwkv4_config(config)
+    tf_config.architectures = ["RwkvForCausalLM"]
+    sd = HF_LEGACY.from_blinkdl(blinkdl_sd)
+    _set_dtype(tf_config, sd)
+    tf_config.save_pretrained(out_dir)
+    _generation_config().save_pretrained(out_dir)
+    files = save_sharded(sd, out_dir, max_shard_size=max_shard_size, progress=progress)
+    _save_tokenizer(out_dir)
+    if card:
+        (out_dir / "README.md").write_text(card, encoding="utf-8")
+    return files
+
+
+# --------------------------------------------------------------------------------------- model card
+def model_card(src: Source, spec, config, n_params: int, dtype: str, layout: str, out_name: str) -> str:
+    from .. import __version__
+
+    rows = [
+        ("version", f"RWKV-{spec.version}"),
+        ("layers", config.num_hidden_layers),
+        ("width (n_embd)", config.hidden_size),
+        ("channel-mix width", config.intermediate_size),
+        ("vocabulary", config.vocab_size),
+        ("parameters", f"{n_params:,}"),
+        ("weights dtype", dtype),
+    ]
+    if spec.family >= 5:
+        rows.insert(3, ("heads x head size", f"{config.num_attention_heads} x {config.head_size}"))
+    if spec.family == 6:
+        rows.insert(4, ("LoRA widths (mix, decay)", f"{config.mix_lora}, {config.decay_lora}"))
+    if spec.family == 7:
+        rows.insert(
+            4, ("LoRA widths (decay, a, v, gate)", f"{config.decay_lora}, {config.a_lora}, {config.v_lora}, {config.gate_lora}")
+        )
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    notes = "".join(f"- {n}\n" for n in src.notes)
+    if layout == "transformers":
+        load = f"""```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{out_name}")  # transformers' own RwkvForCausalLM, no remote code
+tokenizer = AutoTokenizer.from_pretrained("{out_name}", trust_remote_code=True)  # the World tokenizer
+```"""
+    else:
+        load = f"""With rwkv-hf installed (`pip install rwkv-hf`):
+
+```python
+import rwkv_hf  # registers the RWKV World classes with transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{out_name}")
+tokenizer = AutoTokenizer.from_pretrained("{out_name}")
+```
+
+Without it, the model code in this folder runs as remote code:
+
+```python
+model = AutoModelForCausalLM.from_pretrained("{out_name}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{out_name}", trust_remote_code=True)
+```
+
+From the command line: `rwkv-hf generate {out_name} "Tell me about RWKV."` or `rwkv-hf chat {out_name}`.
+To get BlinkDL's `.pth` back (for the `rwkv` package, rwkv.cpp, RWKV-Runner): `rwkv-hf export {out_name} model.pth`."""
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- rwkv
+- rwkv{spec.family}
+---
+
+# {out_name}
+
+RWKV-{spec.version} World model, converted to the Hugging Face format by rwkv-hf {__version__}
+from `{src.path.name}` ({LAYOUTS[src.layout].description}).
+Every size below was read from the tensor shapes.
+
+| | |
+|---|---|
+{table}
+
+{notes}
+## Loading
+
+{load}
+
+The tokenizer is the RWKV World tokenizer (65536 tokens; slow and fast versions); token 0 ends a
+document and is used for padding. The chat format is `User: ...\\n\\nAssistant: ...\\n\\n`
+(`tokenizer.apply_chat_template`).
+"""
+
+
+# ----------------------------------------------------------------------------------------- commands
+@dataclass
+class Conversion:
+    source: Source
+    spec: object
+    config: object
+    n_params: int
+    files: List[str]
+    out_dir: Path
+
+    @property
+    def summary(self) -> str:
+        return describe(self.spec, self.config, self.n_params)
 
 
 def convert_checkpoint(
@@ -150,29 +424,71 @@ def convert_checkpoint(
     dtype: Optional[str] = None,
     force: bool = False,
     max_shard_size="5GB",
-    log=print,
-) -> Tuple[object, object]:
-    """`.pth` -> HF folder. Returns (spec, config)."""
-    sd = load_checkpoint(src)
-    spec, config, hf_sd = build_hf_state_dict(sd, DTYPES[dtype] if dtype else None)
-    log(f"detected {describe(spec, config, sum(v.numel() for v in hf_sd.values()))}")
+    layout: str = "rwkv-hf",
+    log: Callable[[str], None] = print,
+    progress: Optional[bool] = None,
+) -> Conversion:
+    """Any supported checkpoint -> a Hugging Face folder. `layout`: "rwkv-hf" (ours, default) or
+    "transformers" (v4 only: transformers' built-in `RwkvForCausalLM`)."""
+    src, out_dir = Path(src), Path(out_dir)
+    if layout not in ("rwkv-hf", "transformers"):
+        raise CheckpointError(f"unknown output layout {layout!r}; expected rwkv-hf or transformers")
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if src.exists() and out_dir.exists() and src.resolve() == out_dir.resolve():
+        raise FileExistsError(f"{out_dir} is the source itself; write to another folder")
+    check_out_dir(out_dir, force)  # fail before reading gigabytes
+    source = read_source(src)
+    spec, config, hf_sd = build_hf_state_dict(source.state_dict, DTYPES[dtype] if dtype else None)
+    if layout == "transformers" and spec.family != 4:
+        raise CheckpointError(f"--layout transformers is for RWKV-4 only (transformers has no RWKV-{spec.version}); this is RWKV-{spec.version}")
+    n_params = sum(v.numel() for v in hf_sd.values())
+    log(f"read {src} ({LAYOUTS[source.layout].description})")
+    log(f"detected {describe(spec, config, n_params)}; weights {_dtype_summary(hf_sd)}")
+    for note in source.notes:
+        log(f"note: {note}")
+    card = model_card(source, spec, config, n_params, _dtype_summary(hf_sd), layout, out_dir.name)
+    log(f"writing {out_dir}{' in transformers RWKV-4 layout' if layout == 'transformers' else ''} ...")
     with atomic_folder(out_dir, force=force) as tmp:
-        write_hf_folder(tmp, spec, config, hf_sd, max_shard_size=max_shard_size, source=str(src))
+        if layout == "transformers":
+            blink = {to_blinkdl_key(k): v for k, v in hf_sd.items()}
+            files = write_transformers_rwkv4_folder(tmp, config, blink, max_shard_size=max_shard_size, card=card, progress=progress)
+        else:
+            files = write_hf_folder(tmp, spec, config, hf_sd, max_shard_size=max_shard_size, source=str(src), card=card, progress=progress)
+    return Conversion(source, spec, config, n_params, files, out_dir)
+
+
+def export_checkpoint(model_dir: os.PathLike, out_path: os.PathLike, force: bool = False, log: Callable[[str], None] = print):
+    """A model folder (any supported layout) -> BlinkDL's `.pth`, tensors unchanged."""
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if out_path.exists() and not force:
+        raise FileExistsError(f"{out_path} exists (use --force to replace it)")
+    source = read_source(model_dir)
+    spec, config, hf_sd = build_hf_state_dict(source.state_dict)  # validates: a complete model of one version
+    log(f"read {model_dir} ({LAYOUTS[source.layout].description}): {describe(spec, config, sum(v.numel() for v in hf_sd.values()))}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent)
+    os.close(fd)
+    try:
+        torch.save({k: v.contiguous() for k, v in source.state_dict.items()}, tmp)
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log(f"wrote {out_path} (BlinkDL layout, {len(source.state_dict)} tensors)")
     return spec, config
 
 
-def export_checkpoint(model_dir: os.PathLike, out_path: os.PathLike) -> None:
-    """HF folder -> BlinkDL `.pth` with the original keys and shapes."""
-    from safetensors.torch import load_file
-
-    model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{model_dir}: no .safetensors weights")
-    sd = {}
-    for f in files:
-        sd.update(load_file(f))
-    torch.save({to_blinkdl_key(k): v for k, v in sd.items()}, out_path)
-
-
-__all__ = ["SPECS", "convert_checkpoint", "export_checkpoint", "load_checkpoint", "build_hf_state_dict"]
+__all__ = [
+    "SPECS",
+    "Conversion",
+    "Source",
+    "atomic_folder",
+    "build_hf_state_dict",
+    "check_out_dir",
+    "convert_checkpoint",
+    "export_checkpoint",
+    "load_checkpoint",
+    "read_source",
+    "save_sharded",
+]
