@@ -1,0 +1,272 @@
+"""GPU benchmark: ours vs flash-linear-attention's RWKV7ForCausalLM vs the `rwkv` package, one card.
+
+1.5B-shaped RWKV-7 (24 layers, width 2048, V 65536, random weights), bf16 (the `rwkv` package: fp16,
+its own CUDA kernel). Prefill 1x4096 and 8x2048 (last logits only), decode batch 1 and batch 32
+(greedy, one token per row per step). Prints a table with ratios to fla and the card's name, and
+writes JSON to $OUT (or --out).
+
+    python benchmarks/gpu.py [--quick] [--out DIR] [--skip-rwkv]
+
+The `rwkv` package runs in a subprocess (it compiles its CUDA kernel with nvcc on first use and
+changes global torch settings on import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+L, C, V, N = 24, 2048, 65536, 64
+PREFILL = [(1, 4096), (8, 2048)]
+DECODE = [1, 32]
+
+
+def cuda_time(fn, warmup=2, reps=5):
+    """Median seconds of fn() over reps, timed with CUDA events after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def decode_rate(step, B, steps):
+    """tokens/s of a step function that feeds [B] ids and returns logits [B, V] (greedy)."""
+    nxt = torch.zeros(B, dtype=torch.long, device="cuda")
+    for _ in range(3):
+        nxt = step(nxt).argmax(-1)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        nxt = step(nxt).argmax(-1)
+    torch.cuda.synchronize()
+    return B * steps / (time.perf_counter() - t)
+
+
+def state_dict(dtype=torch.bfloat16):
+    from rwkv_hf.testing import make_state_dict
+
+    sd = make_state_dict("7", n_layer=L, n_embd=C, vocab_size=V, head_size=N, seed=0)
+    return {k: v.to(dtype) for k, v in sd.items()}
+
+
+# ------------------------------------------------------------------------------------------- ours
+def bench_ours(sd, args, res):
+    import rwkv_hf.modeling as M
+    from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
+    from rwkv_hf.modeling.rwkv_common import CACHE_FIELD, RwkvCache
+    from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
+
+    spec, cfg = config_from_state_dict(sd)
+    with torch.device("meta"):
+        m = M.FAMILIES[spec.family][2](cfg)
+    m.load_state_dict({to_hf_key(k): v for k, v in sd.items()}, assign=True)
+    m = m.to("cuda", torch.bfloat16).eval()
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for B, T in PREFILL:
+            ids = torch.randint(0, V, (B, T), generator=g).cuda()
+            s = cuda_time(lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1), reps=args.reps)
+            out[f"prefill_{B}x{T}"] = B * T / s
+            print(f"ours prefill {B}x{T}: {B * T / s:,.0f} tok/s", flush=True)
+        for B in DECODE:
+            cache = RwkvCache(L)
+
+            def eager(nxt):
+                o = m(input_ids=nxt[:, None], cache=cache, use_cache=True, logits_to_keep=1)
+                return o.logits[:, -1]
+
+            out[f"decode_{B}_eager"] = decode_rate(eager, B, args.steps)
+            print(f"ours decode b{B} eager: {out[f'decode_{B}_eager']:,.1f} tok/s", flush=True)
+            dec = RwkvGraphDecoder(m, batch_size=B)
+            out[f"decode_{B}_graph"] = decode_rate(dec.step, B, args.steps * 4)
+            print(f"ours decode b{B} graph: {out[f'decode_{B}_graph']:,.1f} tok/s", flush=True)
+            del dec, cache
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    res["ours"] = out
+    del m
+    torch.cuda.empty_cache()
+
+
+# -------------------------------------------------------------------------------------------- fla
+def bench_fla(args, res):
+    from fla.models import RWKV7Config, RWKV7ForCausalLM
+
+    from rwkv_hf.testing import _lora_widths
+
+    w = _lora_widths("7", C)
+    cfg = RWKV7Config(
+        hidden_size=C, num_hidden_layers=L, head_dim=N, vocab_size=V, intermediate_size=4 * C,
+        decay_low_rank_dim=w["w"], a_low_rank_dim=w["a"], v_low_rank_dim=w["v"], gate_low_rank_dim=w["g"],
+        fuse_cross_entropy=False,
+    )
+    with torch.device("cuda"):
+        m = RWKV7ForCausalLM(cfg).to(torch.bfloat16).eval()
+    out = {"params": sum(p.numel() for p in m.parameters())}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for B, T in PREFILL:
+            ids = torch.randint(0, V, (B, T), generator=g).cuda()
+            s = cuda_time(lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1), reps=args.reps)
+            out[f"prefill_{B}x{T}"] = B * T / s
+            print(f"fla prefill {B}x{T}: {B * T / s:,.0f} tok/s", flush=True)
+        for B in DECODE:
+            box = {"pkv": None}
+
+            def step(nxt):
+                o = m(input_ids=nxt[:, None], past_key_values=box["pkv"], use_cache=True, logits_to_keep=1)
+                box["pkv"] = o.past_key_values
+                return o.logits[:, -1]
+
+            out[f"decode_{B}"] = decode_rate(step, B, args.steps)
+            print(f"fla decode b{B}: {out[f'decode_{B}']:,.1f} tok/s", flush=True)
+    res["fla"] = out
+    del m
+    torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------- rwkv
+RWKV_SCRIPT = r"""
+import json, os, sys, time
+os.environ["RWKV_V7_ON"] = "1"; os.environ["RWKV_JIT_ON"] = "1"; os.environ["RWKV_CUDA_ON"] = "1"
+import torch
+t0 = time.time()
+from rwkv.model import RWKV
+compile_s = time.time() - t0
+path, steps, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+m = RWKV(model=path[:-4], strategy="cuda fp16")
+out = {"import_and_compile_s": compile_s}
+toks = torch.randint(0, 65536, (4096,)).tolist()
+with torch.no_grad():
+    for _ in range(2):
+        m.forward(toks, None)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter(); m.forward(toks, None); torch.cuda.synchronize(); ts.append(time.perf_counter() - t)
+    ts.sort(); out["prefill_1x4096"] = 4096 / ts[len(ts) // 2]
+    x, state = m.forward([0], None)
+    for _ in range(3):
+        x, state = m.forward([int(x.argmax())], state)
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(steps):
+        x, state = m.forward([int(x.argmax())], state)
+    torch.cuda.synchronize(); out["decode_1"] = steps / (time.perf_counter() - t)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def bench_rwkv(sd, args, res):
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "rwkv7-bench.pth")
+        torch.save({k: v.to(torch.float16) for k, v in sd.items()}, path)
+        script = os.path.join(d, "run.py")
+        open(script, "w").write(RWKV_SCRIPT)
+        t = time.time()
+        try:
+            p = subprocess.run(
+                [sys.executable, script, path, str(args.steps), str(args.reps)],
+                capture_output=True, text=True, timeout=args.rwkv_timeout,
+            )
+        except subprocess.TimeoutExpired:
+            res["rwkv"] = {"error": f"timed out after {args.rwkv_timeout}s (nvcc compile + run)"}
+            print("rwkv: timed out", flush=True)
+            return
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode or not lines:
+            res["rwkv"] = {"error": (p.stderr or p.stdout)[-2000:]}
+            print("rwkv failed:\n" + (p.stderr or p.stdout)[-2000:], flush=True)
+            return
+        res["rwkv"] = json.loads(lines[-1][7:])
+        res["rwkv"]["wall_s"] = time.time() - t
+        print(f"rwkv: {res['rwkv']}", flush=True)
+
+
+def table(res):
+    cols = [("prefill 1x4096", "prefill_1x4096"), ("prefill 8x2048", "prefill_8x2048"),
+            ("decode b1", "decode_1"), ("decode b32", "decode_32")]
+    fla = res.get("fla", {})
+    rows = []
+    ours = res.get("ours", {})
+    rows.append(("ours, eager (auto mode)", {**ours, "decode_1": ours.get("decode_1_eager"), "decode_32": ours.get("decode_32_eager")}))
+    rows.append(("ours, CUDA-graph decode", {"decode_1": ours.get("decode_1_graph"), "decode_32": ours.get("decode_32_graph")}))
+    rows.append(("fla RWKV7ForCausalLM", fla))
+    rows.append(("rwkv 0.8.32 cuda fp16", res.get("rwkv", {})))
+    lines = ["| path | " + " | ".join(c for c, _ in cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for name, r in rows:
+        cells = []
+        for _, key in cols:
+            x = r.get(key) if isinstance(r, dict) else None
+            if not isinstance(x, (int, float)):
+                cells.append("-")
+                continue
+            ratio = f" ({x / fla[key]:.2f}x)" if isinstance(fla.get(key), (int, float)) and name[:3] != "fla" else ""
+            cells.append(f"{x:,.0f}{ratio}" if x >= 100 else f"{x:.1f}{ratio}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--skip-rwkv", action="store_true")
+    ap.add_argument("--skip-fla", action="store_true")
+    ap.add_argument("--rwkv-timeout", type=int, default=300)
+    args = ap.parse_args()
+    import importlib.metadata as md
+
+    def ver(p):
+        try:
+            return md.version(p)
+        except md.PackageNotFoundError:
+            return None
+
+    res = {
+        "card": torch.cuda.get_device_name(),
+        "versions": {p: ver(p) for p in ("torch", "triton", "transformers", "flash-linear-attention", "fla-core", "rwkv")},
+        "shape": {"layers": L, "width": C, "vocab": V, "head_size": N, "dtype": "bf16"},
+    }
+    print(res["card"], res["versions"], flush=True)
+    t = time.time()
+    sd = state_dict()
+    print(f"weights built in {time.time() - t:.0f}s", flush=True)
+    try:
+        bench_ours(sd, args, res)
+    except Exception as e:  # keep going: the other columns are still worth having
+        res["ours_error"] = repr(e)
+        print("ours failed:", repr(e), flush=True)
+    if not args.skip_fla:
+        try:
+            bench_fla(args, res)
+        except Exception as e:
+            res["fla_error"] = repr(e)
+            print("fla failed:", repr(e), flush=True)
+    if not args.skip_rwkv:
+        bench_rwkv(sd, args, res)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"\n{res['card']}; torch {res['versions']['torch']}, fla {res['versions']['flash-linear-attention']}")
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()

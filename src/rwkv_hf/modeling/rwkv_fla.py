@@ -1,0 +1,126 @@
+"""The WKV ops through flash-linear-attention's Triton kernels (CUDA only, optional).
+
+Same conventions as `rwkv_ops.py` (batch-first ``[B, T, H, N]`` inputs, log-decay, ``mask`` [B, T] bool
+with False = the position does not exist, fp32 state returned new, fp32 output), tested against the
+plain recurrences there on a GPU (`tests/test_gpu.py`).
+
+fla's conventions (read off fla 0.6.0, `fla/ops/rwkv6/chunk.py` and `fla/ops/rwkv7/chunk.py`):
+- inputs are ``[B, T, H, K]`` (no head-first layout); the decay is a log-decay;
+- the state is ``[B, H, K, V]``: for v5/v6 that is our S[key, value], for v7 ours is S[value, key]
+  and is transposed on the way in and out;
+- `chunk_rwkv6` scales r by ``1/sqrt(K)`` unless told otherwise: we pass ``scale=1``.
+
+Masked positions: k = v = 0 (v7 also a = b = 0) and log w = 0 there make the update the identity, so
+the state is neither updated nor decayed, which is what the recurrences do.
+
+This file must import on a machine without fla (transformers copies it as remote code and checks the
+imports outside try blocks): the fla import sits in a try block and `HAVE_FLA` says whether it worked.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+try:
+    from fla.ops.rwkv6 import chunk_rwkv6
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    HAVE_FLA = True
+except Exception:  # ImportError, or triton failing to initialise on a machine without a GPU
+    chunk_rwkv6 = chunk_rwkv7 = None
+    HAVE_FLA = False
+
+# RWKV-7 defines log w = -0.606531 * sigmoid(.), so log w >= RWKV7_LOG_W_MIN always. Telling fla this
+# bound lets it use 64-token chunks with tensor cores (`lower_bound`), as its own RWKV-7 layer does.
+RWKV7_LOG_W_MIN = -0.6065306597126334
+
+
+def _require_fla() -> None:
+    if not HAVE_FLA:
+        raise ImportError(
+            "WKV mode 'fla' needs flash-linear-attention (pip install flash-linear-attention) and a CUDA GPU"
+        )
+
+
+def _masked(mask: Optional[Tensor], *xs: Tensor) -> Tuple[Tensor, ...]:
+    """Zero each tensor at positions where mask is False (mask [B, T], tensors [B, T, ...])."""
+    if mask is None:
+        return xs
+    m = mask.view(*mask.shape, 1, 1)
+    return tuple(torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)) for x in xs)
+
+
+def _common_dtype(*xs: Tensor) -> torch.dtype:
+    """fla's kernels want r, k, v (and a, b) in one dtype: bf16/fp16 stay, anything else becomes fp32."""
+    dts = {x.dtype for x in xs}
+    if len(dts) == 1 and next(iter(dts)) in (torch.bfloat16, torch.float16, torch.float32):
+        return next(iter(dts))
+    return torch.float32
+
+
+def wkv5_fla(
+    r: Tensor, k: Tensor, v: Tensor, log_w: Tensor, u: Tensor, state: Optional[Tensor], mask: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """RWKV-5/6 through fla's `chunk_rwkv6`. log_w [B, T, H, N] (v6) or broadcastable to it (v5)."""
+    _require_fla()
+    B, T, H, N = r.shape
+    dt = _common_dtype(r, k, v)
+    r, k, v = r.to(dt), k.to(dt), v.to(dt)
+    log_w = log_w.float().expand(B, T, H, N)
+    k, v, log_w = _masked(mask, k, v, log_w)
+    h0 = None if state is None else state.float().contiguous()
+    o, ht = chunk_rwkv6(
+        r.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        log_w.contiguous(),
+        u.to(dt).expand(H, N).contiguous(),
+        scale=1.0,
+        initial_state=h0,
+        output_final_state=True,
+    )
+    return o.float(), ht.float()
+
+
+def wkv7_fla(
+    r: Tensor,
+    log_w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    state: Optional[Tensor],
+    mask: Optional[Tensor] = None,
+    lower_bound: Optional[float] = RWKV7_LOG_W_MIN,
+) -> Tuple[Tensor, Tensor]:
+    """RWKV-7 through fla's `chunk_rwkv7`; state S[value, key] as in `wkv7_recurrent`.
+
+    `lower_bound`: a number <= every log_w (RWKV-7's own decay guarantees the default); pass None for
+    arbitrary decays, which makes fla use its slower, always-safe 16-token chunks.
+    """
+    _require_fla()
+    dt = _common_dtype(r, k, v, a, b)
+    r, k, v, a, b = (x.to(dt) for x in (r, k, v, a, b))
+    log_w = log_w.float()
+    k, v, a, b, log_w = _masked(mask, k, v, a, b, log_w)
+    h0 = None if state is None else state.float().transpose(-1, -2).contiguous()  # -> [B, H, key, value]
+    kwargs = {}
+    if lower_bound is not None:
+        kwargs = dict(safe_gate=True, lower_bound=lower_bound, chunk_size=64)
+    o, ht = chunk_rwkv7(
+        r.contiguous(),
+        log_w.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        a.contiguous(),
+        b.contiguous(),
+        scale=1.0,
+        initial_state=h0,
+        output_final_state=True,
+        **kwargs,
+    )
+    return o.float(), ht.float().transpose(-1, -2).contiguous()
