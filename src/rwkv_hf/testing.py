@@ -211,3 +211,33 @@ def run_reference(
         if proc.returncode != 0:
             raise RuntimeError(f"the reference package failed on {ckpt}:\n{proc.stderr[-3000:]}")
         return torch.load(out, weights_only=True)
+
+
+# ---------------------------------------------------------------------- a Python without rwkv_hf
+# Runs before the user's code in `run_without_rwkv_hf`: drops every way the (editable or regular)
+# install exposes `rwkv_hf` - sys.path entries holding an `rwkv_hf` folder and setuptools' editable
+# meta-path finders - then proves the package cannot be found.
+_NO_RWKV_HF_PRELUDE = r"""
+import importlib.util, os, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in (getattr(f, "__module__", "") + getattr(f, "__name__", "") + type(f).__module__).lower()]
+sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or os.getcwd(), "rwkv_hf"))]
+sys.path_importer_cache.clear()
+if importlib.util.find_spec("rwkv_hf") is not None:
+    raise SystemExit("rwkv_hf is still importable")
+"""
+
+
+def run_without_rwkv_hf(code: str, args: Sequence[str] = (), cwd=None, env=None, timeout: float = 600):
+    """Run `code` in a fresh isolated interpreter (`python -I`) where `import rwkv_hf` fails.
+
+    Returns the `subprocess.CompletedProcess` (text mode, output captured)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-I", "-c", _NO_RWKV_HF_PRELUDE + code, *map(str, args)],
+        cwd=cwd or tempfile.gettempdir(),
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
