@@ -46,27 +46,32 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-WKV5_CHUNK = 16  # see the timings in tests/test_ops_chunk.py's module docstring
+WKV5_CHUNK = 16  # positions per chunk (the state is carried chunk to chunk)
+WKV5_BLOCK = 4  # positions per block inside a chunk
+# see the timings in tests/test_ops_chunk.py's module docstring
 WKV4_CHUNK = 32
 
 _NEG = -1e38  # "log of zero" for the v4 state, as the reference initialises pp
 
 
 # ------------------------------------------------------------------------------------- v5.x and v6
-def _pad_time(x: Tensor, pad: int) -> Tensor:
-    """Zero-pad dim 1 (time) of a [B, T, H, N] tensor at the end."""
-    return F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
-
-
 def _exclusive_cumsum(x: Tensor, dim: int) -> Tensor:
     """sum_{m<t} x_m along dim, computed as a shifted running sum (no subtraction)."""
     inc = x.cumsum(dim)
     return torch.cat([torch.zeros_like(inc.narrow(dim, 0, 1)), inc.narrow(dim, 0, x.shape[dim] - 1)], dim)
 
 
-def _suffix_sum(x: Tensor, dim: int) -> Tensor:
-    """sum_{m>t} x_m along dim, computed as a reversed running sum (no subtraction)."""
-    return _exclusive_cumsum(x.flip(dim), dim).flip(dim)
+def _range_sums(n: int, pairs: bool, device) -> Tensor:
+    """0/1 rows that, multiplied with n values x, give for every position i: sum_{m<i} x_m (n rows),
+    sum_{m>i} x_m (n rows), if pairs, for every pair (i, j): sum_{j<m<i} x_m (n*n rows), and last
+    sum_m x_m (1 row). Each is a direct sum of same-sign log-decays, never a difference of running sums."""
+    i = torch.arange(n, device=device)
+    before = (i.view(n, 1) > i.view(1, n)).float()  # [i, m]: m < i
+    after = (i.view(n, 1) < i.view(1, n)).float()  # [i, m]: m > i
+    rows = [before, after]
+    if pairs:
+        rows.append((before.view(n, 1, n) * after.view(1, n, n)).view(n * n, n))  # [(i, j), m]: j < m < i
+    return torch.cat(rows + [torch.ones(1, n, device=device)], 0)
 
 
 def wkv5_chunk(
@@ -78,6 +83,7 @@ def wkv5_chunk(
     state: Optional[Tensor],
     mask: Optional[Tensor] = None,
     chunk_size: int = WKV5_CHUNK,
+    block_size: int = WKV5_BLOCK,
 ) -> Tuple[Tensor, Tensor]:
     """RWKV-5/6 WKV in chunks; same contract as `rwkv_ops.wkv5_recurrent`.
 
@@ -87,54 +93,71 @@ def wkv5_chunk(
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
-    L = max(1, min(int(chunk_size), T))
-    nc = -(-T // L)
+    S = state.float() if state is not None else k.new_zeros(B, H, K, V, dtype=torch.float32)
+    if T == 0:
+        return v.float().new_zeros(B, 0, H, V), S
+    s = max(1, int(block_size))
+    L = s * max(1, min(-(-int(chunk_size) // s), -(-T // s)))  # a multiple of s, no longer than needed
+    nb, nc = L // s, -(-T // L)  # blocks per chunk, chunks
     pad = nc * L - T
 
     # 1. fp32, broadcast decay; a missing position (masked or padding) is k = v = 0 and identity decay.
     r, k, v = r.float(), k.float(), v.float()
     lw = log_w.float().expand(B, T, H, K)
-    u = torch.broadcast_to(u.float(), (H, K))
-    S = state.float() if state is not None else k.new_zeros(B, H, K, V)
+    u = torch.broadcast_to(u.float(), (H, K)).reshape(H, 1, 1, 1, K)
     if mask is not None:
         m = mask.to(torch.bool).view(B, T, 1, 1)
-        k = torch.where(m, k, 0.0)
-        v = torch.where(m, v, 0.0)
-        lw = torch.where(m, lw, 0.0)
+        k, v, lw = torch.where(m, k, 0.0), torch.where(m, v, 0.0), torch.where(m, lw, 0.0)
 
-    # 2. chunk layout [B, H, nc, L, *]
-    def chunks(x: Tensor) -> Tensor:
-        return _pad_time(x, pad).view(B, nc, L, H, x.shape[-1]).permute(0, 3, 1, 2, 4)
+    # 2. layout [B, H, chunk, block, position in block, *]
+    def blocks(x: Tensor) -> Tensor:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
+        return x.view(B, nc, nb, s, H, x.shape[-1]).permute(0, 4, 1, 2, 3, 5).contiguous()
 
-    r, k, v, lw = chunks(r), chunks(k), chunks(v), chunks(lw)
+    r, k, v, lw = blocks(r), blocks(k), blocks(v), blocks(lw)
 
-    # 3. decays inside each chunk, as direct sums of log_w
-    g_in = _exclusive_cumsum(lw, -2)  # decay from the chunk start to just before t
-    g_out = _suffix_sum(lw, -2)  # decay from just after j to the chunk end
-    g_all = lw.sum(-2)  # decay across the whole chunk [B, H, nc, K]
-    # pairwise: D[t, j] = sum_{m=j+1}^{t-1} log_w_m for j < t (0 elsewhere), as a masked running sum over t
-    lw_prev = torch.cat([torch.zeros_like(lw[..., :1, :]), lw[..., :-1, :]], -2)  # lw_prev[t] = log_w[t-1]
-    idx = torch.arange(L, device=k.device)
-    starts_after = (idx.view(L, 1) - idx.view(1, L) >= 2).to(lw.dtype).unsqueeze(-1)  # [t, j, 1]: t-1 > j
-    D = (lw_prev.unsqueeze(-2) * starts_after).cumsum(-3)  # [B, H, nc, L(t), L(j), K]
+    # 3. decays as direct sums of log_w: inside a block (before / after each position, whole block),
+    #    then between blocks of a chunk (before / after each block, between two blocks, whole chunk)
+    g = _range_sums(s, False, k.device) @ lw  # [B, H, nc, nb, 2s + 1, K]
+    g_before, g_after, g_block = g[..., :s, :], g[..., s : 2 * s, :], g[..., -1, :]
+    G = _range_sums(nb, True, k.device) @ g_block  # [B, H, nc, 2nb + nb*nb + 1, K]
+    G_before, G_after = G[..., :nb, :].unsqueeze(-2), G[..., nb : 2 * nb, :].unsqueeze(-2)
+    G_between = G[..., 2 * nb : -1, :].view(B, H, nc, nb, nb, 1, K)
+    G_chunk = G[..., -1, :]
 
-    # 4. within the chunk: scores of earlier tokens, plus the bonus of the current token on the diagonal
-    A = torch.einsum("...tn,...tjn,...jn->...tj", r, torch.exp(D), k)
-    A = A * (idx.view(L, 1) > idx.view(1, L)).to(A.dtype)
-    A = A + torch.diag_embed((r * u.view(1, H, 1, 1, K) * k).sum(-1))
-    out = A @ v
+    # 4. r decayed from the block start, k decayed to the block end
+    rd = r * torch.exp(g_before)
+    kd = k * torch.exp(g_after)
 
-    # 5. carry the state chunk to chunk: S_end = diag(e^{g_all}) S + (k e^{g_out})^T v
-    kv = (k * torch.exp(g_out)).transpose(-1, -2) @ v  # [B, H, nc, K, V]
-    decay = torch.exp(g_all).unsqueeze(-1)  # [B, H, nc, K, 1]
+    # 5. scores inside a block, diagonal by diagonal, with the decays as running products of w
+    #    (d = 0 is the current token's bonus u)
+    w = torch.exp(lw)
+    A_block = torch.diag_embed((r * u * k).sum(-1))
+    decay = None
+    for d in range(1, s):
+        decay = torch.ones_like(w[..., d:, :]) if decay is None else decay[..., 1:, :] * w[..., 1 : s - d + 1, :]
+        A_block = A_block + torch.diag_embed((r[..., d:, :] * k[..., : s - d, :] * decay).sum(-1), offset=-d)
+
+    # 6. scores between blocks of a chunk: block I reads block J < I through the blocks between them
+    idx = torch.arange(nb, device=k.device)
+    earlier = (idx.view(nb, 1, 1, 1) > idx.view(1, nb, 1, 1))  # [I, J, 1, 1]
+    between = torch.where(earlier, torch.exp(G_between), 0.0)  # [B, H, nc, I, J, 1, K]
+    A = torch.einsum("...ijtn,...jsn->...itjs", rd.unsqueeze(-3) * between, kd)
+    A = A + A_block.unsqueeze(-2) * torch.eye(nb, device=k.device).view(nb, 1, nb, 1)
+    out = A.reshape(B, H, nc, L, L) @ v.view(B, H, nc, L, V)
+
+    # 7. carry the state chunk to chunk: S_end = diag(decay of the chunk) S + (k decayed to the end)^T v
+    r_chunk = (rd * torch.exp(G_before)).view(B, H, nc, L, K)  # r decayed from the chunk start
+    k_chunk = (kd * torch.exp(G_after)).view(B, H, nc, L, K)  # k decayed to the chunk end
+    kv = k_chunk.transpose(-1, -2) @ v.view(B, H, nc, L, V)  # [B, H, nc, K, V]
+    decay_chunk = torch.exp(G_chunk).unsqueeze(-1)  # [B, H, nc, K, 1]
     entering = []
     for c in range(nc):
         entering.append(S)
-        S = decay[:, :, c] * S + kv[:, :, c]
-    S_in = torch.stack(entering, 2)  # [B, H, nc, K, V]
+        S = decay_chunk[:, :, c] * S + kv[:, :, c]
 
-    # 6. the state entering the chunk, decayed to each position
-    out = out + (r * torch.exp(g_in)) @ S_in
+    # 8. add the state entering each chunk, decayed to each position
+    out = out + r_chunk @ torch.stack(entering, 2)
     out = out.permute(0, 2, 3, 1, 4).reshape(B, nc * L, H, V)[:, :T]
     return out, S
 
@@ -195,7 +218,7 @@ def wkv4_chunk(
         before.append((a, b, p))
         kt, vt, mt = kc[:, t], vc[:, t], rc[:, t]
         a2, b2, p2 = _add_logs(a, b, log_w + p, vt, torch.ones_like(vt), kt)
-        a, b, p = torch.where(mt, a2, a), torch.where(mt, b2, b), torch.where(mt, p2, p)
+        a, b, p = (a2, b2, p2) if mask is None and not pad else (torch.where(mt, a2, a), torch.where(mt, b2, b), torch.where(mt, p2, p))
     la, lb, lp = (torch.stack(x, 1) for x in zip(*before))  # [nc*B, L, C]
 
     # 3. carry the state chunk to chunk: decay by the number of real positions, then add the chunk's own
