@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .configuration_rwkv4 import Rwkv4Config
-from .rwkv_common import RwkvForCausalLMBase, RwkvModelBase, token_shift
+from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, token_shift
 from .rwkv_ops import wkv4
 
 
@@ -86,10 +86,12 @@ class Rwkv4ChannelMix(nn.Module):
 
 class Rwkv4Model(RwkvModelBase):
     config_class = Rwkv4Config
+    _keep_in_fp32_modules_strict = FP32_PARAMS
     time_mix_cls = Rwkv4TimeMix
     channel_mix_cls = Rwkv4ChannelMix
 
 
 class Rwkv4ForCausalLM(RwkvForCausalLMBase):
     config_class = Rwkv4Config
+    _keep_in_fp32_modules_strict = FP32_PARAMS
     model_cls = Rwkv4Model

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .configuration_rwkv5 import Rwkv5Config
 from .modeling_rwkv4 import Rwkv4ChannelMix, mix
-from .rwkv_common import RwkvForCausalLMBase, RwkvModelBase, token_shift
+from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, group_norm_fp32, token_shift
 from .rwkv_ops import wkv5
 
 
@@ -78,7 +78,7 @@ class Rwkv5TimeMix(nn.Module):
         log_w, u = self.decay_and_bonus()
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         y, wkv = wkv5(heads(r), heads(k), heads(v), log_w, u, wkv, mask, mode)
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C).to(x.dtype)
+        y = group_norm_fp32(self.ln_x, y.reshape(B * T, C)).view(B, T, C).to(x.dtype)
         if self.gated:
             y = y * F.silu(self.gate(mix(x, prev, self.time_mix_g)))
         return self.output(y * scale), shift, wkv, v_first
@@ -86,10 +86,12 @@ class Rwkv5TimeMix(nn.Module):
 
 class Rwkv5Model(RwkvModelBase):
     config_class = Rwkv5Config
+    _keep_in_fp32_modules_strict = FP32_PARAMS
     time_mix_cls = Rwkv5TimeMix
     channel_mix_cls = Rwkv4ChannelMix
 
 
 class Rwkv5ForCausalLM(RwkvForCausalLMBase):
     config_class = Rwkv5Config
+    _keep_in_fp32_modules_strict = FP32_PARAMS
     model_cls = Rwkv5Model

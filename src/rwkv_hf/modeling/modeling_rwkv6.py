@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .configuration_rwkv6 import Rwkv6Config
-from .rwkv_common import RwkvForCausalLMBase, RwkvModelBase, token_shift
+from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, group_norm_fp32, token_shift
 from .rwkv_ops import wkv5
 
 
@@ -69,12 +69,14 @@ class Rwkv6TimeMix(nn.Module):
 
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         g = F.silu(self.gate(xg))
-        w = self.time_decay + (torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2)
+        # the decay LoRA may be kept in fp32 with time_decay (FP32_PARAMS matches its name): run it there
+        lora_w = self.time_decay_w1
+        w = self.time_decay + (torch.tanh(xw.to(lora_w.dtype) @ lora_w) @ self.time_decay_w2)
         log_w = -torch.exp(w.float())
 
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         y, wkv = wkv5(heads(r), heads(k), heads(v), heads(log_w), self.time_faaaa.float(), wkv, mask, mode)
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C).to(x.dtype)
+        y = group_norm_fp32(self.ln_x, y.reshape(B * T, C)).view(B, T, C).to(x.dtype)
         return self.output(y * g * scale), shift, wkv, v_first
 
 
@@ -103,10 +105,12 @@ class Rwkv6ChannelMix(nn.Module):
 
 class Rwkv6Model(RwkvModelBase):
     config_class = Rwkv6Config
+    _keep_in_fp32_modules_strict = FP32_PARAMS
     time_mix_cls = Rwkv6TimeMix
     channel_mix_cls = Rwkv6ChannelMix
 
 
 class Rwkv6ForCausalLM(RwkvForCausalLMBase):
     config_class = Rwkv6Config
+    _keep_in_fp32_modules_strict = FP32_PARAMS
     model_cls = Rwkv6Model

@@ -105,6 +105,11 @@ class RwkvCache(Cache):
         return new
 
 
+# v4-v6: the reference keeps the decay, the bonus and ln_x in fp32 whatever the model's dtype; loading
+# with dtype=fp16/bf16 does the same here (transformers' `_keep_in_fp32_modules_strict`).
+FP32_PARAMS = ["time_decay", "time_first", "time_faaaa", "ln_x"]
+
+
 # -------------------------------------------------------------------------------------------- masks
 def token_shift(x: Tensor, prev: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """The token shift: for each position, the vector of the previous *real* token.
@@ -123,6 +128,11 @@ def token_shift(x: Tensor, prev: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor
     shifted = torch.gather(ext, 1, last_excl.unsqueeze(-1).expand(B, T, C))
     new_prev = torch.gather(ext, 1, last_incl[:, -1:].unsqueeze(-1).expand(B, 1, C)).squeeze(1)
     return shifted, new_prev
+
+
+def group_norm_fp32(norm: nn.GroupNorm, y: Tensor) -> Tensor:
+    """v5/v6 `ln_x`: the reference keeps its parameters and the WKV output in fp32 for the GroupNorm."""
+    return F.group_norm(y.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps)
 
 
 def normalize_mask(attention_mask: Optional[Tensor], shape: Tuple[int, int], device) -> Optional[Tensor]:
@@ -190,7 +200,7 @@ class RwkvPreTrainedModel(PreTrainedModel):
     _is_stateful = True
     _supports_cache_class = True
     _no_split_modules = ["RwkvBlock"]
-    _keep_in_fp32_modules: List[str] = []
+    _keep_in_fp32_modules_strict: List[str] = []
 
     def _init_weights(self, module: nn.Module) -> None:
         """For models built from a config (training from scratch, tests); conversion loads every tensor."""
