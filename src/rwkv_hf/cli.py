@@ -1,0 +1,58 @@
+"""``rwkv-hf`` command line: thin wrappers that parse arguments, call the library and print.
+
+Each subcommand is one entry of ``COMMANDS``: ``(name, help, add_arguments(parser), run(args))``.
+``run`` returns an exit status (or None for 0); a ``CliError`` (or OSError/ValueError) becomes one
+line on stderr and exit status 2.
+"""
+
+import argparse
+import sys
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _tokenizer_arguments(parser):
+    parser.add_argument("out_dir", help="folder to create with the World tokenizer files")
+    parser.add_argument("--force", action="store_true", help="replace the folder if it is not empty")
+
+
+def _tokenizer_run(args):
+    from rwkv_hf.tokenization import write_tokenizer_folder
+
+    out = write_tokenizer_folder(args.out_dir, force=args.force)
+    print(f"wrote the RWKV World tokenizer to {out}")
+
+
+COMMANDS = [
+    ("tokenizer", "write a standalone RWKV World tokenizer folder", _tokenizer_arguments, _tokenizer_run),
+]
+
+from rwkv_hf.cli_model import MODEL_COMMANDS  # noqa: E402  convert, export, generate, chat, demo
+
+COMMANDS = MODEL_COMMANDS + COMMANDS
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="rwkv-hf", description="RWKV World models for Hugging Face transformers")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text, add_arguments, run in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        status = args._run(args)
+    except (CliError, OSError, ValueError) as e:
+        print(f"rwkv-hf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if status is None else int(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

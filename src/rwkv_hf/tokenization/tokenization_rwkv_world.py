@@ -1,0 +1,332 @@
+"""The RWKV World tokenizer (slow, pure Python).
+
+Encoding is BlinkDL's: greedy longest match over the UTF-8 bytes of the text, against the 65,529 byte
+strings of ``rwkv_vocab_v20230424.txt`` (ids 1..65529). Id 0 is ``<|endoftext|>`` (eos and pad);
+ids 65530..65535 are unused and decode to nothing.
+
+This file is copied into model folders as remote code: it imports only the standard library and
+transformers.
+"""
+
+import ast
+import os
+import re
+from typing import Optional
+
+from transformers import PreTrainedTokenizer
+
+VOCAB_FILES_NAMES = {"vocab_file": "rwkv_vocab_v20230424.txt"}
+VOCAB_SIZE = 65536
+EOS_TOKEN = "<|endoftext|>"
+FIRST_UNUSED_ID = 65530
+
+# World chat format, as BlinkDL's demos write it: "User: ...\n\nAssistant: ...\n\n", optional
+# "System: ...\n\n" first; the generation prompt is "Assistant:" (the model writes " answer").
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ 'System: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + '\n\n' }}"
+    "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+
+def slim_saved_config(save_directory, filename_prefix=None):
+    """Drop the ordinary (non-special) added tokens from a saved ``tokenizer_config.json``.
+
+    The fast tokenizer holds its 65,043 text tokens as added tokens; transformers would list every
+    one of them in the config, duplicating ``tokenizer.json``. They are rebuilt from it on load.
+    """
+    import json
+
+    path = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    added = config.get("added_tokens_decoder")
+    if isinstance(added, dict):
+        config["added_tokens_decoder"] = {k: v for k, v in added.items() if v.get("special")}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+# Code points U+D800..U+DFFF cannot be encoded as UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unused_token(index: int) -> str:
+    """The display string of an unused id (65530..65535)."""
+    return f"<|rwkv_unused_{index}|>"
+
+
+def token_display(token: bytes) -> str:
+    """A printable string naming a token: its text if it is valid UTF-8, else ``<0xHH>`` per byte."""
+    try:
+        return token.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(f"<0x{b:02X}>" for b in token)
+
+
+def load_vocab(path: str) -> list:
+    """Read the vocab file; return a list of 65536 entries: ``bytes`` for ids 1..65529, ``None`` elsewhere.
+
+    Each line is ``<id> <python literal of str or bytes> <byte length>``. Any malformed line raises
+    ``ValueError`` naming the file and the line number.
+    """
+    with open(path, "r", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        first, last = line.find(" "), line.rfind(" ")
+        if first < 0 or last <= first:
+            raise ValueError(f"{path}, line {lineno}: expected '<id> <literal> <length>', got {line!r}")
+        rows.append((lineno, line, first, last))
+    tokens = [None] * VOCAB_SIZE
+    seen = {}
+    for lineno, line, first, last in rows:
+        where = f"{path}, line {lineno}"
+        try:
+            index = int(line[:first])
+            length = int(line[last + 1 :])
+        except ValueError:
+            raise ValueError(f"{where}: id and length must be integers, got {line!r}") from None
+        try:
+            value = ast.literal_eval(line[first + 1 : last].strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+            raise ValueError(f"{where}: bad token literal ({e.__class__.__name__}): {line!r}") from None
+        if isinstance(value, str):
+            try:
+                value = value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{where}: token is not encodable as UTF-8") from None
+        elif not isinstance(value, bytes):
+            raise ValueError(f"{where}: token must be a str or bytes literal, got {type(value).__name__}")
+        if len(value) != length:
+            raise ValueError(f"{where}: token is {len(value)} bytes but the line says {length}")
+        if not 1 <= index < FIRST_UNUSED_ID:
+            raise ValueError(f"{where}: id {index} is outside 1..{FIRST_UNUSED_ID - 1}")
+        if tokens[index] is not None:
+            raise ValueError(f"{where}: duplicate id {index}")
+        if not value:
+            raise ValueError(f"{where}: empty token")
+        if value in seen:
+            raise ValueError(f"{where}: token {value!r} already has id {seen[value]}")
+        seen[value] = index
+        tokens[index] = value
+    return tokens
+
+
+def default_vocab_file() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), VOCAB_FILES_NAMES["vocab_file"])
+
+
+class RwkvWorldTokenizer(PreTrainedTokenizer):
+    """Slow RWKV World tokenizer: exact greedy longest byte match, as ``rwkv.rwkv_tokenizer.TRIE_TOKENIZER``.
+
+    Token strings (``convert_ids_to_tokens``) are the token's text when its bytes are valid UTF-8,
+    ``<0xE4><0xB8>``-style escapes otherwise, ``<|endoftext|>`` for id 0 and ``<|rwkv_unused_N|>``
+    for the unused ids. The fast tokenizer uses the same strings.
+    """
+
+    vocab_files_names = VOCAB_FILES_NAMES
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(
+        self,
+        vocab_file=None,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        unk_token=None,
+        add_bos_token=False,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=True,
+        **kwargs,
+    ):
+        kwargs.setdefault("chat_template", CHAT_TEMPLATE)
+        if vocab_file is None:
+            vocab_file = default_vocab_file()
+        self.vocab_file = vocab_file
+        self._id_to_bytes = load_vocab(vocab_file)
+        self._build_tables()
+        self.add_bos_token = add_bos_token
+        super().__init__(
+            eos_token=eos_token,
+            pad_token=pad_token,
+            bos_token=bos_token,
+            unk_token=unk_token,
+            add_bos_token=add_bos_token,
+            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            split_special_tokens=split_special_tokens,
+            **kwargs,
+        )
+        # transformers may have reset this attribute from kwargs; keep ours.
+        self.add_bos_token = add_bos_token
+
+    # ------------------------------------------------------------------ tables
+    def _build_tables(self):
+        self._bytes_to_id = {}
+        lengths_by_prefix = {}
+        lengths_by_prefix3 = {}
+        for index, token in enumerate(self._id_to_bytes):
+            if token is None:
+                continue
+            self._bytes_to_id[token] = index
+            lengths_by_prefix.setdefault(token[:2], set()).add(len(token))
+            if len(token) >= 3:
+                lengths_by_prefix3.setdefault(token[:3], set()).add(len(token))
+        # For every 2-byte prefix: the token lengths that start with it, longest first. Single bytes are
+        # all tokens, so a one-byte match always exists.
+        self._lengths = {}
+        for a in range(256):
+            single = bytes([a])
+            if single not in self._bytes_to_id:
+                raise ValueError(f"{self.vocab_file}: byte {a:#04x} is not a token; greedy matching needs all 256")
+            for b in range(256):
+                pair = bytes([a, b])
+                lens = lengths_by_prefix.get(pair, set())
+                self._lengths[pair] = tuple(sorted(lens, reverse=True)) + (1,)
+        # For every 3-byte prefix of a token of 3+ bytes: its lengths, then the shorter (1-2 byte) options.
+        for prefix, lens in lengths_by_prefix3.items():
+            short = tuple(n for n in self._lengths[prefix[:2]] if n < 3)
+            self._lengths[prefix] = tuple(sorted(lens, reverse=True)) + short
+        self._id_to_token = [None] * VOCAB_SIZE
+        for index, token in enumerate(self._id_to_bytes):
+            self._id_to_token[index] = token_display(token) if token is not None else unused_token(index)
+        self._id_to_token[0] = EOS_TOKEN
+        self._token_to_id = {t: i for i, t in enumerate(self._id_to_token)}
+
+    # ------------------------------------------------------------------ encoding
+    def encode_bytes(self, data: bytes) -> list:
+        """Greedy longest match over ``data``; returns ids."""
+        out = []
+        append = out.append
+        lookup = self._bytes_to_id
+        lengths = self._lengths
+        pos, end = 0, len(data)
+        while pos < end:
+            cands = lengths.get(data[pos : pos + 3])
+            if cands is None:
+                cands = lengths.get(data[pos : pos + 2], (1,))
+            for n in cands:
+                index = lookup.get(data[pos : pos + n])
+                if index is not None:
+                    append(index)
+                    pos += n
+                    break
+        return out
+
+    def encode_text(self, text: str) -> list:
+        """Ids for ``text`` exactly as the reference tokenizer gives them (no special tokens)."""
+        if not isinstance(text, str):
+            raise TypeError(f"expected str, got {type(text).__name__}")
+        return self.encode_bytes(_utf8(text))
+
+    def _tokenize(self, text, **kwargs):
+        names = self._id_to_token
+        return [names[i] for i in self.encode_text(text)]
+
+    def _convert_token_to_id(self, token):
+        index = self._token_to_id.get(token)
+        if index is None:
+            raise ValueError(f"unknown token {token!r}")
+        return index
+
+    def _convert_id_to_token(self, index):
+        return self._id_to_token[_check_id(index)]
+
+    def get_vocab(self):
+        vocab = dict(self._token_to_id)
+        vocab.update(self.added_tokens_encoder)
+        return vocab
+
+    @property
+    def vocab_size(self):
+        return VOCAB_SIZE
+
+    def __len__(self):
+        return VOCAB_SIZE
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        bos = [0] if self.add_bos_token else []
+        out = bos + list(token_ids_0)
+        if token_ids_1 is not None:
+            out += bos + list(token_ids_1)
+        return out
+
+    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False):
+        if already_has_special_tokens:
+            return [1 if i == 0 else 0 for i in token_ids_0]
+        bos = [1] if self.add_bos_token else []
+        mask = bos + [0] * len(token_ids_0)
+        if token_ids_1 is not None:
+            mask += bos + [0] * len(token_ids_1)
+        return mask
+
+    def create_token_type_ids_from_sequences(self, token_ids_0, token_ids_1=None):
+        return [0] * len(self.build_inputs_with_special_tokens(token_ids_0, token_ids_1))
+
+    def num_special_tokens_to_add(self, pair=False):
+        return (2 if pair else 1) if self.add_bos_token else 0
+
+    # ------------------------------------------------------------------ decoding
+    def decode_bytes(self, ids, skip_special_tokens=False) -> bytes:
+        table = self._id_to_bytes
+        parts = []
+        for index in ids:
+            index = _check_id(index)
+            token = table[index]
+            if token is not None:
+                parts.append(token)
+            elif index == 0 and not skip_special_tokens:
+                parts.append(EOS_TOKEN.encode("ascii"))
+        return b"".join(parts)
+
+    def _decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs):
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        return self.decode_bytes(token_ids, skip_special_tokens).decode("utf-8", errors="replace")
+
+    def convert_tokens_to_string(self, tokens):
+        return self.decode_bytes([self._convert_token_to_id(t) for t in tokens]).decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        slim_saved_config(save_directory, kwargs.get("filename_prefix"))
+        return files
+
+    def save_vocabulary(self, save_directory, filename_prefix=None):
+        if not os.path.isdir(save_directory):
+            raise ValueError(f"{save_directory} is not a directory")
+        name = (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
+        path = os.path.join(save_directory, name)
+        with open(self.vocab_file, "rb") as src, open(path, "wb") as dst:
+            dst.write(src.read())
+        return (path,)
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        m = _SURROGATE.search(text)
+        where = f" U+{ord(m.group()):04X} at index {m.start()}" if m else ""
+        raise ValueError(f"text contains a lone surrogate{where}; it cannot be encoded as UTF-8") from None
+
+
+def _check_id(index) -> int:
+    try:
+        value = int(index)
+    except (TypeError, ValueError):
+        raise ValueError(f"token id {index!r} is not an integer") from None
+    if not 0 <= value < VOCAB_SIZE:
+        raise ValueError(f"token id {index!r} is outside 0..{VOCAB_SIZE - 1}")
+    return value

@@ -1,0 +1,477 @@
+"""The World tokenizer (slow and fast) against BlinkDL's reference TRIE_TOKENIZER."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rwkv_hf.tokenization import (
+    RwkvWorldTokenizer,
+    RwkvWorldTokenizerFast,
+    load_vocab,
+    tokenizer_files,
+    tokenizer_json_text,
+    write_tokenizer_folder,
+)
+
+EDGE_CASES = [
+    "",
+    " ",
+    "  leading",
+    "trailing  ",
+    "a   b    c",
+    "\n\n",
+    "\n\n\n x \n\n",
+    "\t\r\n\x00\x01\x1f\x7f",
+    "<|endoftext|>",
+    "a<|endoftext|>b <|endoftext|><|endoftext|>",
+    "😀🦀👍🏽👨‍👩‍👧",
+    "𠀀𠀁𪜀 𰀀",  # rare CJK (extension B, C, G)
+    "中文测试，你好世界。",
+    "é ç ñ ß Ā ő ł",
+    "\u00a0\u00ad\u2028\ufeff\ufffd\uffff",
+    "\ue000é\ue000\ue001",  # private use next to ByteLevel-alphabet characters
+    "<0xE4><0xB8>",
+    "\U0010ffff\U000e0001",
+    "Ģ Ġ Ċ Ã©",
+]
+
+
+def ids_slow(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def slow():
+    return RwkvWorldTokenizer()
+
+
+@pytest.fixture(scope="module")
+def fast():
+    return RwkvWorldTokenizerFast()
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json_text())
+
+
+@pytest.fixture(scope="module", params=["slow", "fast"])
+def tok(request, slow, fast):
+    return slow if request.param == "slow" else fast
+
+
+# ---------------------------------------------------------------------------------------------- ids
+
+
+@pytest.mark.parametrize("text", EDGE_CASES)
+def test_edge_cases(tok, reference, text):
+    assert ids_slow(tok, text) == reference.encode(text)
+
+
+def test_lambada_slow(slow, reference, lambada_texts):
+    assert len(lambada_texts) == 5153
+    for text in lambada_texts:
+        assert slow.encode_text(text) == reference.encode(text)
+    for text in lambada_texts[:200]:
+        assert ids_slow(slow, text) == reference.encode(text)
+
+
+def test_lambada_fast(fast, backend, reference, lambada_texts):
+    expected = [reference.encode(t) for t in lambada_texts]
+    assert fast(lambada_texts, add_special_tokens=False)["input_ids"] == expected
+    assert [e.ids for e in backend.encode_batch(lambada_texts, add_special_tokens=False)] == expected
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60))
+def test_hypothesis_any_unicode(slow, fast, reference, text):
+    expected = reference.encode(text)
+    assert slow.encode_text(text) == expected
+    assert fast(text, add_special_tokens=False)["input_ids"] == expected
+    assert slow.decode(expected) == text
+    assert fast.decode(expected) == text
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(
+        st.sampled_from(["<|endoftext|>", "<", "|", ">", " ", "\n", "é", "😀", "𠀀", "中", "a", "\ue000", "<0x"]),
+        max_size=30,
+    ).map("".join)
+)
+def test_hypothesis_tricky_pieces(slow, fast, reference, text):
+    expected = reference.encode(text)
+    assert slow.encode_text(text) == expected
+    assert fast(text, add_special_tokens=False)["input_ids"] == expected
+
+
+def _all_code_points():
+    return [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+
+
+def test_every_code_point_in_runs(slow, fast, backend, reference):
+    points = _all_code_points()
+    chunks = ["".join(map(chr, points[i : i + 2048])) for i in range(0, len(points), 2048)]
+    expected = [reference.encode(c) for c in chunks]
+    assert [e.ids for e in backend.encode_batch(chunks, add_special_tokens=False)] == expected
+    assert fast(chunks[::7], add_special_tokens=False)["input_ids"] == expected[::7]
+    for chunk, ids in zip(chunks, expected):
+        assert slow.encode_text(chunk) == ids
+    assert [backend.decode(ids) for ids in expected[::5]] == chunks[::5]
+    assert [fast.decode(ids) for ids in expected] == chunks
+
+
+def test_code_points_alone_with_partial_tokens(slow, fast, backend, reference):
+    """Every code point whose UTF-8 is not one token is split into partial-byte tokens: check each alone."""
+    vocab = {t for t in load_vocab(str(tokenizer_files()[-1])) if t is not None}
+    partial_pairs = {t for t in vocab if len(t) == 2 and t[0] >= 0xC0}
+    alone = []
+    for c in _all_code_points():
+        b = chr(c).encode("utf-8")
+        if len(b) > 1 and b not in vocab and (b[:2] in partial_pairs or len(b) == 2 or c % 7 == 0):
+            alone.append(chr(c))
+    assert len(alone) > 10000
+    expected = [reference.encode(ch) for ch in alone]
+    assert [e.ids for e in backend.encode_batch(alone, add_special_tokens=False)] == expected
+    assert [slow.encode_text(ch) for ch in alone] == expected
+    # and each followed and preceded by ASCII and by itself
+    pairs = [f"a{ch}{ch}b" for ch in alone[::3]]
+    assert [e.ids for e in backend.encode_batch(pairs, add_special_tokens=False)] == [
+        reference.encode(p) for p in pairs
+    ]
+
+
+def test_literal_endoftext_is_text(tok, reference):
+    text = "x<|endoftext|>y"
+    ids = ids_slow(tok, text)
+    assert ids == reference.encode(text)
+    assert 0 not in ids
+    assert tok.tokenize("<|endoftext|>") == tok.convert_ids_to_tokens(reference.encode("<|endoftext|>"))
+
+
+def test_lone_surrogate(tok):
+    for text in ["\ud800", "a\udfffb", ["ok", "bad\ud83d"]]:
+        with pytest.raises(ValueError, match="surrogate"):
+            tok(text)
+
+
+def test_linear_time(slow, fast, reference):
+    base = "The quick brown fox 中文 😀 jumps. " * 1000
+    one = base * 30  # ~1 MB
+    assert len(one.encode()) > 1_000_000
+    for encode in (slow.encode_text, lambda s: fast(s, add_special_tokens=False)["input_ids"]):
+        t0 = time.perf_counter()
+        a = encode(one[: len(one) // 2])
+        t1 = time.perf_counter()
+        b = encode(one)
+        t2 = time.perf_counter()
+        assert len(b) > len(a)
+        assert (t2 - t1) < 4 * (t1 - t0) + 0.5
+    assert slow.encode_text(one) == reference.encode(one)
+    assert fast(one, add_special_tokens=False)["input_ids"] == reference.encode(one)
+
+
+# ----------------------------------------------------------------------------------------- decode
+
+
+def test_round_trip_lambada(tok, lambada_texts):
+    batch = lambada_texts[:500]
+    ids = tok(batch, add_special_tokens=False)["input_ids"]
+    assert tok.batch_decode(ids) == batch
+
+
+def test_decode_any_slice_never_raises(slow, fast, backend, reference):
+    rnd = random.Random(1)
+    text = "".join(chr(rnd.choice([rnd.randrange(0x20, 0x7F), rnd.randrange(0x80, 0xD800), rnd.randrange(0x10000, 0x110000)])) for _ in range(3000))
+    ids = reference.encode(text)
+    for _ in range(300):
+        i = rnd.randrange(len(ids))
+        j = rnd.randrange(i, len(ids) + 1)
+        expected = b"".join(reference.idx2token[k] for k in ids[i:j]).decode("utf-8", errors="replace")
+        assert slow.decode(ids[i:j]) == expected
+        assert fast.decode(ids[i:j]) == expected
+        assert backend.decode(ids[i:j]) == expected
+    random_ids = [rnd.randrange(65536) for _ in range(2000)]
+    assert slow.decode(random_ids) == fast.decode(random_ids)
+
+
+def test_special_and_unused_ids(tok, backend):
+    assert len(tok) == 65536 and tok.vocab_size == 65536
+    assert tok.eos_token_id == 0 and tok.pad_token_id == 0
+    assert tok.eos_token == "<|endoftext|>"
+    assert tok("hi")["input_ids"] == tok("hi", add_special_tokens=False)["input_ids"]  # no BOS by default
+    assert tok.decode(list(range(65530, 65536))) == ""
+    assert backend.decode(list(range(65530, 65536))) == ""
+    assert tok.decode([0, 33, 0], skip_special_tokens=True) == " "
+    assert tok.decode([0]) == "<|endoftext|>"
+    assert tok.decode([33, 33, 33]) == "   "  # no spaces inserted, no clean-up
+    assert tok.decode(tok(" . , ! ?")["input_ids"]) == " . , ! ?"
+
+
+@pytest.mark.parametrize("cls", [RwkvWorldTokenizer, RwkvWorldTokenizerFast])
+def test_add_bos_token(cls):
+    tok = cls(add_bos_token=True)
+    assert tok("hi")["input_ids"][0] == 0
+    assert tok("hi")["input_ids"][1:] == tok("hi", add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("bad", [-1, 65536, 10**9])
+def test_ids_out_of_range(tok, bad):
+    with pytest.raises(ValueError, match=str(bad)):
+        tok.decode([1, bad])
+    with pytest.raises(ValueError, match=str(bad)):
+        tok.convert_ids_to_tokens([bad])
+
+
+def test_tokens_and_vocab(slow, fast):
+    names = slow.convert_ids_to_tokens(list(range(65536)))
+    assert fast.convert_ids_to_tokens(list(range(65536))) == names
+    assert slow.convert_tokens_to_ids(names) == list(range(65536))
+    assert fast.convert_tokens_to_ids(names) == list(range(65536))
+    assert names[0] == "<|endoftext|>"
+    assert names[33] == " "
+    assert names[2412] == "<0x82><0xAC>"
+    assert names[65531] == "<|rwkv_unused_65531|>"
+    assert len(set(names)) == 65536
+    for tok in (slow, fast):
+        vocab = tok.get_vocab()
+        assert len(vocab) == 65536 and vocab["hello"] == names.index("hello")
+    text = "héllo 中文 😀"
+    assert slow.tokenize(text) == fast.tokenize(text)
+    assert slow.convert_tokens_to_string(slow.tokenize(text)) == text
+    assert fast.convert_tokens_to_string(fast.tokenize(text)) == text
+
+
+# ------------------------------------------------------------------------------ transformers API
+
+
+def test_batch_padding_truncation(tok, reference):
+    texts = ["hello world, this is long", "a", "中文 😀"]
+    expected = [reference.encode(t) for t in texts]
+    width = max(map(len, expected))
+    for side in ("right", "left"):
+        out = tok(texts, padding=True, padding_side=side, return_tensors="pt")
+        assert tuple(out["input_ids"].shape) == (3, width)
+        for row, mask, exp in zip(out["input_ids"].tolist(), out["attention_mask"].tolist(), expected):
+            pad = width - len(exp)
+            if side == "right":
+                assert row == exp + [0] * pad and mask == [1] * len(exp) + [0] * pad
+            else:
+                assert row == [0] * pad + exp and mask == [0] * pad + [1] * len(exp)
+    out = tok(texts, truncation=True, max_length=3)
+    assert out["input_ids"] == [e[:3] for e in expected]
+    out = tok(texts, truncation=True, max_length=3, padding="max_length")
+    assert all(len(r) == 3 for r in out["input_ids"])
+    tok.truncation_side = "left"
+    try:
+        assert tok(texts, truncation=True, max_length=2)["input_ids"] == [e[-2:] for e in expected]
+    finally:
+        tok.truncation_side = "right"
+
+
+def test_chat_template(tok):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi\nthere"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "System: Be brief.\n\nUser: Hi\nthere\n\nAssistant: Hello.\n\nUser: Bye\n\nAssistant:"
+    plain = tok.apply_chat_template(messages[1:2], tokenize=False)
+    assert plain == "User: Hi\nthere\n\n"
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_save_load_round_trip(tok, tmp_path, reference):
+    tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert len(config.get("added_tokens_decoder", {})) <= 1  # not 65k copies of tokenizer.json
+    loaded = type(tok).from_pretrained(tmp_path)
+    for text in EDGE_CASES:
+        assert loaded(text, add_special_tokens=False)["input_ids"] == reference.encode(text)
+    assert loaded.pad_token_id == 0 and len(loaded) == 65536
+    assert loaded.decode(reference.encode("😀 x")) == "😀 x"
+
+
+def test_auto_tokenizer_registered(tmp_path, reference):
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    from rwkv_hf.tokenization import register_tokenizers
+
+    class RwkvTokTestConfig(PretrainedConfig):
+        model_type = "rwkv_tok_test"
+
+    register_tokenizers(RwkvTokTestConfig)
+    RwkvWorldTokenizerFast().save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert isinstance(loaded, RwkvWorldTokenizerFast)
+    assert loaded("a <|endoftext|>")["input_ids"] == reference.encode("a <|endoftext|>")
+
+
+def test_tokenizer_folder(tmp_path, reference):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "tok"
+    write_tokenizer_folder(out)
+    names = sorted(p.name for p in out.iterdir())
+    for f in tokenizer_files():
+        assert f.name in names
+    assert "tokenizer.json" in names and "tokenizer_config.json" in names
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["auto_map"]["AutoTokenizer"][1].endswith("RwkvWorldTokenizerFast")
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_tokenizer_folder(out)
+    write_tokenizer_folder(out, force=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+    # deterministic
+    first = (out / "tokenizer.json").read_bytes()
+    write_tokenizer_folder(out, force=True)
+    assert (out / "tokenizer.json").read_bytes() == first
+    plain = Tokenizer.from_file(str(out / "tokenizer.json"))
+    text = "plain tokenizers <|endoftext|> 😀 𠀀"
+    assert plain.encode(text).ids == reference.encode(text)
+    fast = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    slow = AutoTokenizer.from_pretrained(out, trust_remote_code=True, use_fast=False)
+    assert type(fast).__name__ == "RwkvWorldTokenizerFast"
+    for t in (fast, slow):
+        assert t(text, add_special_tokens=False)["input_ids"] == reference.encode(text)
+
+
+_STANDALONE = r"""
+import importlib.abc, importlib.util, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "rwkv_hf" or name.startswith("rwkv_hf."):
+            raise ImportError("rwkv_hf is blocked in this test")
+sys.meta_path.insert(0, Block())
+sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("/src")]
+try:
+    import rwkv_hf
+except ImportError:
+    pass
+else:
+    raise SystemExit("rwkv_hf is importable")
+from transformers import AutoTokenizer
+folder, texts = sys.argv[1], json.loads(sys.argv[2])
+out = {}
+for use_fast in (True, False):
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True, use_fast=use_fast)
+    assert not type(tok).__module__.startswith("rwkv_hf"), type(tok).__module__
+    out[type(tok).__name__] = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert tok.decode(out[type(tok).__name__][-1]) == texts[-1]
+assert not any(m == "rwkv_hf" or m.startswith("rwkv_hf.") for m in sys.modules)
+print(json.dumps(out))
+"""
+
+
+def test_standalone_folder_without_rwkv_hf(tmp_path, reference):
+    out = tmp_path / "tok"
+    write_tokenizer_folder(out)
+    texts = EDGE_CASES + ["Hello 世界 😀 <|endoftext|>"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _STANDALONE, str(out), json.dumps(texts)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = [reference.encode(t) for t in texts]
+    assert result["RwkvWorldTokenizerFast"] == expected
+    # transformers 5 ignores use_fast=False and gives the fast class twice
+    assert result.get("RwkvWorldTokenizer", expected) == expected
+
+
+# ------------------------------------------------------------------------------------------- vocab
+
+
+GOOD = "1 'a' 1\n2 b'\\xe4' 1\n3 'bc' 2\n"
+
+
+@pytest.mark.parametrize(
+    "content, line, message",
+    [
+        ("1 'a' 1\n2 'b 1\n", 2, "bad token literal"),
+        ("1 'a' 1\n2 'bc' 3\n", 2, "2 bytes but the line says 3"),
+        ("1 'a' 1\n1 'b' 1\n", 2, "duplicate id 1"),
+        ("1 'a' 1\n2 12 2\n", 2, "str or bytes"),
+        ("1 'a' 1\n2 ['b'] 1\n", 2, "str or bytes"),
+        ("1 'a' 1\nx 'b' 1\n", 2, "integers"),
+        ("1 'a' 1\n2\n", 2, "expected"),
+        ("1 'a' 1\n2 __import__('os') 1\n", 2, "bad token literal"),
+        ("1 'a' 1\n70000 'b' 1\n", 2, "outside"),
+    ],
+)
+def test_malformed_vocab(tmp_path, content, line, message):
+    path = tmp_path / "vocab.txt"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        load_vocab(str(path))
+    assert str(path) in str(info.value)
+    assert f"line {line}" in str(info.value)
+    assert message in str(info.value)
+
+
+def test_good_small_vocab(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text(GOOD, encoding="utf-8")
+    tokens = load_vocab(str(path))
+    assert tokens[1:4] == [b"a", b"\xe4", b"bc"] and tokens[0] is None
+
+
+# --------------------------------------------------------------------------------------------- cli
+
+
+def test_cli(tmp_path, capsys):
+    from rwkv_hf.cli import main
+
+    out = tmp_path / "t"
+    assert main(["tokenizer", str(out)]) == 0
+    assert (out / "tokenizer.json").is_file()
+    assert main(["tokenizer", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not empty" in err and "Traceback" not in err
+    assert main(["tokenizer", str(out), "--force"]) == 0
+
+
+def test_exports():
+    import rwkv_hf
+    import rwkv_hf.tokenization as t
+
+    assert rwkv_hf.RwkvWorldTokenizer is t.RwkvWorldTokenizer
+    assert rwkv_hf.RwkvWorldTokenizerFast is t.RwkvWorldTokenizerFast
+
+
+def test_remote_code_imports_are_flat():
+    import ast as _ast
+
+    allowed_roots = {"tokenizers", "transformers"} | set(sys.stdlib_module_names)
+    for path in tokenizer_files()[:-1]:
+        tree = _ast.parse(path.read_text())
+        for node in _ast.walk(tree):
+            if isinstance(node, _ast.Import):
+                assert all(a.name.split(".")[0] in allowed_roots for a in node.names), path
+            elif isinstance(node, _ast.ImportFrom):
+                if node.level:
+                    assert node.level == 1 and "." not in (node.module or ""), path
+                    assert (path.parent / f"{node.module}.py").is_file()
+                else:
+                    assert node.module.split(".")[0] in allowed_roots, (path, node.module)
