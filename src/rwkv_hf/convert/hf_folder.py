@@ -42,6 +42,8 @@ def remote_code_files() -> list:
 # ------------------------------------------------------------------------------------------ reading
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
+    if text.startswith("Weights only load failed"):
+        return "the safe weights-only loader refused it: not a plain checkpoint of tensors, or damaged"
     return text.splitlines()[0] if text else type(e).__name__
 
 
