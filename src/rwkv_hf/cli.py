@@ -33,6 +33,10 @@ from rwkv_hf.cli_model import MODEL_COMMANDS  # noqa: E402  convert, export, gen
 
 COMMANDS = MODEL_COMMANDS + COMMANDS
 
+from rwkv_hf.cli_eval import EVAL_COMMANDS  # noqa: E402  lambada, ppl
+
+COMMANDS = COMMANDS + EVAL_COMMANDS
+
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="rwkv-hf", description="RWKV World models for Hugging Face transformers")
