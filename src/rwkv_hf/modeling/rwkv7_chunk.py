@@ -32,23 +32,30 @@ decay at the middle of the chunk each factor is at most e^{|log_w|_max * L / 2}:
 (log_w >= -0.607) and L = 32 that is e^{9.7}, far from overflow, and since the factors are multiplied
 (never subtracted) the relative error of each term stays ~1e-7 * |c| (cumsum rounding), as with the
 exact difference. Entries with i < j are large but finite and are zeroed by the triangular masks before
-use (also in backward). For arbitrary log_w the chunk is shrunk so that the half-span stays < 60.
+use (also in backward). For arbitrary log_w the chunk is shrunk so that the half-span stays < 60 (one log_w.min(), a
+host sync on GPUs).
 The triangular solve is well conditioned for RWKV-7 inputs (a = -kk, b = kk * gate, so |M_ab| <= 1
 and nearly orthogonal keys make it small); for larger a, b the recurrence itself grows like the same
 products and errors stay relative to the output scale.
 
-Masked positions (mask False) are made the identity step: k = v = a = b = 0 and log_w = 0.
+Masked positions (mask False) are made the identity step: k = v = a = b = 0 and log_w = 0 (r too:
+outputs there are meaningless). T is padded to a multiple of L with identity steps.
+
+Cost per token and head ~ 9 L N + 4 N^2 multiply-adds, all in batched matmuls; the loop over chunks
+is T / L steps of one [N, N] matmul. At B=1, T=512, H=12, N=64 on 2 CPU cores this is ~3x faster than
+the per-token loop (see tests/test_ops_chunk7.py's module docstring for the measured table).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 
 Tensor = torch.Tensor
 
+# 32 is fastest at the model's shapes on CPU (B=1..8, T=512..4096, H=12, N=64; 16 pays more per-chunk
+# overhead, 64 more intra-chunk work) and keeps the exponent factors <= e^{9.7} for RWKV-7 decays.
 DEFAULT_CHUNK = 32
 _MAX_HALF_SPAN = 60.0  # e^60 ~ 1e26: safe in fp32 (max ~e^88), with headroom for the products
 
@@ -80,7 +87,7 @@ def wkv7_chunk(
     B, T, H, N = r.shape
     S = state.float().reshape(B * H, N, N)
     if T == 0:
-        return r.new_zeros(B, 0, H, N, dtype=torch.float32), S.view(B, H, N, N)
+        return r.new_zeros(B, 0, H, N, dtype=torch.float32), S.view(B, H, N, N).clone()
     L = min(_safe_chunk(log_w.detach(), chunk_size), T)
     nc = -(-T // L)
     pad = nc * L - T
@@ -122,7 +129,8 @@ def wkv7_chunk(
     R_c = torch.baddbmm(left_abs[..., L:, :].flatten(0, 1), Q_b.flatten(0, 1), W.flatten(0, 1))
     O0 = Q @ UV
     BK_hat = right * torch.exp(total - ref)  # [b; k] e^{c_L - c_j}
-    M = W.transpose(-1, -2) @ BK_hat[..., :L, :] + torch.diag_embed(torch.exp(total.squeeze(-2)))
+    M = W.transpose(-1, -2) @ BK_hat[..., :L, :]
+    M.diagonal(dim1=-2, dim2=-1).add_(torch.exp(total.squeeze(-2)))
     X = UV.transpose(-1, -2) @ BK_hat
 
     # 6. the only sequential part: carry the state across chunks
