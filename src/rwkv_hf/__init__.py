@@ -22,13 +22,10 @@ from .modeling import (
     Rwkv7Model,
     RwkvCache,
 )
+from .tokenization import RwkvWorldTokenizer, RwkvWorldTokenizerFast
 
 __version__ = "0.1.0"
 
-try:  # the tokenizer is being written alongside; registration below uses it when present
-    from .tokenization import RwkvWorldTokenizer, RwkvWorldTokenizerFast
-except ImportError:  # pragma: no cover
-    RwkvWorldTokenizer = RwkvWorldTokenizerFast = None
 
 
 def _register() -> None:
@@ -36,10 +33,9 @@ def _register() -> None:
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModel.register(config_cls, model_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, lm_cls, exist_ok=True)
-        if RwkvWorldTokenizer is not None:
-            AutoTokenizer.register(
-                config_cls, slow_tokenizer_class=RwkvWorldTokenizer, fast_tokenizer_class=RwkvWorldTokenizerFast, exist_ok=True
-            )
+        AutoTokenizer.register(
+            config_cls, slow_tokenizer_class=RwkvWorldTokenizer, fast_tokenizer_class=RwkvWorldTokenizerFast, exist_ok=True
+        )
 
 
 _register()

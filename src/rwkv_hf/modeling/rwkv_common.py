@@ -174,8 +174,9 @@ class RwkvBlock(GradientCheckpointingLayer):
         return (shift, self.att.zero_wkv(batch_size, device), shift.clone())
 
     def forward(self, x: Tensor, state: tuple, mask: Optional[Tensor], v_first: Optional[Tensor], mode: Optional[str]):
-        if self.layer_id == 0:
-            x = self.ln0(x)
+        if self.layer_id == 0:  # the reference normalises the embedding in fp32 before casting it
+            ln0 = self.ln0
+            x = F.layer_norm(x.float(), ln0.normalized_shape, ln0.weight.float(), ln0.bias.float(), ln0.eps).to(x.dtype)
         rescale = self.rescale_every > 0 and x.dtype == torch.float16
         scale = 0.5 ** (self.layer_id // self.rescale_every) if rescale else 1.0
         att_shift, wkv, ffn_shift = state
