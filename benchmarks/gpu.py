@@ -80,7 +80,7 @@ def bench_ours(sd, args, res):
     out = {}
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for B, T in PREFILL:
+        for B, T in ([] if args.decode_only else PREFILL):
             ids = torch.randint(0, V, (B, T), generator=g).cuda()
             s = cuda_time(lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1), reps=args.reps)
             out[f"prefill_{B}x{T}"] = B * T / s
@@ -98,6 +98,15 @@ def bench_ours(sd, args, res):
             out[f"decode_{B}_graph"] = decode_rate(dec.step, B, args.steps * 4)
             print(f"ours decode b{B} graph: {out[f'decode_{B}_graph']:,.1f} tok/s", flush=True)
             del dec, cache
+            if args.compile:
+                t = time.time()
+                dec = RwkvGraphDecoder(m, batch_size=B, compile=True)
+                dec.capture()
+                out[f"decode_{B}_compile_s"] = time.time() - t
+                out[f"decode_{B}_graph_compiled"] = decode_rate(dec.step, B, args.steps * 4)
+                print(f"ours decode b{B} graph+compile: {out[f'decode_{B}_graph_compiled']:,.1f} tok/s "
+                      f"(compile+capture {time.time() - t:.0f}s)", flush=True)
+                del dec
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     res["ours"] = out
     del m
@@ -206,6 +215,9 @@ def table(res):
     ours = res.get("ours", {})
     rows.append(("ours, eager (auto mode)", {**ours, "decode_1": ours.get("decode_1_eager"), "decode_32": ours.get("decode_32_eager")}))
     rows.append(("ours, CUDA-graph decode", {"decode_1": ours.get("decode_1_graph"), "decode_32": ours.get("decode_32_graph")}))
+    if ours.get("decode_1_graph_compiled"):
+        rows.append(("ours, CUDA graph + torch.compile", {"decode_1": ours.get("decode_1_graph_compiled"),
+                                                         "decode_32": ours.get("decode_32_graph_compiled")}))
     rows.append(("fla RWKV7ForCausalLM", fla))
     rows.append(("rwkv 0.8.32 cuda fp16", res.get("rwkv", {})))
     lines = ["| path | " + " | ".join(c for c, _ in cols) + " |", "| --- |" + " --- |" * len(cols)]
@@ -229,6 +241,8 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-rwkv", action="store_true")
     ap.add_argument("--skip-fla", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time the decoder with torch.compile")
+    ap.add_argument("--decode-only", action="store_true", help="ours only, decode only (skips fla and rwkv)")
     ap.add_argument("--rwkv-timeout", type=int, default=300)
     args = ap.parse_args()
     import importlib.metadata as md
@@ -253,6 +267,8 @@ def main():
     except Exception as e:  # keep going: the other columns are still worth having
         res["ours_error"] = repr(e)
         print("ours failed:", repr(e), flush=True)
+    if args.decode_only:
+        args.skip_fla = args.skip_rwkv = True
     if not args.skip_fla:
         try:
             bench_fla(args, res)

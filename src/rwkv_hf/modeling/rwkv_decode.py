@@ -41,7 +41,7 @@ class RwkvGraphDecoder:
     `model`: one of our `Rwkv*ForCausalLM` on a CUDA device. `batch_size` is fixed at capture.
     """
 
-    def __init__(self, model, batch_size: int = 1, warmup: int = 3):
+    def __init__(self, model, batch_size: int = 1, warmup: int = 3, compile: bool = False):
         dev = next(model.parameters()).device
         if dev.type != "cuda":
             raise ValueError("RwkvGraphDecoder needs the model on a CUDA device")
@@ -54,6 +54,14 @@ class RwkvGraphDecoder:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.logits: Optional[Tensor] = None
         self.warmup = warmup
+        # compile=True: torch.compile fuses the step's elementwise chains (token shift, LoRA activations,
+        # the one-token WKV update, norms) into fewer kernels before the graph is captured. Fused kernels
+        # keep intermediates in fp32 where eager rounds them to the model's dtype, so bf16 logits differ
+        # from eager's in the last bits and greedy tokens can (rarely) diverge; off by default.
+        self._step_fn = torch.compile(self._eager_step, dynamic=False) if compile else self._eager_step
+        if compile:
+            warmup = max(warmup, 3)
+            self.warmup = warmup
 
     # ------------------------------------------------------------------------------------- state
     def load_cache(self, cache: RwkvCache) -> None:
@@ -92,11 +100,11 @@ class RwkvGraphDecoder:
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
             for _ in range(self.warmup):
-                self._eager_step()
+                self._step_fn()
         torch.cuda.current_stream(self.device).wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            self.logits = self._eager_step()
+            self.logits = self._step_fn()
         self.graph = g
         for dst, src in zip(self.cache.layers_state, saved):  # warm-up steps changed the state: restore
             _copy_into(dst, src)
