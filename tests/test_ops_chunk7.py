@@ -186,3 +186,23 @@ def test_cuda_matches_recurrent():
     o_ref, s_ref = wkv7_recurrent(*xs, state, mask)
     o, s = wkv7_chunk(*xs, state, mask)
     assert rel_err(o[mask], o_ref[mask]) < 1e-5 and rel_err(s, s_ref) < 1e-5
+
+
+def test_long_inputs_go_in_segments(monkeypatch):
+    """Inputs longer than one segment are carried through several passes: same result, same grads."""
+    import rwkv_hf.modeling.rwkv7_chunk as chunk_mod
+
+    T = 5 * CHUNK + 3
+    mask = MASKS["holes"](T)[None].expand(2, T)
+    results = []
+    for segment in (10**9, 2 * H * CHUNK):  # one pass; 1 chunk per pass at B=2
+        monkeypatch.setattr(chunk_mod, "_SEGMENT", segment)
+        xs = make_inputs(2, T, seed=41, requires_grad=True)
+        state = torch.randn(2, H, N, N, generator=torch.Generator().manual_seed(42)).requires_grad_(True)
+        o, s = wkv7_chunk(*xs, state, mask, chunk_size=CHUNK)
+        ((o * mask[:, :, None, None]).square().sum() + s.square().sum()).backward()
+        results.append([o[mask], s] + [x.grad for x in xs] + [state.grad])
+    for one, many in zip(*results):
+        assert rel_err(many, one) < FP32_TOL
+    o_ref, s_ref = wkv7_recurrent(*[x.detach() for x in make_inputs(2, T, seed=41)], state.detach(), mask)
+    assert rel_err(results[1][0], o_ref[mask]) < FP32_TOL and rel_err(results[1][1], s_ref) < FP32_TOL

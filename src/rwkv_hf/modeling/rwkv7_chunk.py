@@ -57,6 +57,7 @@ Tensor = torch.Tensor
 # 32 is fastest at the model's shapes on CPU (B=1..8, T=512..4096, H=12, N=64; 16 pays more per-chunk
 # overhead, 64 more intra-chunk work) and keeps the exponent factors <= e^{9.7} for RWKV-7 decays.
 DEFAULT_CHUNK = 32
+_SEGMENT = 12 * 256  # rows of B * H * T per pass (256 tokens at B=1, H=12)
 _MAX_HALF_SPAN = 60.0  # e^60 ~ 1e26: safe in fp32 (max ~e^88), with headroom for the products
 
 
@@ -85,10 +86,27 @@ def wkv7_chunk(
     S[value, key]; mask [B, T] bool or None. Returns (out [B, T, H, N] fp32, new state [B, H, N, N] fp32).
     """
     B, T, H, N = r.shape
-    S = state.float().reshape(B * H, N, N)
     if T == 0:
-        return r.new_zeros(B, 0, H, N, dtype=torch.float32), S.view(B, H, N, N).clone()
+        return r.new_zeros(B, 0, H, N, dtype=torch.float32), state.float().clone()
     L = min(_safe_chunk(log_w.detach(), chunk_size), T)
+    # long inputs go through in segments of ~_SEGMENT rows of B*H*T: the temporaries stay cache-sized
+    # (one pass over T=4096 is slower per token than eight passes over 512) and memory stays bounded
+    seg = max(1, _SEGMENT // (B * H * L)) * L
+    if T <= seg:
+        return _wkv7_chunk(r, log_w, k, v, a, b, state, mask, L)
+    outs, S = [], state
+    for t in range(0, T, seg):
+        part = slice(t, t + seg)
+        m = None if mask is None else mask[:, part]
+        o, S = _wkv7_chunk(r[:, part], log_w[:, part], k[:, part], v[:, part], a[:, part], b[:, part], S, m, L)
+        outs.append(o)
+    return torch.cat(outs, 1), S
+
+
+def _wkv7_chunk(r, log_w, k, v, a, b, state, mask, L):
+    B, T, H, N = r.shape
+    L = min(L, T)
+    S = state.float().reshape(B * H, N, N)
     nc = -(-T // L)
     pad = nc * L - T
 
