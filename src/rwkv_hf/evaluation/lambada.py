@@ -259,7 +259,7 @@ def run_lambada(
             "dtype": dtype,
             "hf": {"ppl": hf.ppl, "acc": hf.acc, "wall_s": hf_time},
             "lines": lines,
-            "docs": {"hf": [[r.logprob, r.correct] for r in hf.results]},
+            "docs": {"hf": [[r.logprob, r.correct, r.argmax] for r in hf.results]},
         }
         if ref is not None:
             dppl = max(abs(e["hf"]["ppl"] - e["reference"]["ppl"]) for e in lines)
@@ -268,7 +268,7 @@ def run_lambada(
             ref.finish()
             result["reference"] = {"ckpt": str(reference), "ppl": rf.ppl, "acc": rf.acc, "wall_s": ref.wall_s}
             result["max_abs_dppl"], result["max_abs_dacc"] = dppl, dacc
-            result["docs"]["reference"] = [[r.logprob, r.correct] for r in rf.results]
+            result["docs"]["reference"] = [[r.logprob, r.correct, r.argmax] for r in rf.results]
         return result
     finally:
         if ref is not None:
