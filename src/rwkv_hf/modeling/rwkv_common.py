@@ -203,6 +203,13 @@ class RwkvPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["RwkvBlock"]
     _keep_in_fp32_modules_strict: List[str] = []
 
+    def post_init(self):
+        # keep only the fp32 names this model has (transformers 4.57 rejects names that are not there)
+        if self._keep_in_fp32_modules_strict:
+            names = {part for name, _ in self.named_parameters() for part in name.split(".")}
+            self._keep_in_fp32_modules_strict = [m for m in self._keep_in_fp32_modules_strict if m in names]
+        super().post_init()
+
     def _init_weights(self, module: nn.Module) -> None:
         """For models built from a config (training from scratch, tests); conversion loads every tensor."""
         std = 0.02
