@@ -15,13 +15,13 @@ import torch
 import torch.nn as nn
 
 from .configuration_rwkv4 import Rwkv4Config
-from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, token_shift
+from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, relu_square, rescale, token_shift
 from .rwkv_ops import wkv4
 
 
 def mix(x, prev, coeff):
     """The v4/v5 token-shift interpolation: x * coeff + x_prev * (1 - coeff)."""
-    return x * coeff + prev * (1 - coeff)
+    return torch.addcmul(x * coeff, prev, 1 - coeff)
 
 
 class Rwkv4TimeMix(nn.Module):
@@ -57,7 +57,7 @@ class Rwkv4TimeMix(nn.Module):
         v = self.value(mix(x, prev, self.time_mix_v)).float()
         log_w = -torch.exp(self.time_decay.float())
         y, wkv = wkv4(log_w, self.time_first.float(), k, v, wkv, mask, mode)
-        return self.output(r * y.to(x.dtype) * scale), shift, wkv, v_first
+        return self.output(rescale(r * y.to(x.dtype), scale)), shift, wkv, v_first
 
 
 class Rwkv4ChannelMix(nn.Module):
@@ -80,8 +80,8 @@ class Rwkv4ChannelMix(nn.Module):
     def forward(self, x, shift, mask, scale=1.0):
         prev, shift = token_shift(x, shift, mask)
         r = torch.sigmoid(self.receptance(mix(x, prev, self.time_mix_r)))
-        k = torch.relu(self.key(mix(x, prev, self.time_mix_k))) ** 2
-        return r * self.value(k * scale), shift
+        k = relu_square(self.key(mix(x, prev, self.time_mix_k)))
+        return r * self.value(rescale(k, scale)), shift
 
 
 class Rwkv4Model(RwkvModelBase):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .configuration_rwkv5 import Rwkv5Config
 from .modeling_rwkv4 import Rwkv4ChannelMix, mix
-from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, group_norm_fp32, token_shift
+from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, group_norm_fp32, rescale, token_shift
 from .rwkv_ops import wkv5
 
 
@@ -81,7 +81,7 @@ class Rwkv5TimeMix(nn.Module):
         y = group_norm_fp32(self.ln_x, y.reshape(B * T, C)).view(B, T, C).to(x.dtype)
         if self.gated:
             y = y * F.silu(self.gate(mix(x, prev, self.time_mix_g)))
-        return self.output(y * scale), shift, wkv, v_first
+        return self.output(rescale(y, scale)), shift, wkv, v_first
 
 
 class Rwkv5Model(RwkvModelBase):

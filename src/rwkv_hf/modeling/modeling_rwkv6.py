@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .configuration_rwkv6 import Rwkv6Config
-from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, group_norm_fp32, token_shift
+from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, group_norm_fp32, relu_square, rescale, token_shift
 from .rwkv_ops import wkv5
 
 
@@ -59,13 +59,13 @@ class Rwkv6TimeMix(nn.Module):
         H, N = self.n_head, self.head_size
         prev, shift = token_shift(x, shift, mask)
         sx = prev - x
-        lora = torch.tanh((x + sx * self.time_maa_x) @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
+        lora = torch.tanh(torch.addcmul(x, sx, self.time_maa_x) @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
         mw, mk, mv, mr, mg = torch.bmm(lora, self.time_maa_w2).view(5, B, T, C).unbind(0)
-        xw = x + sx * (self.time_maa_w + mw)
-        xk = x + sx * (self.time_maa_k + mk)
-        xv = x + sx * (self.time_maa_v + mv)
-        xr = x + sx * (self.time_maa_r + mr)
-        xg = x + sx * (self.time_maa_g + mg)
+        xw = torch.addcmul(x, sx, self.time_maa_w + mw)  # x + sx * (time_maa_w + mw), in one pass
+        xk = torch.addcmul(x, sx, self.time_maa_k + mk)
+        xv = torch.addcmul(x, sx, self.time_maa_v + mv)
+        xr = torch.addcmul(x, sx, self.time_maa_r + mr)
+        xg = torch.addcmul(x, sx, self.time_maa_g + mg)
 
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         g = F.silu(self.gate(xg))
@@ -77,7 +77,7 @@ class Rwkv6TimeMix(nn.Module):
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         y, wkv = wkv5(heads(r), heads(k), heads(v), heads(log_w), self.time_faaaa.float(), wkv, mask, mode)
         y = group_norm_fp32(self.ln_x, y.reshape(B * T, C)).view(B, T, C).to(x.dtype)
-        return self.output(y * g * scale), shift, wkv, v_first
+        return self.output(rescale(y * g, scale)), shift, wkv, v_first
 
 
 class Rwkv6ChannelMix(nn.Module):
@@ -98,9 +98,9 @@ class Rwkv6ChannelMix(nn.Module):
     def forward(self, x, shift, mask, scale=1.0):
         prev, shift = token_shift(x, shift, mask)
         sx = prev - x
-        r = torch.sigmoid(self.receptance(x + sx * self.time_maa_r))
-        k = torch.relu(self.key(x + sx * self.time_maa_k)) ** 2
-        return r * self.value(k * scale), shift
+        r = torch.sigmoid(self.receptance(torch.addcmul(x, sx, self.time_maa_r)))
+        k = relu_square(self.key(torch.addcmul(x, sx, self.time_maa_k)))
+        return r * self.value(rescale(k, scale)), shift
 
 
 class Rwkv6Model(RwkvModelBase):

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .configuration_rwkv7 import Rwkv7Config
-from .rwkv_common import RwkvForCausalLMBase, RwkvModelBase, token_shift
+from .rwkv_common import RwkvForCausalLMBase, RwkvModelBase, relu_square, rescale, token_shift
 from .rwkv_ops import wkv7
 
 DECAY_SCALE = 0.606531  # exp(-0.5): log w = -0.606531 * sigmoid(.) keeps every decay in (exp(-0.607), 1)
@@ -66,7 +66,8 @@ class Rwkv7TimeMix(nn.Module):
         H, N = self.n_head, self.head_size
         prev, shift = token_shift(x, shift, mask)
         xx = prev - x
-        xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+        # x + xx * x_r, ...: addcmul makes one pass over memory instead of two
+        xr, xw, xk, xv, xa, xg = (torch.addcmul(x, xx, m) for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
 
         r = self.receptance(xr)
         w = torch.tanh(xw @ self.w1) @ self.w2
@@ -87,7 +88,7 @@ class Rwkv7TimeMix(nn.Module):
         y, wkv = wkv7(heads(r), heads(log_w), heads(k), heads(v), heads(-kk), heads(kk * a), wkv, mask, mode)
         y = self.ln_x(y.to(x.dtype).reshape(B * T, C)).view(B, T, C)
         y = y + ((heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)).view(B, T, C)
-        return self.output(y * g * scale), shift, wkv, v_first
+        return self.output(rescale(y * g, scale)), shift, wkv, v_first
 
 
 class Rwkv7ChannelMix(nn.Module):
@@ -104,9 +105,9 @@ class Rwkv7ChannelMix(nn.Module):
 
     def forward(self, x, shift, mask, scale=1.0):
         prev, shift = token_shift(x, shift, mask)
-        k = x + (prev - x) * self.x_k
-        k = torch.relu(self.key(k)) ** 2
-        return self.value(k * scale), shift
+        k = torch.addcmul(x, prev - x, self.x_k)  # x + (x_prev - x) * x_k
+        k = relu_square(self.key(k))
+        return self.value(rescale(k, scale)), shift
 
 
 class Rwkv7Model(RwkvModelBase):

@@ -119,6 +119,8 @@ def token_shift(x: Tensor, prev: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor
     carries the last real token's vector across them, so they change nothing.
     """
     if mask is None:
+        if x.shape[1] == 1:  # decoding: the previous token is the state's vector
+            return prev.unsqueeze(1), x[:, 0]
         return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1), x[:, -1]
     B, T, C = x.shape
     pos = torch.arange(1, T + 1, device=x.device).expand(B, T)
@@ -133,6 +135,16 @@ def token_shift(x: Tensor, prev: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor
 def group_norm_fp32(norm: nn.GroupNorm, y: Tensor) -> Tensor:
     """v5/v6 `ln_x`: the reference keeps its parameters and the WKV output in fp32 for the GroupNorm."""
     return F.group_norm(y.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps)
+
+
+def rescale(x: Tensor, scale: float) -> Tensor:
+    """x * scale, skipped when the scale is 1 (always, except v4-v6 in fp16)."""
+    return x if scale == 1.0 else x * scale
+
+
+def relu_square(x: Tensor) -> Tensor:
+    """relu(x)^2 of the channel mixes (relu in place on a fresh matmul output; square is x * x, faster than pow)."""
+    return torch.square(torch.relu_(x))
 
 
 def normalize_mask(attention_mask: Optional[Tensor], shape: Tuple[int, int], device) -> Optional[Tensor]:
