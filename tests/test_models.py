@@ -248,7 +248,9 @@ def test_gradients_match_between_recurrent_and_chunked(version, checkpoints):
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert grads["recurrent"].keys() == grads["chunk"].keys() and len(grads["chunk"]) > 10
     for name, g in grads["recurrent"].items():
-        torch.testing.assert_close(grads["chunk"][name], g, rtol=1e-3, atol=1e-5 * g.abs().max().item() + 1e-8, msg=name)
+        # fp32 reassociation between the two forms: compare each gradient as a whole (norm-wise)
+        err = (grads["chunk"][name] - g).norm() / g.norm().clamp_min(1e-30)
+        assert err <= 1e-4, (version, name, err.item())
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(checkpoints):
