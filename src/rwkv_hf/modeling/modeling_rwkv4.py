@@ -18,6 +18,13 @@ from .configuration_rwkv4 import Rwkv4Config
 from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, relu_square, rescale, token_shift
 from .rwkv_ops import wkv4
 
+# transformers 4.57 copies into its module cache only the files that a local folder's model file imports
+# directly, so every sibling this model needs (also through rwkv_ops) is imported here by name.
+from .configuration_rwkv_base import RwkvWorldConfigBase  # noqa: F401,E402
+from .rwkv7_chunk import wkv7_chunk  # noqa: F401,E402
+from .rwkv_chunk import wkv5_chunk  # noqa: F401,E402
+from .rwkv_fla import HAVE_FLA  # noqa: F401,E402
+
 
 def mix(x, prev, coeff):
     """The v4/v5 token-shift interpolation: x * coeff + x_prev * (1 - coeff)."""

@@ -21,6 +21,14 @@ from .modeling_rwkv4 import Rwkv4ChannelMix, mix
 from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, group_norm_fp32, rescale, token_shift
 from .rwkv_ops import wkv5
 
+# transformers 4.57 copies into its module cache only the files that a local folder's model file imports
+# directly, so every sibling this model needs (also through rwkv_ops) is imported here by name.
+from .configuration_rwkv_base import RwkvWorldConfigBase  # noqa: F401,E402
+from .rwkv7_chunk import wkv7_chunk  # noqa: F401,E402
+from .rwkv_chunk import wkv5_chunk  # noqa: F401,E402
+from .rwkv_fla import HAVE_FLA  # noqa: F401,E402
+from .configuration_rwkv4 import Rwkv4Config  # noqa: F401,E402
+
 
 class Rwkv5TimeMix(nn.Module):
     def __init__(self, config: Rwkv5Config, layer_id: int):

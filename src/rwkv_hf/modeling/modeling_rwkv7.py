@@ -24,6 +24,13 @@ from .configuration_rwkv7 import Rwkv7Config
 from .rwkv_common import RwkvForCausalLMBase, RwkvModelBase, relu_square, rescale, token_shift
 from .rwkv_ops import wkv7
 
+# transformers 4.57 copies into its module cache only the files that a local folder's model file imports
+# directly, so every sibling this model needs (also through rwkv_ops) is imported here by name.
+from .configuration_rwkv_base import RwkvWorldConfigBase  # noqa: F401,E402
+from .rwkv7_chunk import wkv7_chunk  # noqa: F401,E402
+from .rwkv_chunk import wkv5_chunk  # noqa: F401,E402
+from .rwkv_fla import HAVE_FLA  # noqa: F401,E402
+
 DECAY_SCALE = 0.606531  # exp(-0.5): log w = -0.606531 * sigmoid(.) keeps every decay in (exp(-0.607), 1)
 
 

@@ -18,6 +18,11 @@ from typing import Optional, Tuple
 
 import torch
 
+# top-level imports: transformers' remote-code loader copies only the files it sees imported
+from .rwkv7_chunk import wkv7_chunk
+from .rwkv_chunk import wkv4_chunk, wkv5_chunk
+from .rwkv_fla import HAVE_FLA, wkv5_fla, wkv7_fla
+
 Tensor = torch.Tensor
 MODES = ("auto", "recurrent", "chunk", "fla")
 
@@ -107,10 +112,6 @@ def wkv7_recurrent(
 def fla_available(x: Tensor) -> bool:
     if not x.is_cuda:
         return False
-    try:
-        from .rwkv_fla import HAVE_FLA
-    except ImportError:
-        return False
     return HAVE_FLA
 
 
@@ -131,8 +132,6 @@ def pick_mode(mode: Optional[str], x: Tensor, seq_len: int, has_fla: bool = True
 def wkv4(log_w, u, k, v, state, mask=None, mode=None):
     mode = pick_mode(mode, k, k.shape[1], has_fla=False)
     if mode == "chunk":
-        from .rwkv_chunk import wkv4_chunk
-
         return wkv4_chunk(log_w, u, k, v, state, mask)
     if mode == "fla":
         raise ValueError("flash-linear-attention has no RWKV-4 kernel; use mode 'chunk' or 'recurrent'")
@@ -142,12 +141,8 @@ def wkv4(log_w, u, k, v, state, mask=None, mode=None):
 def wkv5(r, k, v, log_w, u, state, mask=None, mode=None):
     mode = pick_mode(mode, r, r.shape[1])
     if mode == "chunk":
-        from .rwkv_chunk import wkv5_chunk
-
         return wkv5_chunk(r, k, v, log_w, u, state, mask)
     if mode == "fla":
-        from .rwkv_fla import wkv5_fla
-
         return wkv5_fla(r, k, v, log_w, u, state, mask)
     return wkv5_recurrent(r, k, v, log_w, u, state, mask)
 
@@ -155,11 +150,7 @@ def wkv5(r, k, v, log_w, u, state, mask=None, mode=None):
 def wkv7(r, log_w, k, v, a, b, state, mask=None, mode=None):
     mode = pick_mode(mode, r, r.shape[1])
     if mode == "chunk":
-        from .rwkv7_chunk import wkv7_chunk
-
         return wkv7_chunk(r, log_w, k, v, a, b, state, mask)
     if mode == "fla":
-        from .rwkv_fla import wkv7_fla
-
         return wkv7_fla(r, log_w, k, v, a, b, state, mask)
     return wkv7_recurrent(r, log_w, k, v, a, b, state, mask)
