@@ -213,6 +213,89 @@ def run_reference(
         return torch.load(out, weights_only=True)
 
 
+# ------------------------------------------------------------- LAMBADA that a synthetic model can do
+def _word_token_sets(vocab_size: int):
+    """Boolean masks over the vocabulary: tokens that can start a LAMBADA target (" " + a word without
+    whitespace, valid UTF-8 on its own) and tokens that can continue one (valid UTF-8, no whitespace)."""
+    from .tokenization.tokenization_rwkv_world import default_vocab_file, load_vocab
+
+    first = torch.zeros(vocab_size, dtype=torch.bool)
+    rest = torch.zeros(vocab_size, dtype=torch.bool)
+    for index, token in enumerate(load_vocab(default_vocab_file())[:vocab_size]):
+        if index == 0 or token is None:
+            continue
+        try:
+            text = token.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if len(text) > 1 and text[0] == " " and not any(c.isspace() for c in text[1:]):
+            first[index] = True
+        if text and not any(c.isspace() for c in text):
+            rest[index] = True
+    return first, rest
+
+
+@torch.no_grad()
+def model_written_lambada(
+    model, tokenizer, docs: Sequence[Sequence[str]], seed: int = 0, temperature: float = 1.0, batch_size: int = 16
+) -> List[str]:
+    """LAMBADA documents whose last word the model wrote itself: for each (context, target) pair, the
+    context is kept and the target replaced by " " + a word sampled from the model after
+    ``[0] + encode(context)`` (every third document a two-token word, else one token).
+
+    A random model scores real LAMBADA targets at a perplexity of ~1e9-1e11, where two printed
+    decimals would need 1e-13 relative agreement; on its own words it scores like a real model on
+    real text (tens to hundreds), which makes the two-decimal side-by-side lines a real test. The word
+    is sampled among tokens that keep the document well formed (no whitespace inside the word, valid
+    UTF-8), and a two-token word is kept only if ``encode(" " + word)`` gives back the same two
+    tokens (else its first token alone is used), so the scorer sees exactly the sampled tokens.
+    """
+    first, rest = _word_token_sets(model.config.vocab_size)
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+
+    def sample(seqs: List[List[int]], allowed: torch.Tensor) -> List[int]:
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, width - len(s):] = torch.tensor(s)
+            mask[r, width - len(s):] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1).logits
+        logits = logits[:, -1].float().cpu() / temperature
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        return torch.multinomial(probs, 1, generator=g)[:, 0].tolist()
+
+    out: List[str] = []
+    for b in range(0, len(docs), batch_size):
+        batch = docs[b : b + batch_size]
+        srcs = [[0] + tokenizer(context, add_special_tokens=False)["input_ids"] for context, _ in batch]
+        t1 = sample(srcs, first)
+        two = [i for i in range(len(batch)) if (b + i) % 3 == 0]
+        t2 = dict(zip(two, sample([srcs[i] + [t1[i]] for i in two], rest))) if two else {}
+        for i, (context, _) in enumerate(batch):
+            word = [t1[i], t2[i]] if i in t2 else [t1[i]]
+            text = tokenizer.decode(word)
+            if tokenizer(text, add_special_tokens=False)["input_ids"] != word:
+                word = [t1[i]]
+                text = tokenizer.decode(word)
+            out.append(context + text)
+    return out
+
+
+def write_model_written_lambada(model_dir, out_path, data=None, limit=None, seed: int = 0, temperature: float = 1.0) -> Path:
+    """`model_written_lambada` for a converted folder, written as a jsonl that `rwkv-hf lambada --data` reads."""
+    from .evaluation.lambada import load_docs, load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    texts = model_written_lambada(model, tokenizer, load_docs(data, limit), seed=seed, temperature=temperature)
+    out_path = Path(out_path)
+    with open(out_path, "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    return out_path
+
+
 # ---------------------------------------------------------------------- a Python without rwkv_hf
 # Runs before the user's code in `run_without_rwkv_hf`: drops every way the (editable or regular)
 # install exposes `rwkv_hf` - sys.path entries holding an `rwkv_hf` folder and setuptools' editable
