@@ -437,6 +437,56 @@ def test_good_small_vocab(tmp_path):
     assert tokens[1:4] == [b"a", b"\xe4", b"bc"] and tokens[0] is None
 
 
+
+def _naive_greedy(tokens, data):
+    ids, pos, longest = [], 0, max(map(len, tokens))
+    while pos < len(data):
+        n = next(n for n in range(min(longest, len(data) - pos), 0, -1) if data[pos : pos + n] in tokens)
+        ids.append(tokens[data[pos : pos + n]])
+        pos += n
+    return ids
+
+
+@pytest.fixture(scope="module")
+def crossing_vocab(tmp_path_factory):
+    """Every byte, plus tokens that cross a space after "x" (so no cut may happen there) and long ones."""
+    extra = [b"x y", b"x yz", b"yz", b" yz", b"zz ", b"zz zz", b"abc", b"abcdef", b"abcdefg", b" abcdefgh", b"de"]
+    tokens = [bytes([b]) for b in range(256)] + extra
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text("".join(f"{i} {t!r} {len(t)}\n" for i, t in enumerate(tokens, 1)), encoding="utf-8")
+    return str(path), {t: i for i, t in enumerate(tokens, 1)}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(["x", " ", "y", "z", "zz ", "a", "bc", "abc", "def", "g", "h", "\n"]), max_size=40).map("".join))
+def test_cuts_and_cache_follow_the_vocabulary(crossing_vocab, text):
+    """The slow tokenizer cuts text before spaces only where its vocabulary has no token across the
+    cut, and remembers pieces: on a vocabulary with such tokens it still is the plain greedy match."""
+    path, tokens = crossing_vocab
+    tok = _crossing_tokenizer(path)
+    expected = _naive_greedy(tokens, text.encode())
+    assert tok.encode_text(text) == expected
+    assert tok.encode_text(text) == expected  # again, from the cache
+
+
+_CROSSING = {}
+
+
+def _crossing_tokenizer(path):
+    if path not in _CROSSING:
+        _CROSSING[path] = RwkvWorldTokenizer(vocab_file=path)
+    return _CROSSING[path]
+
+
+def test_tokenize_then_convert(slow, reference):
+    text = "hello world, hello again"
+    tokens = slow.tokenize(text)
+    assert slow.convert_tokens_to_ids(tokens) == reference.encode(text)
+    assert isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)
+    tokens[0] = tokens[1]  # edited by the caller: looked up again, not the remembered ids
+    assert slow.convert_tokens_to_ids(tokens) == [reference.encode(text)[1]] + reference.encode(text)[1:]
+    assert slow.convert_tokens_to_ids(list(tokens[:2])) == [reference.encode(text)[1]] * 2
+
 # --------------------------------------------------------------------------------------------- cli
 
 

@@ -173,30 +173,15 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
     # ------------------------------------------------------------------ tables
     def _build_tables(self):
         self._bytes_to_id = {}
-        lengths_by_prefix = {}
-        lengths_by_prefix3 = {}
         for index, token in enumerate(self._id_to_bytes):
-            if token is None:
-                continue
-            self._bytes_to_id[token] = index
-            lengths_by_prefix.setdefault(token[:2], set()).add(len(token))
-            if len(token) >= 3:
-                lengths_by_prefix3.setdefault(token[:3], set()).add(len(token))
-        # For every 2-byte prefix: the token lengths that start with it, longest first. Single bytes are
-        # all tokens, so a one-byte match always exists.
-        self._lengths = {}
+            if token is not None:
+                self._bytes_to_id[token] = index
         for a in range(256):
-            single = bytes([a])
-            if single not in self._bytes_to_id:
+            if bytes([a]) not in self._bytes_to_id:
                 raise ValueError(f"{self.vocab_file}: byte {a:#04x} is not a token; greedy matching needs all 256")
-            for b in range(256):
-                pair = bytes([a, b])
-                lens = lengths_by_prefix.get(pair, set())
-                self._lengths[pair] = tuple(sorted(lens, reverse=True)) + (1,)
-        # For every 3-byte prefix of a token of 3+ bytes: its lengths, then the shorter (1-2 byte) options.
-        for prefix, lens in lengths_by_prefix3.items():
-            short = tuple(n for n in self._lengths[prefix[:2]] if n < 3)
-            self._lengths[prefix] = tuple(sorted(lens, reverse=True)) + short
+        self._nodes = _stride3_trie(self._bytes_to_id)
+        self._splitter = _word_splitter(self._bytes_to_id)
+        self._segment_cache = {}
         self._id_to_token = [None] * VOCAB_SIZE
         for index, token in enumerate(self._id_to_bytes):
             self._id_to_token[index] = token_display(token) if token is not None else unused_token(index)
@@ -205,22 +190,66 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
 
     # ------------------------------------------------------------------ encoding
     def encode_bytes(self, data: bytes) -> list:
-        """Greedy longest match over ``data``; returns ids."""
+        """Greedy longest match over ``data``; returns ids.
+
+        ``data`` is first cut before the spaces that no token can cross (see `_word_splitter`):
+        greedy matching ends a token there whatever follows, so the pieces are matched on their own,
+        and short pieces (words, mostly) are remembered.
+        """
+        cache = self._segment_cache
+        if len(cache) > _SEGMENT_CACHE_SIZE:
+            cache.clear()
+        out = []
+        extend = out.extend
+        match = self._match
+        for segment in self._splitter.split(data):
+            ids = cache.get(segment)
+            if ids is None:
+                ids = match(segment)
+                if len(segment) <= _SEGMENT_CACHE_MAX_BYTES:
+                    # a tuple of ints: the garbage collector stops tracking it, so a full cache does
+                    # not make every collection longer
+                    cache[segment] = tuple(ids)
+            extend(ids)
+        return out
+
+    def _match(self, data: bytes) -> list:
+        """Greedy longest match over ``data`` with a trie walked three bytes at a time (see
+        `_stride3_trie`): from the deepest node that ``data`` reaches, try its few token lengths,
+        else take its precomputed fallback."""
         out = []
         append = out.append
         lookup = self._bytes_to_id
-        lengths = self._lengths
+        nodes = self._nodes
         pos, end = 0, len(data)
+        last = end - 3  # a deeper node needs 3 more bytes: pos + depth <= last
         while pos < end:
-            cands = lengths.get(data[pos : pos + 3])
-            if cands is None:
-                cands = lengths.get(data[pos : pos + 2], (1,))
-            for n in cands:
+            node = nodes.get(data[pos : pos + 3])
+            if node is None:  # no token of 3+ bytes starts here: the 2-byte token or the byte
+                index = lookup.get(data[pos : pos + 2])
+                if index is None:
+                    index = lookup[data[pos : pos + 1]]
+                    pos += 1
+                else:
+                    pos += 2  # (past the end if only one byte was left: the loop ends all the same)
+                append(index)
+                continue
+            depth = 3
+            while node[1] and pos + depth <= last:
+                deeper = nodes.get(data[pos : pos + depth + 3])
+                if deeper is None:
+                    break
+                node = deeper
+                depth += 3
+            for n in node[0]:
                 index = lookup.get(data[pos : pos + n])
                 if index is not None:
-                    append(index)
-                    pos += n
+                    pos += n  # a slice cut short by the end of data is the rest of it: the loop ends
                     break
+            else:
+                index = node[3]
+                pos += node[2]
+            append(index)
         return out
 
     def encode_text(self, text: str) -> list:
@@ -232,6 +261,25 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
     def _tokenize(self, text, **kwargs):
         names = self._id_to_token
         return [names[i] for i in self.encode_text(text)]
+
+    def tokenize(self, text, **kwargs):
+        """Token strings of ``text``. With ``split_special_tokens`` (our default: a literal
+        ``<|endoftext|>`` is text, as in the reference) the result also carries the ids, so that
+        ``__call__`` (tokenize, then `convert_tokens_to_ids`) does not look every token up again."""
+        split = kwargs.pop("split_special_tokens", self.split_special_tokens)
+        if not split or not isinstance(text, str):
+            return super().tokenize(text, split_special_tokens=split, **kwargs)
+        text, _ = self.prepare_for_tokenization(text, **kwargs)
+        ids = self.encode_text(text)
+        tokens = _Tokens(map(self._id_to_token.__getitem__, ids))
+        tokens.ids = ids
+        return tokens
+
+    def convert_tokens_to_ids(self, tokens):
+        # `tokenize`'s own result, unchanged since: its ids (the comparison runs in C)
+        if type(tokens) is _Tokens and list(map(self._id_to_token.__getitem__, tokens.ids)) == tokens:
+            return list(tokens.ids)
+        return super().convert_tokens_to_ids(tokens)
 
     def _convert_token_to_id(self, token):
         index = self._token_to_id.get(token)
@@ -312,6 +360,68 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
             dst.write(src.read())
         return (path,)
 
+
+
+class _Tokens(list):
+    """`RwkvWorldTokenizer.tokenize`'s result: the token strings, and their ids in ``.ids``."""
+
+    __slots__ = ("ids",)
+
+
+_SEGMENT_CACHE_SIZE = 100_000  # pieces remembered by `encode_bytes` before the cache starts over
+_SEGMENT_CACHE_MAX_BYTES = 48
+_SPLIT_BEFORE = b" "
+
+
+def _word_splitter(bytes_to_id: dict) -> "re.Pattern":
+    """A pattern that cuts bytes where no token can cross: before a space, after most bytes.
+
+    A token crosses the boundary between bytes x and y only if it contains "xy". Before a space, the
+    World vocabulary has such tokens only for x in "\t\n " ("\n ", "  ", ...), so the boundary
+    before the space in "of the" ends a token of the greedy match whatever follows, and the text on
+    either side can be matched alone. The places are computed from the vocabulary, so they hold for
+    any vocabulary file. (Cutting before "." or "," as well gives fewer distinct pieces, but `re`
+    then tries every lookbehind at every byte, which costs more than it saves.)
+    """
+    pairs = {token[i : i + 2] for token in bytes_to_id for i in range(len(token) - 1)}
+    alternatives = []
+    for y in _SPLIT_BEFORE:
+        crossing = bytes(x for x in range(256) if bytes([x, y]) in pairs)
+        if len(crossing) < 256:
+            either = b"".join(re.escape(bytes([x])) for x in crossing)
+            alternatives.append(b"(?<=[^" + either + b"])(?=" + re.escape(bytes([y])) + b")")
+    return re.compile(b"|".join(alternatives) or b"(?!)")
+
+
+def _stride3_trie(bytes_to_id: dict) -> dict:
+    """The vocabulary's trie, one level per three bytes, for `RwkvWorldTokenizer.encode_bytes`.
+
+    Keys: every prefix of length 3, 6, 9, ... of a token. Values: ``(lengths, deeper, fb_len, fb_id)``
+    with ``lengths`` the lengths in ``[depth, depth + 3)`` of the tokens that start with the key,
+    longest first; ``deeper`` whether a key three bytes longer extends it; ``(fb_len, fb_id)`` the
+    longest token shorter than ``depth`` that is a prefix of the key (every byte is a token, so one
+    exists). Greedy longest match walks down while the text extends the key, then takes the first of
+    ``lengths`` that is a token of the text, else the fallback.
+    """
+    lengths = {}
+    for token in bytes_to_id:
+        for depth in range(3, len(token) + 1, 3):
+            lengths.setdefault(token[:depth], [])
+        if len(token) >= 3:
+            lengths[token[: len(token) - len(token) % 3]].append(len(token))
+    deeper = {key[:-3] for key in lengths if len(key) > 3}
+    nodes = {}
+    for key in sorted(lengths, key=len):  # parents first
+        depth = len(key)
+        fallback = None
+        if depth > 3:  # the parent's own lengths, else the parent's fallback
+            parent = nodes[key[:-3]]
+            fallback = next(((n, bytes_to_id[key[:n]]) for n in parent[0] if key[:n] in bytes_to_id), parent[2:])
+        else:
+            n = 2 if key[:2] in bytes_to_id else 1
+            fallback = (n, bytes_to_id[key[:n]])
+        nodes[key] = (tuple(sorted(lengths[key], reverse=True)), key in deeper) + tuple(fallback)
+    return nodes
 
 def _utf8(text: str) -> bytes:
     try:
