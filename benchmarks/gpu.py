@@ -87,13 +87,24 @@ def bench_ours(sd, args, res):
             print(f"ours prefill {B}x{T}: {B * T / s:,.0f} tok/s", flush=True)
         for B in DECODE:
             cache = RwkvCache(L)
+            prompt = torch.randint(0, V, (B, 16), generator=g).cuda()
+            cache = getattr(m(input_ids=prompt, use_cache=True, logits_to_keep=1), CACHE_FIELD)
 
             def eager(nxt):
                 o = m(input_ids=nxt[:, None], cache=cache, use_cache=True, logits_to_keep=1)
                 return o.logits[:, -1]
 
+            m.config.cuda_graph_decode = False
             out[f"decode_{B}_eager"] = decode_rate(eager, B, args.steps)
+            m.config.cuda_graph_decode = True
             print(f"ours decode b{B} eager: {out[f'decode_{B}_eager']:,.1f} tok/s", flush=True)
+            # generate() itself (greedy; its one-token steps replay the captured graph)
+            n_new = args.steps * 4
+            gen = lambda: m.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)  # noqa: E731
+            gen()
+            s = cuda_time(gen, warmup=0, reps=3)
+            out[f"decode_{B}_generate"] = B * n_new / s
+            print(f"ours generate() b{B}, {n_new} new tokens: {out[f'decode_{B}_generate']:,.1f} tok/s", flush=True)
             dec = RwkvGraphDecoder(m, batch_size=B)
             out[f"decode_{B}_graph"] = decode_rate(dec.step, B, args.steps * 4)
             print(f"ours decode b{B} graph: {out[f'decode_{B}_graph']:,.1f} tok/s", flush=True)
@@ -108,6 +119,16 @@ def bench_ours(sd, args, res):
                       f"(compile+capture {time.time() - t:.0f}s)", flush=True)
                 del dec
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if args.long:
+            ids = torch.randint(0, V, (1, args.long), generator=g).cuda()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            s = cuda_time(lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1), warmup=1, reps=1)
+            weights = sum(p.numel() * p.element_size() for p in m.parameters())
+            out["long_prefill"] = {"tokens": args.long, "tok_s": args.long / s, "weights_gib": weights / 2**30,
+                                   "peak_above_weights_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+            print(f"ours prefill 1x{args.long}: {out['long_prefill']}", flush=True)
     res["ours"] = out
     del m
     torch.cuda.empty_cache()
@@ -213,8 +234,9 @@ def table(res):
     fla = res.get("fla", {})
     rows = []
     ours = res.get("ours", {})
-    rows.append(("ours, eager (auto mode)", {**ours, "decode_1": ours.get("decode_1_eager"), "decode_32": ours.get("decode_32_eager")}))
-    rows.append(("ours, CUDA-graph decode", {"decode_1": ours.get("decode_1_graph"), "decode_32": ours.get("decode_32_graph")}))
+    rows.append(("ours, eager (auto mode, cuda_graph_decode off)", {**ours, "decode_1": ours.get("decode_1_eager"), "decode_32": ours.get("decode_32_eager")}))
+    rows.append(("ours, generate() (CUDA graphs by default)", {"decode_1": ours.get("decode_1_generate"), "decode_32": ours.get("decode_32_generate")}))
+    rows.append(("ours, RwkvGraphDecoder.step", {"decode_1": ours.get("decode_1_graph"), "decode_32": ours.get("decode_32_graph")}))
     if ours.get("decode_1_graph_compiled"):
         rows.append(("ours, CUDA graph + torch.compile", {"decode_1": ours.get("decode_1_graph_compiled"),
                                                          "decode_32": ours.get("decode_32_graph_compiled")}))
@@ -244,6 +266,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time the decoder with torch.compile")
     ap.add_argument("--decode-only", action="store_true", help="ours only, decode only (skips fla and rwkv)")
     ap.add_argument("--rwkv-timeout", type=int, default=300)
+    ap.add_argument("--long", type=int, default=131072, help="also prefill one prompt this long (0: skip)")
     args = ap.parse_args()
     import importlib.metadata as md
 

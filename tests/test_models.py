@@ -13,6 +13,7 @@ import rwkv_hf  # noqa: F401  (registers the Auto classes)
 from rwkv_hf.convert import convert_checkpoint
 from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
 from rwkv_hf.modeling import FAMILIES, RwkvCache
+from rwkv_hf.modeling.rwkv_common import CACHE_FIELD
 from rwkv_hf.testing import VERSIONS, make_state_dict, reference_available, run_reference
 
 needs_reference = pytest.mark.skipif(not reference_available(), reason="the rwkv reference package is not installed")
@@ -149,6 +150,37 @@ def test_right_padding_gives_the_same_final_state(version, models):
     for a, p in zip(alone.layers_state, padded.layers_state):
         for ta, tp in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(p)):
             torch.testing.assert_close(tp, ta, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("version", ["4", "5.2", "7"])
+def test_long_inputs_in_segments_equal_one_pass(version, models):
+    """prefill_segment: a long input runs through the blocks in segments, carrying the state; the
+    logits, the final state and masks must come out as from one pass."""
+    model = models[version]
+    ids = torch.tensor([SEQ[:40], SEQ[10:50]])
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    mask[1, 20:23] = 0
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask, use_cache=True)
+        model.config.prefill_segment = 7
+        try:
+            parts = model(ids, attention_mask=mask, use_cache=True)
+        finally:
+            model.config.prefill_segment = 4096
+    real = mask.bool()
+    assert rel_err(parts.logits[real], whole.logits[real]) <= 1e-5
+    with torch.no_grad():  # only the last positions' logits, from segments (the others are dropped early)
+        model.config.prefill_segment = 7
+        try:
+            last = model(ids, attention_mask=mask, logits_to_keep=9).logits
+        finally:
+            model.config.prefill_segment = 4096
+    assert last.shape[1] == 9 and rel_err(last, whole.logits[:, -9:]) <= 1e-5
+    a, p = getattr(whole, CACHE_FIELD), getattr(parts, CACHE_FIELD)
+    assert a.seen_tokens == p.seen_tokens == 40
+    for ta, tp in zip(torch.utils._pytree.tree_leaves(a.layers_state), torch.utils._pytree.tree_leaves(p.layers_state)):
+        torch.testing.assert_close(tp, ta, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -18,6 +18,12 @@ class RwkvWorldConfigBase(PretrainedConfig):
             It is applied on the fly, so the weights are never changed. (Not used by v7.)
         wkv_mode: "auto" (one token: recurrent; CUDA with flash-linear-attention: its kernels;
             otherwise the chunked form), or force "recurrent", "chunk" or "fla".
+        prefill_segment: inputs longer than this many tokens run through the blocks in segments of
+            this length, carrying the state, so that a very long prompt needs memory for one segment's
+            activations, not the whole prompt's (0: never segment).
+        cuda_graph_decode: on CUDA, one-token forward passes without gradients (every step of
+            `generate()` after the prompt) replay a captured CUDA graph with the state in static
+            buffers, instead of launching the step's few hundred small kernels one by one.
     """
 
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
@@ -33,6 +39,8 @@ class RwkvWorldConfigBase(PretrainedConfig):
         layer_norm_epsilon: float = 1e-5,
         rescale_every: int = 6,
         wkv_mode: str = "auto",
+        prefill_segment: int = 4096,
+        cuda_graph_decode: bool = True,
         bos_token_id: int = 0,
         eos_token_id: int = 0,
         pad_token_id: int = 0,
@@ -48,6 +56,8 @@ class RwkvWorldConfigBase(PretrainedConfig):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.rescale_every = rescale_every
         self.wkv_mode = wkv_mode
+        self.prefill_segment = prefill_segment
+        self.cuda_graph_decode = cuda_graph_decode
         self.use_cache = use_cache
         super().__init__(
             bos_token_id=bos_token_id,

@@ -29,6 +29,7 @@ from .rwkv_ops import wkv7
 from .configuration_rwkv_base import RwkvWorldConfigBase  # noqa: F401,E402
 from .rwkv7_chunk import wkv7_chunk  # noqa: F401,E402
 from .rwkv_chunk import wkv5_chunk  # noqa: F401,E402
+from .rwkv_decode import graph_step  # noqa: F401,E402
 from .rwkv_fla import HAVE_FLA  # noqa: F401,E402
 
 DECAY_SCALE = 0.606531  # exp(-0.5): log w = -0.606531 * sigmoid(.) keeps every decay in (exp(-0.607), 1)
@@ -76,12 +77,14 @@ class Rwkv7TimeMix(nn.Module):
         # x + xx * x_r, ...: addcmul makes one pass over memory instead of two
         xr, xw, xk, xv, xa, xg = (torch.addcmul(x, xx, m) for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
 
+        # (each mix is dropped once used: with long inputs these [B, T, C] temporaries set the peak memory)
         r = self.receptance(xr)
         w = torch.tanh(xw @ self.w1) @ self.w2
         k = self.key(xk)
         v = self.value(xv)
         a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
+        del xr, xw, xk, xa, xg, xx, prev
 
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
         k = k * (1 + (a - 1) * self.k_a)
@@ -89,7 +92,9 @@ class Rwkv7TimeMix(nn.Module):
             v_first = v
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        del xv
         log_w = -DECAY_SCALE * torch.sigmoid((self.w0 + w).float())
+        del w
 
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         y, wkv = wkv7(heads(r), heads(log_w), heads(k), heads(v), heads(-kk), heads(kk * a), wkv, mask, mode)

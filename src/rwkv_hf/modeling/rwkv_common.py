@@ -147,6 +147,14 @@ def relu_square(x: Tensor) -> Tensor:
     return torch.square(torch.relu_(x))
 
 
+def check_ids(input_ids: Tensor, vocab_size: int) -> None:
+    """A clear error for ids outside the vocabulary (else: an index error deep inside the embedding)."""
+    if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
+        raise ValueError(
+            f"input_ids must be in [0, {vocab_size}); got values in [{int(input_ids.min())}, {int(input_ids.max())}]"
+        )
+
+
 def normalize_mask(attention_mask: Optional[Tensor], shape: Tuple[int, int], device) -> Optional[Tensor]:
     """A [B, T] bool mask, or None when every position is real (the fast path)."""
     if attention_mask is None:
@@ -269,18 +277,16 @@ class RwkvModelBase(RwkvPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         wkv_mode: Optional[str] = None,
+        keep_last: int = 0,
         **kwargs,
     ) -> Union[BaseModelOutputWithPast, tuple]:
+        """`keep_last` k > 0: `last_hidden_state` holds only the last k positions (all the causal LM's
+        `logits_to_keep` needs; with long inputs, the others are never all in memory at once)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-                raise ValueError(
-                    f"input_ids must be in [0, {self.config.vocab_size}); got values in "
-                    f"[{int(input_ids.min())}, {int(input_ids.max())}]"
-                )
-            inputs_embeds = self.emb(input_ids)
-        B, T = inputs_embeds.shape[:2]
+            check_ids(input_ids, self.config.vocab_size)
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if T == 0:
             raise ValueError("the input has no tokens")
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -291,21 +297,32 @@ class RwkvModelBase(RwkvPreTrainedModel):
             cache = RwkvCache(len(self.blocks))
         if cache is not None and cache.batch_size not in (None, B):
             raise ValueError(f"the cache holds a batch of {cache.batch_size} but the input has {B} rows")
-        mask = normalize_mask(attention_mask, (B, T), inputs_embeds.device)
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        mask = normalize_mask(attention_mask, (B, T), device)
         mode = wkv_mode or self.config.wkv_mode
 
-        x = inputs_embeds
-        v_first = None
+        def embed(part: slice) -> Tensor:
+            return self.emb(input_ids[:, part]) if input_ids is not None else inputs_embeds[:, part]
+
         all_hidden = [] if output_hidden_states else None
-        for i, block in enumerate(self.blocks):
-            if all_hidden is not None:
-                all_hidden.append(x)
-            state = cache.layers_state[i] if cache is not None else None
-            if state is None:
-                state = block.zero_state(B, x.device, x.dtype)
-            x, new_state, v_first = block(x, state, mask, v_first, mode)
-            if cache is not None:
-                cache.layers_state[i] = new_state
+        keep = keep_last if keep_last and keep_last < T and all_hidden is None else 0
+        segment = getattr(self.config, "prefill_segment", 0) or T
+        if T > segment and all_hidden is None:
+            # a long input in segments: the state carries over, activations exist for one segment at a
+            # time, and only the segments' outputs that are asked for are kept
+            state = cache if cache is not None else RwkvCache(len(self.blocks))
+            outs = []
+            for t in range(0, T, segment):
+                part = slice(t, t + segment)
+                x = self._blocks(embed(part), None if mask is None else mask[:, part], state, mode)
+                if keep:
+                    x = x[:, max(0, T - keep - t) :]
+                outs.append(x)
+            x = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+        else:
+            x = self._blocks(embed(slice(None)), mask, cache, mode, all_hidden)
+        if keep:
+            x = x[:, -keep:]
         x = self.ln_out(x)
         if all_hidden is not None:
             all_hidden.append(x)
@@ -317,6 +334,22 @@ class RwkvModelBase(RwkvPreTrainedModel):
             **{CACHE_FIELD: cache},
         )
         return out if return_dict is not False else out.to_tuple()
+
+    def _blocks(self, x: Tensor, mask: Optional[Tensor], cache: Optional[RwkvCache], mode, all_hidden=None) -> Tensor:
+        """x [B, T, C] through every block, from the state in `cache` (None: zeros), which it updates.
+        Appends each block's input to `all_hidden` if given."""
+        B = x.shape[0]
+        v_first = None
+        for i, block in enumerate(self.blocks):
+            if all_hidden is not None:
+                all_hidden.append(x)
+            state = cache.layers_state[i] if cache is not None else None
+            if state is None:
+                state = block.zero_state(B, x.device, x.dtype)
+            x, new_state, v_first = block(x, state, mask, v_first, mode)
+            if cache is not None:
+                cache.layers_state[i] = new_state
+        return x
 
 
 class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
@@ -360,14 +393,23 @@ class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
     ) -> Union[CausalLMOutputWithPast, tuple]:
         """`logits_to_keep`: 0 computes logits everywhere; k > 0 only for the last k positions; a tensor
         of indices only there. `labels` give the mean shifted cross-entropy, ignoring -100."""
+        cache = cache if cache is not None else past_key_values
+        if self._graph_decodable(input_ids, attention_mask, cache, labels, output_hidden_states, wkv_mode):
+            from .rwkv_decode import graph_step
+
+            check_ids(input_ids, self.config.vocab_size)
+            logits = graph_step(self, input_ids, cache)[:, None]
+            result = CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
+            return result if return_dict is not False else result.to_tuple()
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             wkv_mode=wkv_mode,
+            keep_last=logits_to_keep if isinstance(logits_to_keep, int) and labels is None else 0,
         )
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -385,6 +427,28 @@ class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: getattr(out, CACHE_FIELD)}
         )
         return result if return_dict is not False else result.to_tuple()
+
+    def _graph_decodable(self, input_ids, attention_mask, cache, labels, output_hidden_states, wkv_mode) -> bool:
+        """Whether this forward is a decode step that the captured CUDA graph can run (see rwkv_decode):
+        one token per row, a full state, CUDA, no gradients, nothing but the logits asked for."""
+        if not (
+            getattr(self.config, "cuda_graph_decode", False)
+            and input_ids is not None
+            and input_ids.dim() == 2
+            and input_ids.shape[1] == 1
+            and input_ids.is_cuda
+            and isinstance(cache, RwkvCache)
+            and cache.batch_size == input_ids.shape[0]
+            and all(s is not None for s in cache.layers_state)
+            and labels is None
+            and not output_hidden_states
+            and wkv_mode in (None, "auto", "recurrent")
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and len(set((getattr(self, "hf_device_map", None) or {0: 0}).values())) == 1
+        ):
+            return False
+        return attention_mask is None or bool(attention_mask.all())
 
     def prepare_inputs_for_generation(
         self,

@@ -5,6 +5,12 @@ norms) over a state of fixed size. Launched one by one from Python, the launch g
 the shapes never change from step to step, the whole step can be captured once as a CUDA graph and
 replayed, with the state living in buffers that the graph reads and overwrites.
 
+`generate()` uses this by itself: our causal LM's forward sends every one-token step without
+gradients on CUDA to `graph_step` (config `cuda_graph_decode`, on by default). The cache being
+decoded then holds the decoder's static buffers, so a step copies nothing; when another cache comes
+to the same decoder, the previous one first gets its own copy of the state (no two caches share).
+Direct use:
+
     from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
     dec = RwkvGraphDecoder(model, batch_size=1)        # captures on first use
     new_tokens = dec.generate(input_ids, attention_mask=None, max_new_tokens=256)   # greedy
@@ -18,6 +24,7 @@ match `model.generate(do_sample=False)`. Works for every version (v4's (aa, bb, 
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -45,13 +52,16 @@ class RwkvGraphDecoder:
         dev = next(model.parameters()).device
         if dev.type != "cuda":
             raise ValueError("RwkvGraphDecoder needs the model on a CUDA device")
-        self.model, self.B, self.device = model, batch_size, dev
+        # weakly: the decoders that `graph_step` keeps per model must not keep the model alive
+        self._model = weakref.ref(model)
+        self.B, self.device = batch_size, dev
         self.dtype = model.get_input_embeddings().weight.dtype
         body = model.model
         self.cache = RwkvCache(len(body.blocks))
         self.cache.layers_state = [blk.zero_state(batch_size, dev, self.dtype) for blk in body.blocks]
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=dev)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self._owner: Optional[weakref.ref] = None
         self.logits: Optional[Tensor] = None
         self.warmup = warmup
         # compile=True: torch.compile fuses the step's elementwise chains (token shift, LoRA activations,
@@ -62,6 +72,13 @@ class RwkvGraphDecoder:
         if compile:
             warmup = max(warmup, 3)
             self.warmup = warmup
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model this decoder was captured for no longer exists")
+        return model
 
     # ------------------------------------------------------------------------------------- state
     def load_cache(self, cache: RwkvCache) -> None:
@@ -84,14 +101,13 @@ class RwkvGraphDecoder:
         body = self.model.model
         tmp = RwkvCache(len(body.blocks))
         tmp.layers_state = list(self.cache.layers_state)
+        # the body and the head, not the causal LM's forward (which would send this step here again);
         # inputs_embeds, not input_ids: the ids range check would synchronise, which capture forbids
-        out = self.model(
-            inputs_embeds=body.emb(self.ids), cache=tmp, use_cache=True, logits_to_keep=1, wkv_mode="recurrent"
-        )
+        out = body(inputs_embeds=body.emb(self.ids), cache=tmp, use_cache=True, wkv_mode="recurrent")
         new = getattr(out, CACHE_FIELD)
         for dst, src in zip(self.cache.layers_state, new.layers_state):
             _copy_into(dst, src)
-        return out.logits[:, -1]
+        return self.model.lm_head(out.last_hidden_state[:, -1])
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -119,6 +135,31 @@ class RwkvGraphDecoder:
         self.cache.seen_tokens += 1
         return self.logits
 
+    # ------------------------------------------------------------------- a cache that decodes here
+    def owns(self, cache: RwkvCache) -> bool:
+        return self._owner is not None and self._owner() is cache and _same_tensors(cache.layers_state, self.cache.layers_state)
+
+    def adopt(self, cache: RwkvCache) -> None:
+        """Make `cache` hold the static buffers (its state copied in); a previous holder gets a copy."""
+        previous = self._owner() if self._owner is not None else None
+        if previous is not None and previous is not cache and _same_tensors(previous.layers_state, self.cache.layers_state):
+            previous.layers_state = [_map_tensors(lambda t: t.clone(), s) for s in self.cache.layers_state]
+        self.load_cache(cache)
+        cache.layers_state = list(self.cache.layers_state)
+        self._owner = weakref.ref(cache)
+
+    @torch.no_grad()
+    def run(self, ids: Tensor, cache: RwkvCache) -> Tensor:
+        """One step for `cache` (which ends up holding the static buffers); returns logits [B, V] (a copy)."""
+        if not self.owns(cache):
+            self.adopt(cache)
+        if self.graph is None:
+            self.capture()
+        self.ids.copy_(ids.view(self.B, 1))
+        self.graph.replay()
+        cache.seen_tokens += 1
+        return self.logits.clone()
+
     # ---------------------------------------------------------------------------------- generate
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: int = 16) -> Tensor:
@@ -134,3 +175,31 @@ class RwkvGraphDecoder:
             nxt = self.step(nxt).argmax(-1)
             toks.append(nxt)
         return torch.stack(toks, dim=1)
+
+
+def _same_tensors(a, b) -> bool:
+    """Whether two layer-state lists hold the very same tensor objects (not just equal values)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return a is b
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(_same_tensors(x, y) for x, y in zip(a, b))
+
+
+# model -> {(batch size, dtype, device, weight storage): decoder}; weak, so a model's graphs go with it,
+# and kept off the module itself, so deepcopy / pickling a model never meets a CUDA graph
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MAX_DECODERS_PER_MODEL = 4
+
+
+def graph_step(model, input_ids: Tensor, cache: RwkvCache) -> Tensor:
+    """One decode step of `model` (a causal LM on CUDA) through the CUDA graph for this batch size."""
+    head = model.lm_head.weight
+    key = (input_ids.shape[0], head.dtype, head.device, head.data_ptr(), model.model.emb.weight.data_ptr())
+    decoders = _DECODERS.setdefault(model, {})
+    dec = decoders.get(key)
+    if dec is None:
+        if len(decoders) >= _MAX_DECODERS_PER_MODEL:
+            decoders.pop(next(iter(decoders)))
+        dec = decoders[key] = RwkvGraphDecoder(model, batch_size=input_ids.shape[0])
+    return dec.run(input_ids, cache)
