@@ -301,6 +301,42 @@ def test_graph_state_moves_between_caches_without_sharing():
         assert torch.equal(a, b)
 
 
+def test_graphs_under_inference_mode_then_no_grad():
+    """Steps under torch.inference_mode() and later under no_grad (generate()) each get working buffers."""
+    from rwkv_hf.modeling.rwkv_common import CACHE_FIELD
+
+    m = build("5.2", torch.bfloat16, n_layer=2)
+    ids = torch.randint(0, 65536, (1, 8), generator=torch.Generator().manual_seed(9)).to(DEV)
+    with torch.inference_mode():
+        c = getattr(m(ids, use_cache=True, logits_to_keep=1), CACHE_FIELD)
+        first = m(ids[:, :1], cache=c, use_cache=True).logits
+    eager = _greedy(m, ids, None, graphs=False)
+    assert torch.equal(_greedy(m, ids, None, graphs=True), eager)
+    with torch.no_grad():
+        c2 = getattr(m(ids, use_cache=True, logits_to_keep=1), CACHE_FIELD)
+        assert torch.equal(m(ids[:, :1], cache=c2, use_cache=True).logits, first)
+
+
+def test_hooks_keep_steps_eager():
+    """A captured graph would replay modules as they were: a forward hook added later must be honoured."""
+    m = build("7", torch.bfloat16, n_layer=2)
+    ids = torch.randint(0, 65536, (1, 8), generator=torch.Generator().manual_seed(10)).to(DEV)
+    plain = _greedy(m, ids, None, graphs=True)
+
+    def force_7(module, args, out):
+        out = out.clone()
+        out[..., 7] = 1e4
+        return out
+
+    handle = m.lm_head.register_forward_hook(force_7)
+    try:
+        forced = _greedy(m, ids, None, graphs=True)
+    finally:
+        handle.remove()
+    assert (forced[0, ids.shape[1] :] == 7).all()
+    assert torch.equal(_greedy(m, ids, None, graphs=True), plain)
+
+
 def test_beam_search_and_sampling_through_graphs():
     m = build("6", torch.bfloat16, n_layer=2)
     g = torch.Generator().manual_seed(8)

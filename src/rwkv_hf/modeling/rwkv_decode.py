@@ -195,7 +195,9 @@ _MAX_DECODERS_PER_MODEL = 4
 def graph_step(model, input_ids: Tensor, cache: RwkvCache) -> Tensor:
     """One decode step of `model` (a causal LM on CUDA) through the CUDA graph for this batch size."""
     head = model.lm_head.weight
-    key = (input_ids.shape[0], head.dtype, head.device, head.data_ptr(), model.model.emb.weight.data_ptr())
+    # inference mode is part of the key: buffers made under it cannot be updated in place outside it
+    key = (input_ids.shape[0], head.dtype, head.device, head.data_ptr(), model.model.emb.weight.data_ptr(),
+           torch.is_inference_mode_enabled())
     decoders = _DECODERS.setdefault(model, {})
     dec = decoders.get(key)
     if dec is None:
