@@ -478,6 +478,19 @@ def _crossing_tokenizer(path):
     return _CROSSING[path]
 
 
+def test_pickle_leaves_the_cache_out(reference):
+    import copy
+    import pickle
+
+    tok = RwkvWorldTokenizer()
+    before = pickle.dumps(tok)
+    text = "the cat sat on the mat, " * 50
+    assert tok.encode_text(text) == reference.encode(text) and tok._segment_cache
+    assert pickle.dumps(tok) == before  # stable: a used tokenizer pickles (and hashes) as a fresh one
+    for clone in (pickle.loads(before), copy.deepcopy(tok)):
+        assert clone._segment_cache == {} and clone.encode_text(text) == reference.encode(text)
+
+
 def test_tokenize_then_convert(slow, reference):
     text = "hello world, hello again"
     tokens = slow.tokenize(text)

@@ -188,6 +188,13 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
         self._id_to_token[0] = EOS_TOKEN
         self._token_to_id = {t: i for i, t in enumerate(self._id_to_token)}
 
+    def __getstate__(self):
+        # the cache of matched pieces is not part of the tokenizer: leaving it out keeps pickles, copies
+        # and the hashes that `datasets.map` takes of a tokenizer the same before and after use
+        state = self.__dict__.copy()
+        state["_segment_cache"] = {}
+        return state
+
     # ------------------------------------------------------------------ encoding
     def encode_bytes(self, data: bytes) -> list:
         """Greedy longest match over ``data``; returns ids.
