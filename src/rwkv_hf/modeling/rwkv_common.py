@@ -36,6 +36,8 @@ class RwkvCache(Cache):
     the fp32 matrix state `[B, H, N, N]` (v5-v7) or the `(aa, bb, pp)` triple `[B, C]` each (v4).
     `seen_tokens` counts the columns consumed so far (padding included), which is what `generate()`
     needs to know which input ids are new. A state cannot be cropped: it holds no per-token history.
+    While CUDA-graph decoding (see rwkv_decode) the state tensors are the graph's buffers and change in
+    place from step to step: take snapshots with `clone()`, not by keeping references to them.
     """
 
     is_compileable = False
