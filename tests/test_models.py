@@ -177,6 +177,8 @@ def test_long_inputs_in_segments_equal_one_pass(version, models):
         finally:
             model.config.prefill_segment = 4096
     assert last.shape[1] == 9 and rel_err(last, whole.logits[:, -9:]) <= 1e-5
+    with pytest.raises(ValueError, match="prefill_segment"):
+        type(model.config)(prefill_segment=-1)
     a, p = getattr(whole, CACHE_FIELD), getattr(parts, CACHE_FIELD)
     assert a.seen_tokens == p.seen_tokens == 40
     for ta, tp in zip(torch.utils._pytree.tree_leaves(a.layers_state), torch.utils._pytree.tree_leaves(p.layers_state)):

@@ -56,6 +56,8 @@ class RwkvWorldConfigBase(PretrainedConfig):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.rescale_every = rescale_every
         self.wkv_mode = wkv_mode
+        if isinstance(prefill_segment, bool) or not isinstance(prefill_segment, int) or prefill_segment < 0:
+            raise ValueError(f"prefill_segment must be a whole number of tokens >= 0 (0: never), got {prefill_segment!r}")
         self.prefill_segment = prefill_segment
         self.cuda_graph_decode = cuda_graph_decode
         self.use_cache = use_cache
