@@ -121,6 +121,30 @@ def test_wkv7_fla_matches_recurrent(T, init, masked, dtype):
     assert e_out < tol and e_state < tol
 
 
+@needs_fla
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wkv7_one_token_fused_kernel_matches_recurrent(dtype):
+    """The decode step's fused kernel (fla's fused_recurrent_rwkv7), five steps chained through its
+    transposed-view state. Both sides compute in fp32 from the same inputs (no tf32 in an elementwise
+    recurrence), so the states agree to summation order (1e-5); fla writes the output in the inputs'
+    dtype, so with bf16 inputs the output carries bf16 rounding (2^-8 relative; measured 1.7e-3), as the
+    model's next op (y.to(x.dtype)) does to the recurrence's fp32 output anyway."""
+    from rwkv_hf.modeling.rwkv_fla import wkv7_fla_step
+
+    g = torch.Generator().manual_seed(12)
+    S_fused = S_ref = None
+    for step in range(5):
+        r, log_w, k, v, a, b, S0 = v7_inputs(3, 1, 2, 64, g, dtype)
+        if S_fused is None:
+            S_fused = S_ref = S0
+        with torch.no_grad():
+            out, S_fused = wkv7_fla_step(r, log_w, k, v, a, b, S_fused)
+            ref, S_ref = wkv7_recurrent(r, log_w, k, v, a, b, S_ref)
+        assert out.dtype == torch.float32 and S_fused.shape == S_ref.shape
+        tol_out = 1e-5 if dtype == torch.float32 else 1e-2
+        assert rel(out, ref) < tol_out and rel(S_fused, S_ref) < 1e-5, (step, rel(out, ref), rel(S_fused, S_ref))
+
+
 # ------------------------------------------------------------------------------------- whole models
 def build(version, dtype, n_layer=2, n_embd=256, seed=0):
     import rwkv_hf.modeling as M

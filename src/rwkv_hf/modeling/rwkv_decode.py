@@ -103,7 +103,8 @@ class RwkvGraphDecoder:
         tmp.layers_state = list(self.cache.layers_state)
         # the body and the head, not the causal LM's forward (which would send this step here again);
         # inputs_embeds, not input_ids: the ids range check would synchronise, which capture forbids
-        out = body(inputs_embeds=body.emb(self.ids), cache=tmp, use_cache=True, wkv_mode="recurrent")
+        # (mode auto: the one-token WKV update is fla's fused kernel where fla is installed, else the recurrence)
+        out = body(inputs_embeds=body.emb(self.ids), cache=tmp, use_cache=True)
         new = getattr(out, CACHE_FIELD)
         for dst, src in zip(self.cache.layers_state, new.layers_state):
             _copy_into(dst, src)

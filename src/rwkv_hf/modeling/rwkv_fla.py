@@ -27,11 +27,11 @@ Tensor = torch.Tensor
 
 try:
     from fla.ops.rwkv6 import chunk_rwkv6
-    from fla.ops.rwkv7 import chunk_rwkv7
+    from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
 
     HAVE_FLA = True
 except Exception:  # ImportError, or triton failing to initialise on a machine without a GPU
-    chunk_rwkv6 = chunk_rwkv7 = None
+    chunk_rwkv6 = chunk_rwkv7 = fused_recurrent_rwkv7 = None
     HAVE_FLA = False
 
 # RWKV-7 defines log w = -0.606531 * sigmoid(.), so log w >= RWKV7_LOG_W_MIN always. Telling fla this
@@ -124,3 +124,25 @@ def wkv7_fla(
         **kwargs,
     )
     return o.float(), ht.float().transpose(-1, -2).contiguous()
+
+
+def wkv7_fla_step(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+    """One RWKV-7 token per row ([B, 1, H, N] inputs, no mask) as a single fused kernel, fla's
+    `fused_recurrent_rwkv7` (inference only: it has no backward). Same contract as `wkv7_recurrent`;
+    the new state is returned as a transposed view of fla's [B, H, key, value] state, which the next
+    step's transpose turns back into the contiguous tensor without a copy."""
+    _require_fla()
+    dt = _common_dtype(r, k, v, a, b)
+    r, k, v, a, b = (x.to(dt) for x in (r, k, v, a, b))
+    o, ht = fused_recurrent_rwkv7(
+        r,
+        log_w.float(),
+        k,
+        v,
+        a,
+        b,
+        scale=1.0,
+        initial_state=state.float().transpose(-1, -2),
+        output_final_state=True,
+    )
+    return o.float(), ht.transpose(-1, -2)

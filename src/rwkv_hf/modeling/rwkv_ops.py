@@ -21,7 +21,7 @@ import torch
 # top-level imports: transformers' remote-code loader copies only the files it sees imported
 from .rwkv7_chunk import wkv7_chunk
 from .rwkv_chunk import wkv4_chunk, wkv5_chunk
-from .rwkv_fla import HAVE_FLA, wkv5_fla, wkv7_fla
+from .rwkv_fla import HAVE_FLA, wkv5_fla, wkv7_fla, wkv7_fla_step
 
 Tensor = torch.Tensor
 MODES = ("auto", "recurrent", "chunk", "fla")
@@ -148,6 +148,9 @@ def wkv5(r, k, v, log_w, u, state, mask=None, mode=None):
 
 
 def wkv7(r, log_w, k, v, a, b, state, mask=None, mode=None):
+    if (mode in (None, "auto") and r.shape[1] == 1 and mask is None and state is not None
+            and not torch.is_grad_enabled() and fla_available(r)):
+        return wkv7_fla_step(r, log_w, k, v, a, b, state)  # decoding on CUDA: one fused kernel
     mode = pick_mode(mode, r, r.shape[1])
     if mode == "chunk":
         return wkv7_chunk(r, log_w, k, v, a, b, state, mask)
