@@ -123,6 +123,31 @@ def test_wkv7_fla_matches_recurrent(T, init, masked, dtype):
 
 @needs_fla
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wkv5_one_token_fused_kernel_matches_recurrent(dtype):
+    """v5.x/v6 decode step through fla's fused_recurrent_rwkv6, five chained steps, data-dependent (v6)
+    and constant (v5) decays. fp32 inside both; fla returns the output in fp32, so it and the state agree
+    to summation order."""
+    from rwkv_hf.modeling.rwkv_fla import wkv5_fla_step
+
+    g = torch.Generator().manual_seed(13)
+    for constant_decay in (False, True):
+        S_fused = S_ref = None
+        for step in range(5):
+            r, k, v, log_w, u, S0 = v5_inputs(3, 1, 2, 64, g, dtype)
+            if constant_decay:
+                log_w = log_w[0, 0]  # [H, N], as v5 passes it
+            if S_fused is None:
+                S_fused = S_ref = S0
+            with torch.no_grad():
+                out, S_fused = wkv5_fla_step(r, k, v, log_w, u, S_fused)
+                ref, S_ref = wkv5_recurrent(r, k, v, log_w, u, S_ref)
+            tol = 1e-5 if dtype == torch.float32 else 1e-2
+            assert out.dtype == torch.float32 and S_fused.shape == S_ref.shape
+            assert rel(out, ref) < tol and rel(S_fused, S_ref) < 1e-5, (constant_decay, step, rel(out, ref), rel(S_fused, S_ref))
+
+
+@needs_fla
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_wkv7_one_token_fused_kernel_matches_recurrent(dtype):
     """The decode step's fused kernel (fla's fused_recurrent_rwkv7), five steps chained through its
     transposed-view state. Both sides compute in fp32 from the same inputs (no tf32 in an elementwise

@@ -26,12 +26,12 @@ import torch
 Tensor = torch.Tensor
 
 try:
-    from fla.ops.rwkv6 import chunk_rwkv6
+    from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
     from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
 
     HAVE_FLA = True
 except Exception:  # ImportError, or triton failing to initialise on a machine without a GPU
-    chunk_rwkv6 = chunk_rwkv7 = fused_recurrent_rwkv7 = None
+    chunk_rwkv6 = chunk_rwkv7 = fused_recurrent_rwkv6 = fused_recurrent_rwkv7 = None
     HAVE_FLA = False
 
 # RWKV-7 defines log w = -0.606531 * sigmoid(.), so log w >= RWKV7_LOG_W_MIN always. Telling fla this
@@ -124,6 +124,25 @@ def wkv7_fla(
         **kwargs,
     )
     return o.float(), ht.float().transpose(-1, -2).contiguous()
+
+
+def wkv5_fla_step(r: Tensor, k: Tensor, v: Tensor, log_w: Tensor, u: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+    """One RWKV-5/6 token per row ([B, 1, H, N] inputs, no mask) through fla's `fused_recurrent_rwkv6`
+    (inference only). Same contract as `wkv5_recurrent`; fla's state layout [B, H, key, value] is ours."""
+    _require_fla()
+    B, T, H, N = r.shape
+    dt = _common_dtype(r, k, v)
+    o, ht = fused_recurrent_rwkv6(
+        r.to(dt),
+        k.to(dt),
+        v.to(dt),
+        log_w.float().expand(B, T, H, N),
+        u.float().expand(H, N),  # the bonus stays fp32, as in the recurrence (the kernel reads each in its dtype)
+        scale=1.0,
+        initial_state=state.float(),
+        output_final_state=True,
+    )
+    return o.float(), ht.float()
 
 
 def wkv7_fla_step(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:

@@ -21,7 +21,7 @@ import torch
 # top-level imports: transformers' remote-code loader copies only the files it sees imported
 from .rwkv7_chunk import wkv7_chunk
 from .rwkv_chunk import wkv4_chunk, wkv5_chunk
-from .rwkv_fla import HAVE_FLA, wkv5_fla, wkv7_fla, wkv7_fla_step
+from .rwkv_fla import HAVE_FLA, wkv5_fla, wkv5_fla_step, wkv7_fla, wkv7_fla_step
 
 Tensor = torch.Tensor
 MODES = ("auto", "recurrent", "chunk", "fla")
@@ -138,7 +138,15 @@ def wkv4(log_w, u, k, v, state, mask=None, mode=None):
     return wkv4_recurrent(log_w, u, k, v, state, mask)
 
 
+def _fused_step(mode, x: Tensor, mask, state) -> bool:
+    """Decoding on CUDA with fla: one token, no mask, no gradients (fla's fused one-token kernels have no backward)."""
+    return (mode in (None, "auto") and x.shape[1] == 1 and mask is None and state is not None
+            and not torch.is_grad_enabled() and fla_available(x))
+
+
 def wkv5(r, k, v, log_w, u, state, mask=None, mode=None):
+    if _fused_step(mode, r, mask, state):
+        return wkv5_fla_step(r, k, v, log_w, u, state)
     mode = pick_mode(mode, r, r.shape[1])
     if mode == "chunk":
         return wkv5_chunk(r, k, v, log_w, u, state, mask)
@@ -148,9 +156,8 @@ def wkv5(r, k, v, log_w, u, state, mask=None, mode=None):
 
 
 def wkv7(r, log_w, k, v, a, b, state, mask=None, mode=None):
-    if (mode in (None, "auto") and r.shape[1] == 1 and mask is None and state is not None
-            and not torch.is_grad_enabled() and fla_available(r)):
-        return wkv7_fla_step(r, log_w, k, v, a, b, state)  # decoding on CUDA: one fused kernel
+    if _fused_step(mode, r, mask, state):
+        return wkv7_fla_step(r, log_w, k, v, a, b, state)
     mode = pick_mode(mode, r, r.shape[1])
     if mode == "chunk":
         return wkv7_chunk(r, log_w, k, v, a, b, state, mask)
