@@ -69,7 +69,7 @@ def state_dict(dtype=torch.bfloat16):
 def bench_ours(sd, args, res):
     import rwkv_hf.modeling as M
     from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
-    from rwkv_hf.modeling.rwkv_common import CACHE_FIELD, RwkvCache
+    from rwkv_hf.modeling.rwkv_common import CACHE_FIELD
     from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
 
     spec, cfg = config_from_state_dict(sd)
@@ -86,7 +86,6 @@ def bench_ours(sd, args, res):
             out[f"prefill_{B}x{T}"] = B * T / s
             print(f"ours prefill {B}x{T}: {B * T / s:,.0f} tok/s", flush=True)
         for B in DECODE:
-            cache = RwkvCache(L)
             prompt = torch.randint(0, V, (B, 16), generator=g).cuda()
             cache = getattr(m(input_ids=prompt, use_cache=True, logits_to_keep=1), CACHE_FIELD)
 

@@ -245,17 +245,22 @@ def test_model_chunk_matches_recurrent_on_cuda(version):
 
 
 # --------------------------------------------------------------------------------- graph decoding
+def prompts(batch: int, seed: int):
+    """[batch, 20] random ids and a mask; with a batch, row 1 is left-padded by 7."""
+    ids = torch.randint(0, 65536, (batch, 20), generator=torch.Generator().manual_seed(seed)).to(DEV)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[1, :7] = 0
+    return ids, mask
+
+
 @pytest.mark.parametrize("version", ["5.2", "6", "7"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_graph_decoder_gives_eager_greedy_tokens(version, batch):
     from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
 
     m = build(version, torch.bfloat16, n_layer=3)
-    g = torch.Generator().manual_seed(4)
-    ids = torch.randint(0, 65536, (batch, 20), generator=g).to(DEV)
-    mask = torch.ones_like(ids)
-    if batch > 1:
-        mask[1, :7] = 0
+    ids, mask = prompts(batch, seed=4)
     with torch.no_grad():
         eager = m.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
     dec = RwkvGraphDecoder(m, batch_size=batch)
@@ -307,11 +312,7 @@ def test_generate_replays_graphs_and_gives_eager_tokens(version, batch):
     from rwkv_hf.modeling.rwkv_decode import _DECODERS
 
     m = build(version, torch.bfloat16, n_layer=3)
-    g = torch.Generator().manual_seed(6)
-    ids = torch.randint(0, 65536, (batch, 20), generator=g).to(DEV)
-    mask = torch.ones_like(ids)
-    if batch > 1:
-        mask[1, :7] = 0
+    ids, mask = prompts(batch, seed=6)
     eager = _greedy(m, ids, mask, graphs=False)
     assert not _DECODERS.get(m)
     fast = _greedy(m, ids, mask, graphs=True)

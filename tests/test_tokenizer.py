@@ -454,7 +454,7 @@ def crossing_vocab(tmp_path_factory):
     tokens = [bytes([b]) for b in range(256)] + extra
     path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
     path.write_text("".join(f"{i} {t!r} {len(t)}\n" for i, t in enumerate(tokens, 1)), encoding="utf-8")
-    return str(path), {t: i for i, t in enumerate(tokens, 1)}
+    return RwkvWorldTokenizer(vocab_file=str(path)), {t: i for i, t in enumerate(tokens, 1)}
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -462,20 +462,11 @@ def crossing_vocab(tmp_path_factory):
 def test_cuts_and_cache_follow_the_vocabulary(crossing_vocab, text):
     """The slow tokenizer cuts text before spaces only where its vocabulary has no token across the
     cut, and remembers pieces: on a vocabulary with such tokens it still is the plain greedy match."""
-    path, tokens = crossing_vocab
-    tok = _crossing_tokenizer(path)
+    tok, tokens = crossing_vocab
     expected = _naive_greedy(tokens, text.encode())
     assert tok.encode_text(text) == expected
     assert tok.encode_text(text) == expected  # again, from the cache
 
-
-_CROSSING = {}
-
-
-def _crossing_tokenizer(path):
-    if path not in _CROSSING:
-        _CROSSING[path] = RwkvWorldTokenizer(vocab_file=path)
-    return _CROSSING[path]
 
 
 def test_pickle_leaves_the_cache_out(reference):

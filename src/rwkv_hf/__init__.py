@@ -6,6 +6,7 @@ factories, so `AutoModelForCausalLM.from_pretrained(folder)` works without `trus
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from . import modeling as _modeling
 from .modeling import (
     FAMILIES,
     Rwkv4Config,
@@ -40,20 +41,5 @@ def _register() -> None:
 
 _register()
 
-__all__ = [
-    "RwkvCache",
-    "Rwkv4Config",
-    "Rwkv4Model",
-    "Rwkv4ForCausalLM",
-    "Rwkv5Config",
-    "Rwkv5Model",
-    "Rwkv5ForCausalLM",
-    "Rwkv6Config",
-    "Rwkv6Model",
-    "Rwkv6ForCausalLM",
-    "Rwkv7Config",
-    "Rwkv7Model",
-    "Rwkv7ForCausalLM",
-    "RwkvWorldTokenizer",
-    "RwkvWorldTokenizerFast",
-]
+# the classes of every version (modeling's own list, less its FAMILIES table) and the tokenizers
+__all__ = [name for name in _modeling.__all__ if name != "FAMILIES"] + ["RwkvWorldTokenizer", "RwkvWorldTokenizerFast"]

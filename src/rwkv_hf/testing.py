@@ -250,17 +250,15 @@ def model_written_lambada(
     UTF-8), and a two-token word is kept only if ``encode(" " + word)`` gives back the same two
     tokens (else its first token alone is used), so the scorer sees exactly the sampled tokens.
     """
+    from .evaluation.lambada import encode_docs, left_pad, tokenizer_encode
+
     first, rest = _word_token_sets(model.config.vocab_size)
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
+    encode = tokenizer_encode(tokenizer)
 
     def sample(seqs: List[List[int]], allowed: torch.Tensor) -> List[int]:
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, width - len(s):] = torch.tensor(s)
-            mask[r, width - len(s):] = 1
+        ids, mask = left_pad(seqs)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1).logits
         logits = logits[:, -1].float().cpu() / temperature
         probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
@@ -269,14 +267,14 @@ def model_written_lambada(
     out: List[str] = []
     for b in range(0, len(docs), batch_size):
         batch = docs[b : b + batch_size]
-        srcs = [[0] + tokenizer(context, add_special_tokens=False)["input_ids"] for context, _ in batch]
+        srcs = [src for src, _ in encode_docs(batch, encode)]  # [0] + encode(context), as the scorer has it
         t1 = sample(srcs, first)
         two = [i for i in range(len(batch)) if (b + i) % 3 == 0]
         t2 = dict(zip(two, sample([srcs[i] + [t1[i]] for i in two], rest))) if two else {}
         for i, (context, _) in enumerate(batch):
             word = [t1[i], t2[i]] if i in t2 else [t1[i]]
             text = tokenizer.decode(word)
-            if tokenizer(text, add_special_tokens=False)["input_ids"] != word:
+            if encode(text) != word:
                 word = [t1[i]]
                 text = tokenizer.decode(word)
             out.append(context + text)

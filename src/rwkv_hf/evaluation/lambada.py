@@ -100,6 +100,17 @@ def _windows(n: int, batch_size: int) -> Iterator[range]:
         yield range(start, min(n, start + size))
 
 
+def left_pad(seqs: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) [len(seqs), longest] with every row's tokens at its right end (pad id 0)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+        mask[r, width - len(s) :] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def score_pairs(
     model, pairs: Sequence[Pair], batch_size: int = 1, device=None, on_batch: Optional[Callable[[int], None]] = None
@@ -115,14 +126,8 @@ def score_pairs(
         done: Dict[int, DocResult] = {}
         for b in range(0, len(order), batch_size):
             rows = order[b : b + batch_size]
-            seqs = [pairs[i][0] + pairs[i][1] for i in rows]
-            width = max(len(s) for s in seqs)
+            ids, mask = left_pad([pairs[i][0] + pairs[i][1] for i in rows])
             keep = max(len(pairs[i][1]) for i in rows) + 1
-            ids = torch.zeros(len(rows), width, dtype=torch.long)
-            mask = torch.zeros(len(rows), width, dtype=torch.long)
-            for r, s in enumerate(seqs):  # left padding: every row ends in the last column
-                ids[r, width - len(s) :] = torch.tensor(s)
-                mask[r, width - len(s) :] = 1
             out = model(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device) if len(rows) > 1 else None,

@@ -154,12 +154,9 @@ class RwkvGraphDecoder:
         """One step for `cache` (which ends up holding the static buffers); returns logits [B, V] (a copy)."""
         if not self.owns(cache):
             self.adopt(cache)
-        if self.graph is None:
-            self.capture()
-        self.ids.copy_(ids.view(self.B, 1))
-        self.graph.replay()
+        logits = self.step(ids)
         cache.seen_tokens += 1
-        return self.logits.clone()
+        return logits.clone()
 
     # ---------------------------------------------------------------------------------- generate
     @torch.no_grad()

@@ -377,7 +377,6 @@ class _Tokens(list):
 
 _SEGMENT_CACHE_SIZE = 100_000  # pieces remembered by `encode_bytes` before the cache starts over
 _SEGMENT_CACHE_MAX_BYTES = 48
-_SPLIT_BEFORE = b" "
 
 
 def _word_splitter(bytes_to_id: dict) -> "re.Pattern":
@@ -390,14 +389,11 @@ def _word_splitter(bytes_to_id: dict) -> "re.Pattern":
     any vocabulary file. (Cutting before "." or "," as well gives fewer distinct pieces, but `re`
     then tries every lookbehind at every byte, which costs more than it saves.)
     """
-    pairs = {token[i : i + 2] for token in bytes_to_id for i in range(len(token) - 1)}
-    alternatives = []
-    for y in _SPLIT_BEFORE:
-        crossing = bytes(x for x in range(256) if bytes([x, y]) in pairs)
-        if len(crossing) < 256:
-            either = b"".join(re.escape(bytes([x])) for x in crossing)
-            alternatives.append(b"(?<=[^" + either + b"])(?=" + re.escape(bytes([y])) + b")")
-    return re.compile(b"|".join(alternatives) or b"(?!)")
+    crossing = {token[i - 1] for token in bytes_to_id for i in range(1, len(token)) if token[i] == 0x20}
+    if len(crossing) == 256:
+        return re.compile(b"(?!)")  # never cuts
+    either = b"".join(re.escape(bytes([x])) for x in sorted(crossing))
+    return re.compile(b"(?<=[^" + either + b"])(?= )")
 
 
 def _stride3_trie(bytes_to_id: dict) -> dict:
