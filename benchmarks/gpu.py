@@ -58,6 +58,30 @@ def decode_rate(step, B, steps):
     return B * steps / (time.perf_counter() - t)
 
 
+def kernel_profile(fn):
+    """Milliseconds of GPU kernel time of one fn() call by kind: matrix products (cuBLAS), WKV
+    (flash-linear-attention's recurrence kernels), everything else; and the kernel count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as p:
+            fn()
+            torch.cuda.synchronize()
+    out = {"matmul_ms": 0.0, "wkv_ms": 0.0, "other_ms": 0.0, "kernels": 0}
+    for e in p.key_averages():
+        if e.device_time_total <= 0:
+            continue
+        name = e.key.lower()
+        kind = ("matmul_ms" if any(w in name for w in ("gemm", "nvjet", "gemv", "cutlass", "xmma"))
+                else "wkv_ms" if any(w in name for w in ("rwkv", "dplr", "delta_rule", "chunk_", "fused_recurrent"))
+                else "other_ms")
+        out[kind] += e.device_time_total / 1e3
+        out["kernels"] += e.count
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
+
+
 def state_dict(dtype=torch.bfloat16):
     from rwkv_hf.testing import make_state_dict
 
@@ -85,6 +109,9 @@ def bench_ours(sd, args, res):
             s = cuda_time(lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1), reps=args.reps)
             out[f"prefill_{B}x{T}"] = B * T / s
             print(f"ours prefill {B}x{T}: {B * T / s:,.0f} tok/s", flush=True)
+            if args.profile:
+                out[f"prefill_{B}x{T}_kernels"] = kernel_profile(lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1))
+                print(f"ours prefill {B}x{T} kernels: {out[f'prefill_{B}x{T}_kernels']}", flush=True)
         for B in DECODE:
             prompt = torch.randint(0, V, (B, 16), generator=g).cuda()
             cache = getattr(m(input_ids=prompt, use_cache=True, logits_to_keep=1), CACHE_FIELD)
@@ -108,15 +135,23 @@ def bench_ours(sd, args, res):
             out[f"decode_{B}_graph"] = decode_rate(dec.step, B, args.steps * 4)
             print(f"ours decode b{B} graph: {out[f'decode_{B}_graph']:,.1f} tok/s", flush=True)
             del dec, cache
-            if args.compile:
-                t = time.time()
-                dec = RwkvGraphDecoder(m, batch_size=B, compile=True)
-                dec.capture()
-                out[f"decode_{B}_compile_s"] = time.time() - t
-                out[f"decode_{B}_graph_compiled"] = decode_rate(dec.step, B, args.steps * 4)
-                print(f"ours decode b{B} graph+compile: {out[f'decode_{B}_graph_compiled']:,.1f} tok/s "
-                      f"(compile+capture {time.time() - t:.0f}s)", flush=True)
-                del dec
+            # RWKV-7's compiled step (config compile_decode): in generate() and stepped directly
+            m.config.compile_decode = True
+            t = time.time()
+            gen()
+            out[f"decode_{B}_compile_s"] = time.time() - t
+            s = cuda_time(gen, warmup=0, reps=3)
+            out[f"decode_{B}_generate_fused"] = B * n_new / s
+            m.config.compile_decode = False
+            print(f"ours generate() b{B} with compile_decode: {out[f'decode_{B}_generate_fused']:,.1f} tok/s "
+                  f"(first call, compiling: {out[f'decode_{B}_compile_s']:.0f}s)", flush=True)
+            dec = RwkvGraphDecoder(m, batch_size=B, fused=True)
+            out[f"decode_{B}_graph_fused"] = decode_rate(dec.step, B, args.steps * 4)
+            print(f"ours decode b{B} fused graph: {out[f'decode_{B}_graph_fused']:,.1f} tok/s", flush=True)
+            if args.profile:
+                out[f"decode_{B}_fused_kernels"] = kernel_profile(dec._step_fn)
+                print(f"ours fused step b{B} kernels: {out[f'decode_{B}_fused_kernels']}", flush=True)
+            del dec
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         if args.long:
             ids = torch.randint(0, V, (1, args.long), generator=g).cuda()
@@ -155,6 +190,9 @@ def bench_fla(args, res):
             s = cuda_time(lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1), reps=args.reps)
             out[f"prefill_{B}x{T}"] = B * T / s
             print(f"fla prefill {B}x{T}: {B * T / s:,.0f} tok/s", flush=True)
+            if args.profile:
+                out[f"prefill_{B}x{T}_kernels"] = kernel_profile(lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1))
+                print(f"fla prefill {B}x{T} kernels: {out[f'prefill_{B}x{T}_kernels']}", flush=True)
         for B in DECODE:
             box = {"pkv": None}
 
@@ -236,9 +274,10 @@ def table(res):
     rows.append(("ours, eager (auto mode, cuda_graph_decode off)", {**ours, "decode_1": ours.get("decode_1_eager"), "decode_32": ours.get("decode_32_eager")}))
     rows.append(("ours, generate() (CUDA graphs by default)", {"decode_1": ours.get("decode_1_generate"), "decode_32": ours.get("decode_32_generate")}))
     rows.append(("ours, RwkvGraphDecoder.step", {"decode_1": ours.get("decode_1_graph"), "decode_32": ours.get("decode_32_graph")}))
-    if ours.get("decode_1_graph_compiled"):
-        rows.append(("ours, CUDA graph + torch.compile", {"decode_1": ours.get("decode_1_graph_compiled"),
-                                                         "decode_32": ours.get("decode_32_graph_compiled")}))
+    rows.append(("ours, generate() with compile_decode (RWKV-7 compiled step)",
+                 {"decode_1": ours.get("decode_1_generate_fused"), "decode_32": ours.get("decode_32_generate_fused")}))
+    rows.append(("ours, RwkvGraphDecoder(fused=True).step", {"decode_1": ours.get("decode_1_graph_fused"),
+                                                              "decode_32": ours.get("decode_32_graph_fused")}))
     rows.append(("fla RWKV7ForCausalLM", fla))
     rows.append(("rwkv 0.8.32 cuda fp16", res.get("rwkv", {})))
     lines = ["| path | " + " | ".join(c for c, _ in cols) + " |", "| --- |" + " --- |" * len(cols)]
@@ -262,7 +301,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-rwkv", action="store_true")
     ap.add_argument("--skip-fla", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="also time the decoder with torch.compile")
+    ap.add_argument("--profile", action="store_true", help="also split GPU kernel time into matmul / WKV / other")
     ap.add_argument("--decode-only", action="store_true", help="ours only, decode only (skips fla and rwkv)")
     ap.add_argument("--rwkv-timeout", type=int, default=300)
     ap.add_argument("--long", type=int, default=131072, help="also prefill one prompt this long (0: skip)")

@@ -213,6 +213,28 @@ def test_batched_greedy_generation_equals_unbatched(version, models):
             assert batch[b, ids.shape[1]:].tolist() == alone[0, len(r):].tolist(), (version, b)
 
 
+# ------------------------------------------------------------------- RWKV-7's fused decode step
+@pytest.mark.parametrize("reduce", [True, False])
+def test_rwkv7_fused_step_computes_the_recurrent_step(reduce, models):
+    """`rwkv7_step` (what CUDA decoding compiles with config `compile_decode`) is the eager one-token
+    forward: run uncompiled here in fp32, both ways of computing x W^T, from a prompt's state, 4 steps."""
+    from rwkv_hf.modeling.rwkv7_step import model_step
+
+    model = models["7"]
+    ids, mask = _pad_left([SEQ[:9], SEQ[30:41], SEQ[60:66]])
+    with torch.no_grad():
+        cache = getattr(model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1), CACHE_FIELD)
+        fused_cache = cache.clone()
+        for t in range(4):
+            nxt = torch.tensor(SEQ[t * 7 : t * 7 + 3]).view(3, 1)
+            eager = model(nxt, cache=cache, use_cache=True, wkv_mode="recurrent").logits[:, -1]
+            fused = model_step(model, nxt, fused_cache.layers_state, reduce=reduce)
+            assert rel_err(fused, eager) <= 1e-5, t
+        for a, b in zip(fused_cache.layers_state, cache.layers_state):
+            for x, y in zip(a, b):
+                assert (x - y).abs().max() <= 1e-5 * y.abs().max()
+
+
 # --------------------------------------------------------------------------------- generation
 def test_generate_sampling_beam_and_continuation(models):
     model = models["7"]

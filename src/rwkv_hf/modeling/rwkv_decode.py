@@ -18,17 +18,24 @@ Direct use:
     out = model(input_ids, use_cache=True, logits_to_keep=1); dec.load_cache(out.cache)  # or .past_key_values
     logits = dec.step(next_ids)                        # [B, V], a view of a static buffer
 
-The step runs exactly the model's eager one-token forward (same modules, same ops), so greedy tokens
-match `model.generate(do_sample=False)`. Works for every version (v4's (aa, bb, pp) state too).
+By default the step runs exactly the model's eager one-token forward (same modules, same ops), so
+greedy tokens match `model.generate(do_sample=False)`. Works for every version (v4's (aa, bb, pp)
+state too). For RWKV-7, `fused=True` (in `generate()`: config `compile_decode`) captures instead the
+torch.compile'd step of `rwkv7_step`, about twice as fast; it computes the same function, rounded
+differently in bf16/fp16.
 """
 
 from __future__ import annotations
 
+import operator
+import types
+import warnings
 import weakref
 from typing import Optional
 
 import torch
 
+from . import rwkv7_step
 from .rwkv_common import CACHE_FIELD, RwkvCache, _map_tensors
 
 Tensor = torch.Tensor
@@ -48,7 +55,7 @@ class RwkvGraphDecoder:
     `model`: one of our `Rwkv*ForCausalLM` on a CUDA device. `batch_size` is fixed at capture.
     """
 
-    def __init__(self, model, batch_size: int = 1, warmup: int = 3, compile: bool = False):
+    def __init__(self, model, batch_size: int = 1, warmup: int = 3, fused: bool = False):
         dev = next(model.parameters()).device
         if dev.type != "cuda":
             raise ValueError("RwkvGraphDecoder needs the model on a CUDA device")
@@ -64,14 +71,17 @@ class RwkvGraphDecoder:
         self._owner: Optional[weakref.ref] = None
         self.logits: Optional[Tensor] = None
         self.warmup = warmup
-        # compile=True: torch.compile fuses the step's elementwise chains (token shift, LoRA activations,
-        # the one-token WKV update, norms) into fewer kernels before the graph is captured. Fused kernels
-        # keep intermediates in fp32 where eager rounds them to the model's dtype, so bf16 logits differ
-        # from eager's in the last bits and greedy tokens can (rarely) diverge; off by default.
-        self._step_fn = torch.compile(self._eager_step, dynamic=False) if compile else self._eager_step
-        if compile:
-            warmup = max(warmup, 3)
-            self.warmup = warmup
+        # fused=True (RWKV-7): each layer's step is one torch.compile'd function (see rwkv7_step), ~2x
+        # faster; the first capture compiles it (seconds). Its fused kernels round differently from
+        # the eager ops, so bf16 logits differ from eager's by bf16 noise (fp32: by ~1e-6).
+        self.fused = bool(fused)
+        self._step_fn = self._eager_step
+        if self.fused:
+            if not has_fused_step(model):
+                raise ValueError(f"there is no fused decode step for {type(model).__name__} (RWKV-7 only)")
+            self._layer_fn = _compiled_layer_step()
+            self._params = [rwkv7_step.layer_params(blk) for blk in body.blocks]
+            self._step_fn = self._fused_step
 
     @property
     def model(self):
@@ -110,9 +120,25 @@ class RwkvGraphDecoder:
             _copy_into(dst, src)
         return self.model.lm_head(out.last_hidden_state[:, -1])
 
+    def _fused_step(self) -> Tensor:
+        return rwkv7_step.model_step(self.model, self.ids, self.cache.layers_state, self._layer_fn, self._params)
+
     @torch.no_grad()
     def capture(self) -> None:
         saved = [_map_tensors(lambda t: t.clone(), s) for s in self.cache.layers_state]
+        try:
+            self._capture(saved)
+        except Exception as e:
+            if not self.fused:
+                raise
+            # torch.compile can fail where the eager step works (no Triton for this GPU, an old
+            # compiler...): say so once and decode with the eager step
+            warnings.warn(f"the compiled RWKV-7 decode step failed ({type(e).__name__}: {e}); using the eager step")
+            self.fused, self._step_fn = False, self._eager_step
+            self._restore(saved)
+            self._capture(saved)
+
+    def _capture(self, saved) -> None:
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
@@ -123,7 +149,10 @@ class RwkvGraphDecoder:
         with torch.cuda.graph(g):
             self.logits = self._step_fn()
         self.graph = g
-        for dst, src in zip(self.cache.layers_state, saved):  # warm-up steps changed the state: restore
+        self._restore(saved)  # warm-up steps changed the state
+
+    def _restore(self, saved) -> None:
+        for dst, src in zip(self.cache.layers_state, saved):
             _copy_into(dst, src)
 
     @torch.no_grad()
@@ -138,7 +167,9 @@ class RwkvGraphDecoder:
 
     # ------------------------------------------------------------------- a cache that decodes here
     def owns(self, cache: RwkvCache) -> bool:
-        return self._owner is not None and self._owner() is cache and _same_tensors(cache.layers_state, self.cache.layers_state)
+        # the layer states are tuples, so the same tuple objects mean the same tensors
+        return (self._owner is not None and self._owner() is cache and len(cache.layers_state) == len(self.cache.layers_state)
+                and all(map(operator.is_, cache.layers_state, self.cache.layers_state)))
 
     def adopt(self, cache: RwkvCache) -> None:
         """Make `cache` hold the static buffers (its state copied in); a previous holder gets a copy."""
@@ -175,6 +206,23 @@ class RwkvGraphDecoder:
         return torch.stack(toks, dim=1)
 
 
+def has_fused_step(model) -> bool:
+    """Whether this model's version has a compiled decode step (only RWKV-7 so far)."""
+    return type(model.model).__name__ == "Rwkv7Model"
+
+
+def _compiled_layer_step():
+    """`rwkv7_step.layer_step` under torch.compile, as a fresh copy of the function for each decoder.
+
+    Dynamo keeps its compiled variants per code object, and stops compiling new ones after
+    `recompile_limit` (8): with one shared function, a few decoders (dtypes, batch sizes; layer 0 and
+    the others are two variants each) would run it uncompiled. A copy per decoder needs only its own two;
+    inductor's cache makes recompiling identical graphs fast."""
+    fn = rwkv7_step.layer_step
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+    return torch.compile(copy, dynamic=False, fullgraph=True)
+
+
 def _same_tensors(a, b) -> bool:
     """Whether two layer-state lists hold the very same tensor objects (not just equal values)."""
     if isinstance(a, Tensor) or isinstance(b, Tensor):
@@ -193,13 +241,14 @@ _MAX_DECODERS_PER_MODEL = 4
 def graph_step(model, input_ids: Tensor, cache: RwkvCache) -> Tensor:
     """One decode step of `model` (a causal LM on CUDA) through the CUDA graph for this batch size."""
     head = model.lm_head.weight
+    fused = bool(getattr(model.config, "compile_decode", False)) and has_fused_step(model)
     # inference mode is part of the key: buffers made under it cannot be updated in place outside it
     key = (input_ids.shape[0], head.dtype, head.device, head.data_ptr(), model.model.emb.weight.data_ptr(),
-           torch.is_inference_mode_enabled())
+           torch.is_inference_mode_enabled(), fused)
     decoders = _DECODERS.setdefault(model, {})
     dec = decoders.get(key)
     if dec is None:
         if len(decoders) >= _MAX_DECODERS_PER_MODEL:
             decoders.pop(next(iter(decoders)))
-        dec = decoders[key] = RwkvGraphDecoder(model, batch_size=input_ids.shape[0])
+        dec = decoders[key] = RwkvGraphDecoder(model, batch_size=input_ids.shape[0], fused=fused)
     return dec.run(input_ids, cache)
