@@ -7,6 +7,7 @@ plugs them into the classes here.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
@@ -358,6 +359,21 @@ _GRAPH_SAFE = (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.ModuleLis
 # this package's modules, installed (rwkv_hf.modeling.*) or as remote code (transformers_modules.<folder>.*)
 _OUR_MODULES = (__name__.rsplit(".", 1)[0] + ".",)
 
+# Which modules a model holds changes rarely (PEFT injecting adapters, a user swapping a layer); hooks
+# can come and go at any step. `_plain_modules` walks the module tree only when a submodule was
+# registered anywhere since its last walk (counted by torch's global registration hook) and otherwise
+# checks the hook dicts it kept from that walk: ~5 us a step instead of ~250 us for 24 layers. (A
+# module written straight into a parent's `_modules` dict, bypassing setattr/add_module, goes unseen.)
+_MODULE_REGISTRATIONS = [0]
+
+
+def _count_registration(module, name, submodule):
+    _MODULE_REGISTRATIONS[0] += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+_PLAIN_CHECKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
 
 class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
     """The language-model head over a version's model. Subclasses set `model_cls`."""
@@ -464,12 +480,13 @@ class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
         (PEFT adapters switched on and off, forward hooks) keeps the step eager. ~0.1 ms per step."""
         if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
             return False
-        for module in self.modules():
-            if type(module) not in _GRAPH_SAFE and not type(module).__module__.startswith(_OUR_MODULES):
-                return False
-            if module._forward_hooks or module._forward_pre_hooks:
-                return False
-        return True
+        seen = _PLAIN_CHECKS.get(self)
+        if seen is None or seen[0] != _MODULE_REGISTRATIONS[0]:
+            modules = list(self.modules())
+            ours = all(type(m) in _GRAPH_SAFE or type(m).__module__.startswith(_OUR_MODULES) for m in modules)
+            hook_dicts = [m._forward_hooks for m in modules] + [m._forward_pre_hooks for m in modules]
+            seen = _PLAIN_CHECKS[self] = (_MODULE_REGISTRATIONS[0], ours, hook_dicts)
+        return seen[1] and not any(seen[2])
 
     def prepare_inputs_for_generation(
         self,
