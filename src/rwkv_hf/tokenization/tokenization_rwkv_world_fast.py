@@ -408,7 +408,10 @@ class RwkvWorldTokenizerFast(PreTrainedTokenizerFast):
         if return_token_type_ids:
             data["token_type_ids"] = [e.type_ids for e in encodings]
         if return_attention_mask:
-            data["attention_mask"] = [e.attention_mask for e in encodings]
+            if backend.padding is None:  # nothing padded: all ones (cheaper than converting the masks)
+                data["attention_mask"] = [[1] * len(ids) for ids in input_ids]
+            else:
+                data["attention_mask"] = [e.attention_mask for e in encodings]
         if return_special_tokens_mask:
             data["special_tokens_mask"] = [e.special_tokens_mask for e in encodings]
         if return_length:
