@@ -414,6 +414,24 @@ def test_lazy_rows_keep_their_call_settings(reference):
     assert before.tokens() == ["hi", " there"]
 
 
+def test_lazy_rows_with_added_special_tokens(reference):
+    tok = RwkvWorldTokenizerFast()
+    tok.add_special_tokens({"additional_special_tokens": ["<x>"]})
+    special = tok.convert_tokens_to_ids("<x>")
+    texts = ["a<x>b <x>", "<x>"]
+    for split in (False, True):
+        lazy = tok(texts, split_special_tokens=split, padding=True)
+        full = tok(texts, split_special_tokens=split, padding=True, return_offsets_mapping=True)
+        offsets = full.pop("offset_mapping")
+        _assert_same_rows(lazy, full, offsets, texts)
+        if split:
+            assert [[x for x, m in zip(r, k) if m] for r, k in zip(lazy["input_ids"], lazy["attention_mask"])] == [
+                reference.encode(t) for t in texts
+            ]
+        else:
+            assert lazy["input_ids"][1][0] == special and special in lazy["input_ids"][0]
+
+
 def test_lazy_rows_pickle_as_encodings(fast):
     import copy
     import pickle
