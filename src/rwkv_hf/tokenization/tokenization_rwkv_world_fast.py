@@ -124,6 +124,10 @@ class LazyEncoding:
     ``n_sequences`` come from the fast encoding. Any other attribute or method first computes the real
     Encoding (same text, same truncation/padding, with offsets) and is served by it from then on;
     ``resolve()`` returns it. Pickling and copying give the real ``tokenizers.Encoding``.
+
+    It is not an instance of ``tokenizers.Encoding``: code that needs one (``Encoding.merge``, isinstance
+    checks) takes ``resolve()``. Resolving sets the backend's truncation/padding for one encode only when
+    they differ from the call's (then restores them), like any transformers call on a shared tokenizer.
     """
 
     __slots__ = ("_fast", "_real", "_call", "_text")
@@ -237,7 +241,11 @@ def _fast_path_texts(text, text_pair, kwargs):
 
 
 class RwkvWorldTokenizerFast(PreTrainedTokenizerFast):
-    """Fast RWKV World tokenizer; gives exactly the reference's ids for every string."""
+    """Fast RWKV World tokenizer; gives exactly the reference's ids for every string.
+
+    Calls without offsets encode through ``encode_batch_fast``; their rows are ``LazyEncoding``s (see
+    there). ``return_offsets_mapping=True`` gives real ``tokenizers.Encoding`` rows at once.
+    """
 
     vocab_files_names = {"vocab_file": "rwkv_vocab_v20230424.txt", "tokenizer_file": TOKENIZER_FILE}
     model_input_names = ["input_ids", "attention_mask"]
