@@ -5,7 +5,9 @@
 Corpus (deterministic): all LAMBADA test texts; the first 2 MB of transformers' own .py sources read
 in sorted order; 0.5 MB of Chinese from a fixed set of sentences repeated in a seeded order plus
 seeded random CJK code points. Each tokenizer encodes every document; "batched" passes the whole
-list at once (the fast tokenizer and pyrwkv-tokenizer use threads there). "exact" says whether every
+list at once (the fast tokenizer and pyrwkv-tokenizer use threads there). RwkvWorldTokenizerFast
+__call__ asks for no offsets here, so it takes its encode_batch_fast path (offsets are computed when
+a row's tokens/offsets/char_to_token are first used). "exact" says whether every
 document's ids equal the reference TRIE_TOKENIZER's.
 """
 
@@ -108,9 +110,22 @@ def main():
     add("RwkvWorldTokenizer __call__ (slow)", "single, warm", lambda: [slow(d)["input_ids"] for d in docs])
     add("RwkvWorldTokenizerFast __call__", "single", lambda: [fast(d)["input_ids"] for d in docs])
     add("RwkvWorldTokenizerFast __call__", "batched", lambda: fast(docs)["input_ids"])
+    add(
+        "RwkvWorldTokenizerFast __call__, return_offsets_mapping",
+        "single",
+        lambda: [fast(d, return_offsets_mapping=True)["input_ids"] for d in docs],
+    )
+    add(
+        "RwkvWorldTokenizerFast __call__, return_offsets_mapping",
+        "batched",
+        lambda: fast(docs, return_offsets_mapping=True)["input_ids"],
+    )
     backend = fast.backend_tokenizer
     add("tokenizer.json via tokenizers", "single", lambda: [backend.encode(d).ids for d in docs])
     add("tokenizer.json via tokenizers", "batched", lambda: [e.ids for e in backend.encode_batch(docs)])
+    fast_rows = backend.encode_batch_fast
+    add("tokenizer.json, encode_batch_fast (no offsets)", "single", lambda: [fast_rows([d])[0].ids for d in docs])
+    add("tokenizer.json, encode_batch_fast (no offsets)", "batched", lambda: [e.ids for e in fast_rows(docs)])
     try:
         import pyrwkv_tokenizer
 

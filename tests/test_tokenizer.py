@@ -278,6 +278,196 @@ def test_batch_padding_truncation(tok, reference):
         tok.truncation_side = "right"
 
 
+# ------------------------------------------------------------- no-offsets path and LazyEncoding
+# Calls that ask for no offsets are encoded by encode_batch_fast and get LazyEncoding rows; calls
+# with return_offsets_mapping=True still take transformers' own path (real tokenizers.Encoding rows):
+# every field and every char/token/word mapping must agree between the two.
+
+LAZY_TEXTS = [
+    "héllo wörld 中文 😀 abc",
+    "a",
+    "",
+    "  x\n\ny  ",
+    "𠀀é\ue000<|endoftext|>Ģ",
+    "The quick brown fox jumps over the lazy dog. " * 4,
+]
+
+LAZY_OPTIONS = [
+    {},
+    {"padding": True},
+    {"padding": True, "padding_side": "left"},
+    {"padding": "max_length", "max_length": 12, "truncation": True},
+    {"truncation": True, "max_length": 5, "stride": 2},
+    {"padding": True, "pad_to_multiple_of": 8, "return_special_tokens_mask": True, "return_length": True},
+    {"add_special_tokens": False, "return_token_type_ids": True, "return_attention_mask": False},
+    {"return_tensors": "pt", "padding": True},
+    {"return_tensors": "np", "padding": True, "truncation": True, "max_length": 7},
+]
+
+
+@pytest.fixture(scope="module")
+def fast_bos():
+    return RwkvWorldTokenizerFast(add_bos_token=True)
+
+
+def _as_list(value):
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _assert_same_rows(lazy, full, offsets, texts):
+    from tokenizers import Encoding
+
+    from rwkv_hf.tokenization.tokenization_rwkv_world_fast import LazyEncoding
+
+    assert list(lazy.keys()) == list(full.keys())
+    for key in full:
+        assert _as_list(lazy[key]) == _as_list(full[key]), key
+    assert lazy.n_sequences == full.n_sequences
+    assert all(isinstance(e, LazyEncoding) and e._real is None for e in lazy.encodings)
+    assert all(isinstance(e, Encoding) for e in full.encodings)
+    assert len(lazy.encodings) == len(full.encodings) == len(texts)
+    for i, text in enumerate(texts):
+        row, ref_row = lazy.encodings[i], full.encodings[i]
+        # served by the fast encoding, without resolving
+        assert lazy.sequence_ids(i) == full.sequence_ids(i)
+        for name in ("ids", "type_ids", "attention_mask", "special_tokens_mask", "n_sequences"):
+            assert getattr(row, name) == getattr(ref_row, name), name
+        assert len(row) == len(ref_row) and row._real is None
+        # the rest resolves the row
+        assert lazy.tokens(i) == full.tokens(i)
+        assert lazy.word_ids(i) == full.word_ids(i)
+        for c in range(len(text)):
+            assert lazy.char_to_token(i, c) == full.char_to_token(i, c)
+            assert lazy.char_to_word(i, c) == full.char_to_word(i, c)
+        assert row._real is not None  # resolved by the calls above
+        assert [tuple(o) for o in row.offsets] == [tuple(o) for o in _as_list(offsets)[i]]
+        for t in range(len(ref_row)):
+            assert lazy.token_to_chars(i, t) == full.token_to_chars(i, t)
+            assert lazy.token_to_word(i, t) == full.token_to_word(i, t)
+        for w in sorted({x for x in ref_row.word_ids if x is not None}):
+            assert lazy.word_to_tokens(i, w) == full.word_to_tokens(i, w)
+            assert lazy.word_to_chars(i, w) == full.word_to_chars(i, w)
+        assert [e.ids for e in row.overflowing] == [e.ids for e in ref_row.overflowing]
+        assert [e.offsets for e in row.overflowing] == [e.offsets for e in ref_row.overflowing]
+
+
+@pytest.mark.parametrize("options", LAZY_OPTIONS)
+@pytest.mark.parametrize("bos", [False, True])
+def test_lazy_rows_match_full_encodings(fast, fast_bos, reference, options, bos):
+    tok = fast_bos if bos else fast
+    for side in ("right", "left"):
+        tok.truncation_side = side
+        try:
+            lazy = tok(LAZY_TEXTS, **options)
+            full = tok(LAZY_TEXTS, return_offsets_mapping=True, **options)
+            offsets = full.pop("offset_mapping")
+            _assert_same_rows(lazy, full, offsets, LAZY_TEXTS)
+            for text in LAZY_TEXTS:  # one string: no batch axis (unless tensors)
+                lazy = tok(text, **options)
+                full = tok(text, return_offsets_mapping=True, **options)
+                offsets = full.pop("offset_mapping")
+                if options.get("return_tensors") is None:
+                    offsets = [offsets]
+                    assert not (lazy["input_ids"] and isinstance(lazy["input_ids"][0], list))
+                _assert_same_rows(lazy, full, offsets, [text])
+        finally:
+            tok.truncation_side = "right"
+    if not options.get("truncation"):  # and the ids are the reference's
+        out = tok(LAZY_TEXTS, **options)
+        masks = _as_list(out["attention_mask"]) if "attention_mask" in out else [None] * len(LAZY_TEXTS)
+        bos_ids = [0] if bos and options.get("add_special_tokens", True) else []
+        for row, mask, text in zip(_as_list(out["input_ids"]), masks, LAZY_TEXTS):
+            kept = row if mask is None else [x for x, keep in zip(row, mask) if keep]
+            assert kept == bos_ids + reference.encode(text)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40), min_size=1, max_size=4))
+def test_hypothesis_lazy_rows(fast, reference, texts):
+    lazy = fast(texts, add_special_tokens=False, padding=True)
+    full = fast(texts, add_special_tokens=False, padding=True, return_offsets_mapping=True)
+    offsets = full.pop("offset_mapping")
+    _assert_same_rows(lazy, full, offsets, texts)
+    for row, mask, text in zip(lazy["input_ids"], lazy["attention_mask"], texts):
+        assert [x for x, keep in zip(row, mask) if keep] == reference.encode(text)
+
+
+def test_lazy_rows_keep_their_call_settings(reference):
+    tok = RwkvWorldTokenizerFast()
+    backend = tok.backend_tokenizer
+    texts = ["one two three four five six", "中文 😀"]
+    padded = tok(texts, padding="max_length", max_length=9, truncation=True, padding_side="left")
+    plain = tok(texts)  # the backend now has no padding and no truncation
+    assert backend.padding is None and backend.truncation is None
+    assert all(e._real is None for e in padded.encodings)
+    assert padded.tokens(0)[-1] != "<|endoftext|>" and len(padded.tokens(0)) == 9
+    assert padded.tokens(1)[0] == "<|endoftext|>"  # left padding kept
+    assert padded.char_to_token(1, 0) == padded["attention_mask"][1].index(1)
+    assert backend.padding is None and backend.truncation is None  # restored after resolving
+    assert plain.tokens(0) == tok.convert_ids_to_tokens(reference.encode(texts[0]))
+    # a change of the tokenizer between encoding and resolving is an error, never a wrong answer
+    before = tok("hi there")
+    tok.add_bos_token = True
+    with pytest.raises(RuntimeError, match="changed"):
+        before.tokens()
+    tok.add_bos_token = False
+    assert before.tokens() == ["hi", " there"]
+
+
+def test_lazy_rows_with_added_special_tokens(reference):
+    tok = RwkvWorldTokenizerFast()
+    tok.add_special_tokens({"additional_special_tokens": ["<x>"]})
+    special = tok.convert_tokens_to_ids("<x>")
+    texts = ["a<x>b <x>", "<x>"]
+    for split in (False, True):
+        lazy = tok(texts, split_special_tokens=split, padding=True)
+        full = tok(texts, split_special_tokens=split, padding=True, return_offsets_mapping=True)
+        offsets = full.pop("offset_mapping")
+        _assert_same_rows(lazy, full, offsets, texts)
+        if split:
+            assert [[x for x, m in zip(r, k) if m] for r, k in zip(lazy["input_ids"], lazy["attention_mask"])] == [
+                reference.encode(t) for t in texts
+            ]
+        else:
+            assert lazy["input_ids"][1][0] == special and special in lazy["input_ids"][0]
+
+
+def test_lazy_rows_pickle_as_encodings(fast):
+    import copy
+    import pickle
+
+    from tokenizers import Encoding
+
+    texts = ["héllo wörld", "中文 😀 x"]
+    for out in (fast(texts, padding=True), fast(texts[0]), fast(texts, return_tensors="pt", padding=True)):
+        data = pickle.dumps(out)
+        assert b"rwkv_hf" not in data and b"LazyEncoding" not in data
+        for clone in (pickle.loads(data), copy.deepcopy(out)):
+            assert all(type(e) is Encoding for e in clone.encodings)
+            assert [e.ids for e in clone.encodings] == [e.ids for e in out.encodings]
+            assert [e.offsets for e in clone.encodings] == [e.offsets for e in out.encodings]
+            assert clone.tokens(0) == out.tokens(0)
+
+
+def test_other_calls_keep_full_encodings(fast, reference):
+    from tokenizers import Encoding
+
+    a, b = "hello world, this is long", "中文 😀"
+    cases = [
+        fast(a, b),
+        fast([a], [b]),
+        fast([a.split(), b.split()], is_split_into_words=True),
+        fast([a, b], truncation=True, max_length=3, stride=1, return_overflowing_tokens=True),
+        fast([a, b], return_offsets_mapping=True),
+    ]
+    for out in cases:
+        assert all(type(e) is Encoding for e in out.encodings)
+    over = cases[3]
+    assert over["overflow_to_sample_mapping"][0] == 0 and over["overflow_to_sample_mapping"][-1] == 1
+    assert over["input_ids"][0] == reference.encode(a)[:3]
+    assert fast(a, b, add_special_tokens=False)["input_ids"] == reference.encode(a) + reference.encode(b)
+
+
 def test_chat_template(tok):
     messages = [
         {"role": "system", "content": "Be brief."},

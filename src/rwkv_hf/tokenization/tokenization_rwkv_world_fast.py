@@ -8,9 +8,11 @@ library, tokenizers and transformers.
 
 import os
 import re
+import threading
 
 from tokenizers import Tokenizer, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import BatchEncoding, PreTrainedTokenizerFast
+from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
 
 from .tokenization_rwkv_world import (
     EOS_TOKEN,
@@ -78,8 +80,172 @@ def _check_text(text):
             )
 
 
+# ------------------------------------------------------------------------------------ lazy encodings
+# Without offsets, ``tokenizers`` encodes this vocabulary ~1.5x faster (``encode_batch_fast``: no
+# per-token strings, offsets or word indices). So when a call does not ask for offsets, the fast
+# tokenizer encodes that way and puts a LazyEncoding in the BatchEncoding for each row. Its ids and
+# masks are the fast encoding's; anything else (tokens, offsets, words, char_to_token, ...) first
+# encodes the row again with offsets, with the call's truncation, padding and special-token settings,
+# and answers from that real ``tokenizers.Encoding`` (checked to carry the same ids and masks).
+
+_EAGER = frozenset({"ids", "type_ids", "attention_mask", "special_tokens_mask", "n_sequences", "sequence_ids"})
+_BACKEND_LOCK = threading.Lock()
+
+
+def _set_backend_state(backend, truncation, padding, encode_special_tokens):
+    if truncation is None:
+        backend.no_truncation()
+    else:
+        backend.enable_truncation(**truncation)
+    if padding is None:
+        backend.no_padding()
+    else:
+        backend.enable_padding(**padding)
+    backend.encode_special_tokens = encode_special_tokens
+
+
+class _EncodeCall:
+    """What one call used: the tokenizer, add_special_tokens, and the backend's settings."""
+
+    __slots__ = ("tokenizer", "add_special_tokens", "truncation", "padding", "encode_special_tokens")
+
+    def __init__(self, tokenizer, add_special_tokens, backend):
+        self.tokenizer = tokenizer
+        self.add_special_tokens = add_special_tokens
+        self.truncation = backend.truncation
+        self.padding = backend.padding
+        self.encode_special_tokens = backend.encode_special_tokens
+
+
+class LazyEncoding:
+    """A row of a BatchEncoding from the no-offsets path; behaves as its ``tokenizers.Encoding``.
+
+    ``ids``, ``type_ids``, ``attention_mask``, ``special_tokens_mask``, ``sequence_ids`` and
+    ``n_sequences`` come from the fast encoding. Any other attribute or method first computes the real
+    Encoding (same text, same truncation/padding, with offsets) and is served by it from then on;
+    ``resolve()`` returns it. Pickling and copying give the real ``tokenizers.Encoding``.
+
+    It is not an instance of ``tokenizers.Encoding``: code that needs one (``Encoding.merge``, isinstance
+    checks) takes ``resolve()``. Resolving sets the backend's truncation/padding for one encode only when
+    they differ from the call's (then restores them), like any transformers call on a shared tokenizer.
+    """
+
+    __slots__ = ("_fast", "_real", "_call", "_text")
+
+    def __init__(self, fast, call, text):
+        self._fast = fast
+        self._real = None
+        self._call = call
+        self._text = text
+
+    def resolve(self):
+        """The real ``tokenizers.Encoding`` of this row (computed once)."""
+        real = self._real
+        if real is not None:
+            return real
+        fast, call = self._fast, self._call
+        want = (call.truncation, call.padding, call.encode_special_tokens)
+        backend = call.tokenizer._tokenizer
+        with _BACKEND_LOCK:
+            saved = (backend.truncation, backend.padding, backend.encode_special_tokens)
+            if saved == want:  # the usual case: the tokenizer still has this call's settings
+                real = backend.encode_batch([self._text], add_special_tokens=call.add_special_tokens)[0]
+            else:  # set them for this one encode (as transformers does for each call), then put back
+                try:
+                    _set_backend_state(backend, *want)
+                    real = backend.encode_batch([self._text], add_special_tokens=call.add_special_tokens)[0]
+                finally:
+                    _set_backend_state(backend, *saved)
+        padding = call.padding
+        if padding is not None and len(real) < len(fast):
+            # Padded to the longest row of the batch (or a multiple): the row's final length is known.
+            real.pad(
+                len(fast),
+                direction=padding["direction"],
+                pad_id=padding["pad_id"],
+                pad_type_id=padding["pad_type_id"],
+                pad_token=padding["pad_token"],
+            )
+        for name in ("ids", "attention_mask", "special_tokens_mask", "type_ids"):
+            if getattr(real, name) != getattr(fast, name):
+                raise RuntimeError(
+                    f"the tokenizer now encodes this row differently ({name}) than when the batch was made; "
+                    "it was changed in between (added tokens, add_bos_token, ...). Encode again, or pass "
+                    "return_offsets_mapping=True to get full encodings at once."
+                )
+        self._real = real
+        self._call = self._text = None
+        return real
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if self._real is None and name in _EAGER:
+            return getattr(self._fast, name)
+        return getattr(self.resolve(), name)
+
+    def __len__(self):
+        return len(self._fast if self._real is None else self._real)
+
+    def __repr__(self):
+        if self._real is not None:
+            return repr(self._real)
+        return f"LazyEncoding(num_tokens={len(self._fast)}, resolved=False)"
+
+    def __reduce_ex__(self, protocol):
+        # The real Encoding's own pickle state, rebuilt as a tokenizers.Encoding: no rwkv_hf needed to load.
+        real = self.resolve()
+        return (type(real), (), real.__getstate__())
+
+
+_FAST_PATH_KEYS = frozenset(
+    {
+        "add_special_tokens",
+        "padding_strategy",
+        "truncation_strategy",
+        "max_length",
+        "stride",
+        "is_split_into_words",
+        "pad_to_multiple_of",
+        "padding_side",
+        "return_tensors",
+        "return_token_type_ids",
+        "return_attention_mask",
+        "return_overflowing_tokens",
+        "return_special_tokens_mask",
+        "return_offsets_mapping",
+        "return_length",
+        "verbose",
+        "split_special_tokens",
+        "sanitize_control_tokens",
+    }
+)
+
+
+def _fast_path_texts(text, text_pair, kwargs):
+    """The list of texts when a call can take the no-offsets path, else None."""
+    if text_pair is not None or not _FAST_PATH_KEYS.issuperset(kwargs):
+        return None
+    if (
+        kwargs.get("is_split_into_words")
+        or kwargs.get("return_offsets_mapping")
+        or kwargs.get("return_overflowing_tokens")
+        or kwargs.get("sanitize_control_tokens")
+    ):
+        return None
+    if isinstance(text, str):
+        return [text]
+    if isinstance(text, (list, tuple)) and text and all(type(t) is str for t in text):
+        return text if isinstance(text, list) else list(text)
+    return None
+
+
 class RwkvWorldTokenizerFast(PreTrainedTokenizerFast):
-    """Fast RWKV World tokenizer; gives exactly the reference's ids for every string."""
+    """Fast RWKV World tokenizer; gives exactly the reference's ids for every string.
+
+    Calls without offsets encode through ``encode_batch_fast``; their rows are ``LazyEncoding``s (see
+    there). ``return_offsets_mapping=True`` gives real ``tokenizers.Encoding`` rows at once.
+    """
 
     vocab_files_names = {"vocab_file": "rwkv_vocab_v20230424.txt", "tokenizer_file": TOKENIZER_FILE}
     model_input_names = ["input_ids", "attention_mask"]
@@ -181,14 +347,92 @@ class RwkvWorldTokenizerFast(PreTrainedTokenizerFast):
         return (2 if pair else 1) if self.add_bos_token else 0
 
     # ------------------------------------------------------------------ encoding
+    # Calls that ask for neither offsets nor overflowing rows (and encode plain strings, no pairs) go
+    # through _encode_fast: ids from encode_batch_fast, LazyEncoding rows. Everything else goes to
+    # transformers. The lone-surrogate check runs only when the backend fails (it rejects such text).
     def _encode_plus(self, text, text_pair=None, *args, **kwargs):
-        _check_text(text)
-        _check_text(text_pair)
-        return super()._encode_plus(text, text_pair, *args, **kwargs)
+        try:
+            texts = None if args else _fast_path_texts(text, text_pair, kwargs)
+            if texts is not None:
+                return self._encode_fast(texts, isinstance(text, (list, tuple)), **kwargs)
+            return super()._encode_plus(text, text_pair, *args, **kwargs)
+        except Exception:
+            _check_text(text)
+            _check_text(text_pair)
+            raise
 
     def _batch_encode_plus(self, batch_text_or_text_pairs, *args, **kwargs):  # transformers 4.x
-        _check_text(batch_text_or_text_pairs)
-        return super()._batch_encode_plus(batch_text_or_text_pairs, *args, **kwargs)
+        try:
+            texts = None if args else _fast_path_texts(batch_text_or_text_pairs, None, kwargs)
+            if texts is not None and isinstance(batch_text_or_text_pairs, (list, tuple)):
+                return self._encode_fast(texts, True, **kwargs)
+            return super()._batch_encode_plus(batch_text_or_text_pairs, *args, **kwargs)
+        except Exception:
+            _check_text(batch_text_or_text_pairs)
+            raise
+
+    def _encode_fast(
+        self,
+        texts,
+        is_batched,
+        add_special_tokens=True,
+        padding_strategy=None,
+        truncation_strategy=None,
+        max_length=None,
+        stride=0,
+        pad_to_multiple_of=None,
+        padding_side=None,
+        return_tensors=None,
+        return_token_type_ids=None,
+        return_attention_mask=None,
+        return_special_tokens_mask=False,
+        return_length=False,
+        verbose=True,
+        split_special_tokens=None,
+        **_,
+    ):
+        # Same settings as transformers' own path (set_truncation_and_padding is its method).
+        self.set_truncation_and_padding(
+            padding_strategy=padding_strategy or PaddingStrategy.DO_NOT_PAD,
+            truncation_strategy=truncation_strategy or TruncationStrategy.DO_NOT_TRUNCATE,
+            max_length=max_length,
+            stride=stride,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side,
+        )
+        backend = self._tokenizer
+        if split_special_tokens is None:
+            split_special_tokens = self.split_special_tokens
+        if backend.encode_special_tokens != split_special_tokens:
+            backend.encode_special_tokens = split_special_tokens
+        encodings = backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+
+        if return_token_type_ids is None:
+            return_token_type_ids = "token_type_ids" in self.model_input_names
+        if return_attention_mask is None:
+            return_attention_mask = "attention_mask" in self.model_input_names
+        input_ids = [e.ids for e in encodings]
+        data = {"input_ids": input_ids}
+        if return_token_type_ids:
+            data["token_type_ids"] = [e.type_ids for e in encodings]
+        if return_attention_mask:
+            if backend.padding is None:  # nothing padded: all ones (cheaper than converting the masks)
+                data["attention_mask"] = [[1] * len(ids) for ids in input_ids]
+            else:
+                data["attention_mask"] = [e.attention_mask for e in encodings]
+        if return_special_tokens_mask:
+            data["special_tokens_mask"] = [e.special_tokens_mask for e in encodings]
+        if return_length:
+            data["length"] = [len(ids) for ids in input_ids]
+        for ids in input_ids:
+            self._eventual_warn_about_too_long_sequence(ids, max_length, verbose)
+
+        call = _EncodeCall(self, add_special_tokens, backend)
+        rows = [LazyEncoding(e, call, t) for e, t in zip(encodings, texts)]
+        if not is_batched and return_tensors is None:
+            data = {k: (v[0] if v and isinstance(v[0], list) else v) for k, v in data.items()}
+            return BatchEncoding(data, rows)
+        return BatchEncoding(data, rows, tensor_type=return_tensors)
 
     def tokenize(self, text, *args, **kwargs):
         _check_text(text)
