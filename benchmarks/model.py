@@ -91,6 +91,10 @@ def bytes_read_per_token(model) -> int:
 
 
 def time_ours(model, prompt: list, n_decode: int, repeats: int, mode: str) -> dict:
+    """mode: a WKV mode, or "auto+compile" (auto with config.compile_decode: RWKV-7 decode steps run the
+    torch.compile'd `rwkv7_step`; compiled during the warm-up)."""
+    model.config.compile_decode = mode == "auto+compile"
+    mode = "auto" if mode == "auto+compile" else mode
     ids = torch.tensor([prompt])
     decode_ids = torch.tensor(prompt[:n_decode]).view(-1, 1, 1)
 
@@ -116,6 +120,7 @@ def time_ours(model, prompt: list, n_decode: int, repeats: int, mode: str) -> di
             t0 = time.perf_counter()
             decode(cache)
             dec.append(n_decode / (time.perf_counter() - t0))
+    model.config.compile_decode = False
     return {"prefill_tps": statistics.median(pre), "decode_tps": statistics.median(dec)}
 
 
@@ -184,7 +189,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--prefill", type=int, default=512, help="prompt length")
     ap.add_argument("--decode", type=int, default=64, help="decode steps")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--modes", nargs="+", default=["auto", "recurrent"], help="our WKV modes to time")
+    ap.add_argument("--modes", nargs="+", default=["auto", "recurrent"],
+                    help="our WKV modes to time; 'auto+compile' also sets compile_decode (RWKV-7)")
     ap.add_argument("--no-reference", action="store_true", help="skip the rwkv package")
     ap.add_argument("--ckpt-dir", default=None, help="keep the synthetic .pth files here (default: a temp dir)")
     ap.add_argument("--threads", type=int, default=0,
@@ -204,7 +210,7 @@ def main(argv=None) -> dict:
     tmp = None if args.ckpt_dir else tempfile.TemporaryDirectory()
     ckpt_dir = Path(args.ckpt_dir or tmp.name)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    header = f"{'version':>7} {'impl':>16} {'prefill tok/s':>14} {'x ref':>6} {'decode tok/s':>13} {'x ref':>6} {'GB/s read':>10}"
+    header = f"{'version':>7} {'impl':>20} {'prefill tok/s':>14} {'x ref':>6} {'decode tok/s':>13} {'x ref':>6} {'GB/s read':>10}"
     print(header)
     try:
         for version in args.versions:
@@ -224,7 +230,7 @@ def main(argv=None) -> dict:
                     row["decode_x_ref"] = row["decode_tps"] / ref["decode_tps"]
                 xp = f"{row['prefill_x_ref']:6.2f}" if ref is not None else f"{'':6}"
                 xd = f"{row['decode_x_ref']:6.2f}" if ref is not None else f"{'':6}"
-                print(f"{version:>7} {row['impl']:>16} {row['prefill_tps']:14.0f} {xp} {row['decode_tps']:13.1f} {xd} "
+                print(f"{version:>7} {row['impl']:>20} {row['prefill_tps']:14.0f} {xp} {row['decode_tps']:13.1f} {xd} "
                       f"{row['decode_GBps']:10.1f}", flush=True)
                 results.append(row)
             del model

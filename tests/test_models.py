@@ -235,6 +235,48 @@ def test_rwkv7_fused_step_computes_the_recurrent_step(reduce, models):
                 assert (x - y).abs().max() <= 1e-5 * y.abs().max()
 
 
+def test_rwkv7_cpu_decode_takes_the_fused_step(models, monkeypatch):
+    """Off CUDA, RWKV-7 decode steps run `rwkv7_step` (not the modules): greedy tokens of a left-padded
+    batch equal the modules' path (wkv_mode="recurrent" forces it), the state tensors a caller held
+    are left as they were, and a compiled step that fails falls back to the plain one with a warning."""
+    from rwkv_hf.modeling import rwkv7_step, rwkv_decode
+
+    model = models["7"]
+    calls = []
+    real = rwkv7_step.model_step
+    monkeypatch.setattr(rwkv7_step, "model_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids, mask = _pad_left([SEQ[:9], SEQ[30:41], SEQ[60:66]])
+    with torch.no_grad():
+        fused = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert len(calls) == 11
+        modules = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                 wkv_mode="recurrent")
+        assert len(calls) == 11
+        assert torch.equal(fused, modules)
+
+        cache = getattr(model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1), CACHE_FIELD)
+        held = [tuple(t.clone() for t in s) for s in cache.layers_state]
+        before = list(cache.layers_state)
+        plain = model(ids[:, -1:], cache=cache.clone(), use_cache=True).logits
+        for s, h in zip(before, held):
+            assert all(torch.equal(a, b) for a, b in zip(s, h))
+
+        def broken():
+            def fail(*a, **k):
+                raise RuntimeError("no C++ compiler")
+            return fail
+
+        monkeypatch.setattr(rwkv_decode, "_compiled_layer_step", broken)
+        model.config.compile_decode = True
+        try:
+            with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+                fallback = model(ids[:, -1:], cache=cache.clone(), use_cache=True).logits
+        finally:
+            model.config.compile_decode = False
+            rwkv_decode._FUSED_FNS.pop(model, None)
+        assert torch.equal(fallback, plain)
+
+
 # --------------------------------------------------------------------------------- generation
 def test_generate_sampling_beam_and_continuation(models):
     model = models["7"]

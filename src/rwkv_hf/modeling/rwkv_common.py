@@ -417,11 +417,12 @@ class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
         """`logits_to_keep`: 0 computes logits everywhere; k > 0 only for the last k positions; a tensor
         of indices only there. `labels` give the mean shifted cross-entropy, ignoring -100."""
         cache = cache if cache is not None else past_key_values
-        if self._graph_decodable(input_ids, attention_mask, cache, labels, output_hidden_states, wkv_mode):
-            from .rwkv_decode import graph_step
+        path = self._one_token_path(input_ids, attention_mask, cache, labels, output_hidden_states, wkv_mode)
+        if path is not None:
+            from .rwkv_decode import fused_step, graph_step
 
             check_ids(input_ids, self.config.vocab_size)
-            logits = graph_step(self, input_ids, cache)[:, None]
+            logits = (graph_step if path == "graph" else fused_step)(self, input_ids, cache)[:, None]
             result = CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
             return result if return_dict is not False else result.to_tuple()
         out = self.model(
@@ -451,28 +452,32 @@ class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
         )
         return result if return_dict is not False else result.to_tuple()
 
-    def _graph_decodable(self, input_ids, attention_mask, cache, labels, output_hidden_states, wkv_mode) -> bool:
-        """Whether this forward is a decode step that the captured CUDA graph can run (see rwkv_decode):
-        one token per row, a full state, CUDA, no gradients, nothing but the logits asked for."""
+    def _one_token_path(self, input_ids, attention_mask, cache, labels, output_hidden_states, wkv_mode) -> Optional[str]:
+        """How to run a decode step (one token per row, a full state, no gradients, nothing but the
+        logits asked for): "graph" on CUDA (a captured CUDA graph, see rwkv_decode; config
+        `cuda_graph_decode`), "fused" elsewhere for RWKV-7 (`rwkv7_step`: the same equations without the
+        per-module overhead), or None: through the modules."""
         if not (
-            getattr(self.config, "cuda_graph_decode", False)
-            and input_ids is not None
+            input_ids is not None
             and input_ids.dim() == 2
             and input_ids.shape[1] == 1
-            and input_ids.is_cuda
             and isinstance(cache, RwkvCache)
             and cache.batch_size == input_ids.shape[0]
             and all(s is not None for s in cache.layers_state)
             and labels is None
             and not output_hidden_states
-            and wkv_mode in (None, "auto", "recurrent")
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
             and len(set((getattr(self, "hf_device_map", None) or {0: 0}).values())) == 1
-            and self._plain_modules()
         ):
-            return False
-        return attention_mask is None or bool(attention_mask.all())
+            return None
+        if input_ids.is_cuda:
+            path = "graph" if getattr(self.config, "cuda_graph_decode", False) and wkv_mode in (None, "auto", "recurrent") else None
+        else:  # an explicit wkv_mode="recurrent" keeps the modules' path: it is the reference the step is tested on
+            path = "fused" if wkv_mode in (None, "auto") and type(self.model).__name__ == "Rwkv7Model" else None
+        if path is None or not self._plain_modules():
+            return None
+        return path if attention_mask is None or bool(attention_mask.all()) else None
 
     def _plain_modules(self) -> bool:
         """Only our own modules and torch's basic layers, without hooks: a captured graph replays the

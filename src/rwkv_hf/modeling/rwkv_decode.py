@@ -223,6 +223,37 @@ def _compiled_layer_step():
     return torch.compile(copy, dynamic=False, fullgraph=True)
 
 
+# model -> (compile_decode when chosen, the layer step `fused_step` uses: compiled, or the plain function)
+_FUSED_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def fused_step(model, input_ids: Tensor, cache: RwkvCache) -> Tensor:
+    """One decode step of an RWKV-7 causal LM off CUDA through `rwkv7_step` (compiled if the config's
+    `compile_decode` is set). The state is copied first, so, as with the modules, the cache gets new
+    tensors and nothing held elsewhere changes. Returns logits [B, V]."""
+    want = bool(getattr(model.config, "compile_decode", False))
+    entry = _FUSED_FNS.get(model)
+    if entry is None or entry[0] != want:
+        entry = _FUSED_FNS[model] = (want, _compiled_layer_step() if want else rwkv7_step.layer_step)
+    fn = entry[1]
+    layers = [_map_tensors(lambda t: t.clone(), s) for s in cache.layers_state]
+    try:
+        logits = rwkv7_step.model_step(model, input_ids, layers, fn)
+    except Exception as e:
+        if fn is rwkv7_step.layer_step:
+            raise
+        # torch.compile needs a working C++ compiler on CPU: without one, say so once and go on plainly
+        warnings.warn(f"the compiled RWKV-7 decode step failed ({type(e).__name__}: {e}); using the plain step")
+        fn = rwkv7_step.layer_step
+        _FUSED_FNS[model] = (want, fn)
+        layers = [_map_tensors(lambda t: t.clone(), s) for s in cache.layers_state]
+        logits = rwkv7_step.model_step(model, input_ids, layers, fn)
+    for i, s in enumerate(layers):
+        cache.layers_state[i] = s
+    cache.seen_tokens += 1
+    return logits
+
+
 def _same_tensors(a, b) -> bool:
     """Whether two layer-state lists hold the very same tensor objects (not just equal values)."""
     if isinstance(a, Tensor) or isinstance(b, Tensor):
