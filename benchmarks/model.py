@@ -92,7 +92,7 @@ def bytes_read_per_token(model) -> int:
 
 def time_ours(model, prompt: list, n_decode: int, repeats: int, mode: str) -> dict:
     """mode: a WKV mode, or "auto+compile" (auto with config.compile_decode: RWKV-7 decode steps run the
-    torch.compile'd `rwkv7_step`; compiled during the warm-up)."""
+    torch.compile'd `rwkv_step` function; compiled during the warm-up)."""
     model.config.compile_decode = mode == "auto+compile"
     mode = "auto" if mode == "auto+compile" else mode
     ids = torch.tensor([prompt])

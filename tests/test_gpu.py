@@ -288,24 +288,25 @@ def _teacher_forced(m, decoders, ids, feed=None, steps=16):
 
 
 @pytest.mark.parametrize("batch", [1, 5])  # x W^T as a reduction (batch <= 4) and as a matmul
-def test_fused_rwkv7_decoder_matches_eager(batch):
-    """The compiled RWKV-7 step (rwkv7_step) against the eager graph step, 16 teacher-forced steps.
+@pytest.mark.parametrize("version", ["4", "5.2", "6", "7"])
+def test_fused_decoder_matches_eager(version, batch):
+    """The compiled step functions (rwkv_step) against the eager graph step, 16 teacher-forced steps.
     fp32: the same function, so within 1e-5 x max|logit| and the same greedy tokens. bf16 (fed the
     fp32 run's tokens): its error against the fp32 run may be at most twice the eager bf16 step's own
     (plus 1% of the logit range): fusing may not add more noise than bf16 arithmetic already brings."""
     from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
 
     ids = torch.randint(0, 65536, (batch, 20), generator=torch.Generator().manual_seed(5)).to(DEV)
-    m32 = build("7", torch.float32, n_layer=3)
+    m32 = build(version, torch.float32, n_layer=3)
     (eager32, fused32), fed = _teacher_forced(m32, [RwkvGraphDecoder(m32, batch), RwkvGraphDecoder(m32, batch, fused=True)], ids)
-    m16 = build("7", torch.bfloat16, n_layer=3)
+    m16 = build(version, torch.bfloat16, n_layer=3)
     dec16 = [RwkvGraphDecoder(m16, batch), RwkvGraphDecoder(m16, batch, fused=True)]
     (eager16, fused16), _ = _teacher_forced(m16, dec16, ids, feed=fed)
     assert dec16[1].fused, "the compiled step fell back to the eager one"
     scale = eager32.abs().amax(-1)
     err = lambda x: float(((x - eager32).abs().amax(-1) / scale).max())  # noqa: E731
     e32, e_eager, e_fused = err(fused32), err(eager16), err(fused16)
-    print(f"\nfused v7 decode b{batch}: fp32 vs eager {e32:.2e}; bf16 eager vs fp32 {e_eager:.2e}, bf16 fused vs fp32 {e_fused:.2e}")
+    print(f"\nfused v{version} decode b{batch}: fp32 vs eager {e32:.2e}; bf16 eager vs fp32 {e_eager:.2e}, bf16 fused vs fp32 {e_fused:.2e}")
     assert e32 <= 1e-5
     assert torch.equal(fused32.argmax(-1), eager32.argmax(-1))
     assert e_fused <= 2 * e_eager + 1e-2
@@ -337,12 +338,13 @@ def test_generate_replays_graphs_and_gives_eager_tokens(version, batch):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_generate_with_compile_decode_gives_eager_tokens(batch):
-    """config.compile_decode: generate() replays the compiled RWKV-7 step. In fp32 it computes the eager
+@pytest.mark.parametrize("version", ["4", "5.2", "6", "7"])
+def test_generate_with_compile_decode_gives_eager_tokens(version, batch):
+    """config.compile_decode: generate() replays the compiled step. In fp32 it computes the eager
     function (to ~1e-6), so greedy and beam-search tokens of a left-padded batch are eager's exactly."""
     from rwkv_hf.modeling.rwkv_decode import _DECODERS
 
-    m = build("7", torch.float32, n_layer=3)
+    m = build(version, torch.float32, n_layer=3)
     ids, mask = prompts(batch, seed=6)
     eager = _greedy(m, ids, mask, graphs=False)
     m.config.compile_decode = True

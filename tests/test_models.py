@@ -213,14 +213,16 @@ def test_batched_greedy_generation_equals_unbatched(version, models):
             assert batch[b, ids.shape[1]:].tolist() == alone[0, len(r):].tolist(), (version, b)
 
 
-# ------------------------------------------------------------------- RWKV-7's fused decode step
+# ------------------------------------------------------------------------- the decode step functions
 @pytest.mark.parametrize("reduce", [True, False])
-def test_rwkv7_fused_step_computes_the_recurrent_step(reduce, models):
-    """`rwkv7_step` (what CUDA decoding compiles with config `compile_decode`) is the eager one-token
-    forward: run uncompiled here in fp32, both ways of computing x W^T, from a prompt's state, 4 steps."""
-    from rwkv_hf.modeling.rwkv7_step import model_step
+@pytest.mark.parametrize("version", VERSIONS)
+def test_step_functions_compute_the_recurrent_step(version, reduce, models):
+    """`rwkv_step` (what decoding runs off CUDA, and compiles with config `compile_decode`) is the
+    modules' one-token forward: run uncompiled here in fp32, both ways of computing x W^T, from a
+    left-padded prompt's state, 4 steps; logits and every state tensor."""
+    from rwkv_hf.modeling.rwkv_step import model_step
 
-    model = models["7"]
+    model = models[version]
     ids, mask = _pad_left([SEQ[:9], SEQ[30:41], SEQ[60:66]])
     with torch.no_grad():
         cache = getattr(model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1), CACHE_FIELD)
@@ -230,21 +232,22 @@ def test_rwkv7_fused_step_computes_the_recurrent_step(reduce, models):
             eager = model(nxt, cache=cache, use_cache=True, wkv_mode="recurrent").logits[:, -1]
             fused = model_step(model, nxt, fused_cache.layers_state, reduce=reduce)
             assert rel_err(fused, eager) <= 1e-5, t
-        for a, b in zip(fused_cache.layers_state, cache.layers_state):
-            for x, y in zip(a, b):
-                assert (x - y).abs().max() <= 1e-5 * y.abs().max()
+    flat = lambda c: [t for s in c.layers_state for t in torch.utils._pytree.tree_leaves(s)]  # noqa: E731
+    for x, y in zip(flat(fused_cache), flat(cache)):
+        assert (x - y).abs().max() <= 1e-5 * y.abs().max().clamp_min(1.0)
 
 
-def test_rwkv7_cpu_decode_takes_the_fused_step(models, monkeypatch):
-    """Off CUDA, RWKV-7 decode steps run `rwkv7_step` (not the modules): greedy tokens of a left-padded
-    batch equal the modules' path (wkv_mode="recurrent" forces it), the state tensors a caller held
-    are left as they were, and a compiled step that fails falls back to the plain one with a warning."""
-    from rwkv_hf.modeling import rwkv7_step, rwkv_decode
+@pytest.mark.parametrize("version", VERSIONS)
+def test_cpu_decode_takes_the_step_function(version, models, monkeypatch):
+    """Off CUDA, decode steps run `rwkv_step` (not the modules): greedy tokens of a left-padded batch
+    equal the modules' path (wkv_mode="recurrent" forces it), the state tensors a caller held are left
+    as they were, and a compiled step that fails falls back to the plain one with a warning."""
+    from rwkv_hf.modeling import rwkv_decode, rwkv_step
 
-    model = models["7"]
+    model = models[version]
     calls = []
-    real = rwkv7_step.model_step
-    monkeypatch.setattr(rwkv7_step, "model_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = rwkv_step.model_step
+    monkeypatch.setattr(rwkv_step, "model_step", lambda *a, **k: calls.append(1) or real(*a, **k))
     ids, mask = _pad_left([SEQ[:9], SEQ[30:41], SEQ[60:66]])
     with torch.no_grad():
         fused = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
@@ -255,13 +258,13 @@ def test_rwkv7_cpu_decode_takes_the_fused_step(models, monkeypatch):
         assert torch.equal(fused, modules)
 
         cache = getattr(model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1), CACHE_FIELD)
-        held = [tuple(t.clone() for t in s) for s in cache.layers_state]
-        before = list(cache.layers_state)
-        plain = model(ids[:, -1:], cache=cache.clone(), use_cache=True).logits
-        for s, h in zip(before, held):
-            assert all(torch.equal(a, b) for a, b in zip(s, h))
+        base = cache.clone()
+        leaves = torch.utils._pytree.tree_leaves(cache.layers_state)
+        held = [t.clone() for t in leaves]
+        plain = model(ids[:, -1:], cache=cache, use_cache=True).logits
+        assert all(torch.equal(a, b) for a, b in zip(leaves, held))
 
-        def broken():
+        def broken(fn):
             def fail(*a, **k):
                 raise RuntimeError("no C++ compiler")
             return fail
@@ -270,11 +273,21 @@ def test_rwkv7_cpu_decode_takes_the_fused_step(models, monkeypatch):
         model.config.compile_decode = True
         try:
             with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
-                fallback = model(ids[:, -1:], cache=cache.clone(), use_cache=True).logits
+                fallback = model(ids[:, -1:], cache=base, use_cache=True).logits
         finally:
             model.config.compile_decode = False
             rwkv_decode._FUSED_FNS.pop(model, None)
         assert torch.equal(fallback, plain)
+
+
+def test_fp16_v4_to_v6_decode_through_the_modules(checkpoints):
+    """v4-v6 in fp16 rescale their branches on the fly; the step functions leave that out, so those
+    models decode through the modules."""
+    from rwkv_hf.modeling.rwkv_step import layer_step_for
+
+    model = build(checkpoints["6"][1]).to(torch.float16)
+    assert layer_step_for(model) is None
+    assert layer_step_for(build(checkpoints["7"][1]).to(torch.float16)) is not None
 
 
 # --------------------------------------------------------------------------------- generation

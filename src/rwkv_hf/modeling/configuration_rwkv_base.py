@@ -24,12 +24,12 @@ class RwkvWorldConfigBase(PretrainedConfig):
         cuda_graph_decode: on CUDA, one-token forward passes without gradients (every step of
             `generate()` after the prompt) replay a captured CUDA graph with the state in static
             buffers, instead of launching the step's few hundred small kernels one by one.
-        compile_decode: RWKV-7 decode steps run their step function (`rwkv7_step`) compiled with
-            torch.compile: on CUDA inside the captured graph (about twice as fast as the eager graph),
-            on CPU ~10% faster than the plain step function that CPU decoding uses anyway (needs a C++
-            compiler; without one, a warning and the plain step). The first step compiles for some
+        compile_decode: decode steps run the version's step function (`rwkv_step`) compiled with
+            torch.compile: on CUDA inside the captured graph (RWKV-7: about twice as fast as the eager
+            graph), on CPU instead of the plain step function that CPU decoding uses anyway (needs a
+            C++ compiler; without one, a warning and the plain step). The first step compiles for some
             seconds. Fused kernels round differently from the eager ops: in bf16 the logits differ from
-            the eager path's by bf16 noise; in fp32 they agree to ~1e-6. Other versions ignore it.
+            the eager path's by bf16 noise; in fp32 they agree to ~1e-6.
     """
 
     keys_to_ignore_at_inference = ["cache", "past_key_values"]

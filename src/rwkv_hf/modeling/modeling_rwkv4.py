@@ -24,7 +24,7 @@ from .configuration_rwkv_base import RwkvWorldConfigBase  # noqa: F401,E402
 from .rwkv7_chunk import wkv7_chunk  # noqa: F401,E402
 from .rwkv_chunk import wkv5_chunk  # noqa: F401,E402
 from .rwkv_decode import graph_step  # noqa: F401,E402
-from .rwkv7_step import layer_step  # noqa: F401,E402
+from .rwkv_step import model_step  # noqa: F401,E402
 from .rwkv_fla import HAVE_FLA  # noqa: F401,E402
 
 

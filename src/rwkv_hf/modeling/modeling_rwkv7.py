@@ -30,7 +30,7 @@ from .configuration_rwkv_base import RwkvWorldConfigBase  # noqa: F401,E402
 from .rwkv7_chunk import wkv7_chunk  # noqa: F401,E402
 from .rwkv_chunk import wkv5_chunk  # noqa: F401,E402
 from .rwkv_decode import graph_step  # noqa: F401,E402
-from .rwkv7_step import layer_step  # noqa: F401,E402
+from .rwkv_step import model_step  # noqa: F401,E402
 from .rwkv_fla import HAVE_FLA  # noqa: F401,E402
 
 DECAY_SCALE = 0.606531  # exp(-0.5): log w = -0.606531 * sigmoid(.) keeps every decay in (exp(-0.607), 1)

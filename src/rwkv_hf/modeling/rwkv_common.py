@@ -455,8 +455,8 @@ class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
     def _one_token_path(self, input_ids, attention_mask, cache, labels, output_hidden_states, wkv_mode) -> Optional[str]:
         """How to run a decode step (one token per row, a full state, no gradients, nothing but the
         logits asked for): "graph" on CUDA (a captured CUDA graph, see rwkv_decode; config
-        `cuda_graph_decode`), "fused" elsewhere for RWKV-7 (`rwkv7_step`: the same equations without the
-        per-module overhead), or None: through the modules."""
+        `cuda_graph_decode`), "fused" elsewhere (`rwkv_step`: the same equations without the per-module
+        overhead), or None: through the modules."""
         if not (
             input_ids is not None
             and input_ids.dim() == 2
@@ -474,7 +474,9 @@ class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
         if input_ids.is_cuda:
             path = "graph" if getattr(self.config, "cuda_graph_decode", False) and wkv_mode in (None, "auto", "recurrent") else None
         else:  # an explicit wkv_mode="recurrent" keeps the modules' path: it is the reference the step is tested on
-            path = "fused" if wkv_mode in (None, "auto") and type(self.model).__name__ == "Rwkv7Model" else None
+            from .rwkv_step import layer_step_for
+
+            path = "fused" if wkv_mode in (None, "auto") and layer_step_for(self) is not None else None
         if path is None or not self._plain_modules():
             return None
         return path if attention_mask is None or bool(attention_mask.all()) else None

@@ -20,9 +20,9 @@ Direct use:
 
 By default the step runs exactly the model's eager one-token forward (same modules, same ops), so
 greedy tokens match `model.generate(do_sample=False)`. Works for every version (v4's (aa, bb, pp)
-state too). For RWKV-7, `fused=True` (in `generate()`: config `compile_decode`) captures instead the
-torch.compile'd step of `rwkv7_step`, about twice as fast; it computes the same function, rounded
-differently in bf16/fp16.
+state too). `fused=True` (in `generate()`: config `compile_decode`) captures instead the
+torch.compile'd step of `rwkv_step` (about twice as fast for RWKV-7); it computes the same function,
+rounded differently in bf16/fp16.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from . import rwkv7_step
+from . import rwkv_step
 from .rwkv_common import CACHE_FIELD, RwkvCache, _map_tensors
 
 Tensor = torch.Tensor
@@ -71,16 +71,17 @@ class RwkvGraphDecoder:
         self._owner: Optional[weakref.ref] = None
         self.logits: Optional[Tensor] = None
         self.warmup = warmup
-        # fused=True (RWKV-7): each layer's step is one torch.compile'd function (see rwkv7_step), ~2x
-        # faster; the first capture compiles it (seconds). Its fused kernels round differently from
+        # fused=True: each layer's step is one torch.compile'd function (see rwkv_step), ~2x faster for
+        # RWKV-7; the first capture compiles it (seconds). Its fused kernels round differently from
         # the eager ops, so bf16 logits differ from eager's by bf16 noise (fp32: by ~1e-6).
         self.fused = bool(fused)
         self._step_fn = self._eager_step
         if self.fused:
-            if not has_fused_step(model):
-                raise ValueError(f"there is no fused decode step for {type(model).__name__} (RWKV-7 only)")
-            self._layer_fn = _compiled_layer_step()
-            self._params = [rwkv7_step.layer_params(blk) for blk in body.blocks]
+            layer_fn = rwkv_step.layer_step_for(model)
+            if layer_fn is None:
+                raise ValueError(f"no step function for {type(model).__name__} in {self.dtype} (v4-v6 in fp16 rescale on the fly)")
+            self._layer_fn = _compiled_layer_step(layer_fn)
+            self._params = [rwkv_step.layer_params(blk) for blk in body.blocks]
             self._step_fn = self._fused_step
 
     @property
@@ -121,7 +122,7 @@ class RwkvGraphDecoder:
         return self.model.lm_head(out.last_hidden_state[:, -1])
 
     def _fused_step(self) -> Tensor:
-        return rwkv7_step.model_step(self.model, self.ids, self.cache.layers_state, self._layer_fn, self._params)
+        return rwkv_step.model_step(self.model, self.ids, self.cache.layers_state, self._layer_fn, self._params)
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -133,7 +134,7 @@ class RwkvGraphDecoder:
                 raise
             # torch.compile can fail where the eager step works (no Triton for this GPU, an old
             # compiler...): say so once and decode with the eager step
-            warnings.warn(f"the compiled RWKV-7 decode step failed ({type(e).__name__}: {e}); using the eager step")
+            warnings.warn(f"the compiled decode step failed ({type(e).__name__}: {e}); using the eager step")
             self.fused, self._step_fn = False, self._eager_step
             self._restore(saved)
             self._capture(saved)
@@ -206,48 +207,44 @@ class RwkvGraphDecoder:
         return torch.stack(toks, dim=1)
 
 
-def has_fused_step(model) -> bool:
-    """Whether this model's version has a compiled decode step (only RWKV-7 so far)."""
-    return type(model.model).__name__ == "Rwkv7Model"
-
-
-def _compiled_layer_step():
-    """`rwkv7_step.layer_step` under torch.compile, as a fresh copy of the function for each decoder.
+def _compiled_layer_step(fn):
+    """A layer step of `rwkv_step` under torch.compile, as a fresh copy of the function for each user.
 
     Dynamo keeps its compiled variants per code object, and stops compiling new ones after
     `recompile_limit` (8): with one shared function, a few decoders (dtypes, batch sizes; layer 0 and
-    the others are two variants each) would run it uncompiled. A copy per decoder needs only its own two;
-    inductor's cache makes recompiling identical graphs fast."""
-    fn = rwkv7_step.layer_step
+    the others are two variants each) would run it uncompiled. A copy per decoder needs only its own
+    two; inductor's cache makes recompiling identical graphs fast."""
     copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
     return torch.compile(copy, dynamic=False, fullgraph=True)
 
 
-# model -> (compile_decode when chosen, the layer step `fused_step` uses: compiled, or the plain function)
+# model -> (its plain layer step, the one `fused_step` runs with compile_decode: compiled, or plain if compiling failed)
 _FUSED_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def fused_step(model, input_ids: Tensor, cache: RwkvCache) -> Tensor:
-    """One decode step of an RWKV-7 causal LM off CUDA through `rwkv7_step` (compiled if the config's
+    """One decode step off CUDA through the version's `rwkv_step` function (compiled if the config's
     `compile_decode` is set). The state is copied first, so, as with the modules, the cache gets new
     tensors and nothing held elsewhere changes. Returns logits [B, V]."""
-    want = bool(getattr(model.config, "compile_decode", False))
-    entry = _FUSED_FNS.get(model)
-    if entry is None or entry[0] != want:
-        entry = _FUSED_FNS[model] = (want, _compiled_layer_step() if want else rwkv7_step.layer_step)
-    fn = entry[1]
+    plain = rwkv_step.layer_step_for(model)
+    fn = plain
+    if getattr(model.config, "compile_decode", False):
+        entry = _FUSED_FNS.get(model)
+        if entry is None or entry[0] is not plain:
+            entry = _FUSED_FNS[model] = (plain, _compiled_layer_step(plain))
+        fn = entry[1]
     layers = [_map_tensors(lambda t: t.clone(), s) for s in cache.layers_state]
     try:
-        logits = rwkv7_step.model_step(model, input_ids, layers, fn)
+        logits = rwkv_step.model_step(model, input_ids, layers, fn)
     except Exception as e:
-        if fn is rwkv7_step.layer_step:
+        if fn is plain:
             raise
         # torch.compile needs a working C++ compiler on CPU: without one, say so once and go on plainly
-        warnings.warn(f"the compiled RWKV-7 decode step failed ({type(e).__name__}: {e}); using the plain step")
-        fn = rwkv7_step.layer_step
-        _FUSED_FNS[model] = (want, fn)
+        warnings.warn(f"the compiled decode step failed ({type(e).__name__}: {e}); using the plain step")
+        fn = plain
+        _FUSED_FNS[model] = (plain, plain)
         layers = [_map_tensors(lambda t: t.clone(), s) for s in cache.layers_state]
-        logits = rwkv7_step.model_step(model, input_ids, layers, fn)
+        logits = rwkv_step.model_step(model, input_ids, layers, fn)
     for i, s in enumerate(layers):
         cache.layers_state[i] = s
     cache.seen_tokens += 1
@@ -272,7 +269,7 @@ _MAX_DECODERS_PER_MODEL = 4
 def graph_step(model, input_ids: Tensor, cache: RwkvCache) -> Tensor:
     """One decode step of `model` (a causal LM on CUDA) through the CUDA graph for this batch size."""
     head = model.lm_head.weight
-    fused = bool(getattr(model.config, "compile_decode", False)) and has_fused_step(model)
+    fused = bool(getattr(model.config, "compile_decode", False)) and rwkv_step.layer_step_for(model) is not None
     # inference mode is part of the key: buffers made under it cannot be updated in place outside it
     key = (input_ids.shape[0], head.dtype, head.device, head.data_ptr(), model.model.emb.weight.data_ptr(),
            torch.is_inference_mode_enabled(), fused)
