@@ -702,6 +702,10 @@ def _plain(value):
     return (type(value).__name__, value)
 
 
+def _any(value):
+    return (list(value), {k: _plain(v) for k, v in value.items()}) if hasattr(value, "items") else _plain(value)
+
+
 def _outcome(tok, args, kwargs):
     try:
         out = tok(*args, **kwargs)
@@ -806,6 +810,30 @@ def test_lean_fallbacks_match_transformers_path(lean_pairs, args, kwargs):
     for lean, plain in lean_pairs.values():
         assert _outcome(lean, args, kwargs) == _outcome(plain, args, kwargs)
 
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_lean_other_entry_points(lean_pairs, bos):
+    # encode, encode_plus / batch_encode_plus (where transformers has them) and apply_chat_template
+    lean, plain = lean_pairs[bos]
+    texts = ["héllo wörld", "a b c d e f", ""]
+    for name, args, kwargs in [
+        ("encode", (texts[0],), {}),
+        ("encode", (texts[1],), {"truncation": True, "max_length": 3, "return_tensors": "pt"}),
+        ("encode", (texts[2],), {"padding": "max_length", "max_length": 4}),
+        ("encode_plus", (texts[0],), {"return_special_tokens_mask": True}),
+        ("encode_plus", (texts[1],), {"padding": "max_length", "max_length": 9, "padding_side": "left"}),
+        ("batch_encode_plus", (texts,), {"padding": True, "return_length": True}),
+        ("batch_encode_plus", (texts,), {"truncation": True, "max_length": 2, "return_tensors": "np", "padding": True}),
+    ]:
+        if not hasattr(plain, name):
+            continue
+        a, b = getattr(lean, name)(*args, **kwargs), getattr(plain, name)(*args, **kwargs)
+        assert _any(a) == _any(b), (name, kwargs)
+    chat = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}]
+    for kwargs in ({}, {"return_dict": True}, {"return_tensors": "pt", "return_dict": True}):
+        a = lean.apply_chat_template(chat, tokenize=True, **kwargs)
+        b = plain.apply_chat_template(chat, tokenize=True, **kwargs)
+        assert _any(a) == _any(b), kwargs
 
 def test_lean_model_max_length(reference):
     # strategies resolved from model_max_length, and the long-sequence warning (flag) on both paths
