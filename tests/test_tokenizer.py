@@ -803,6 +803,8 @@ def test_lean_call_matches_transformers_path(lean_pairs, bos, truncation_side):
         (("abc",), {"tokenizer_kwargs": {"padding": "max_length", "max_length": 6}}),
         (("abc", "def"), {}),
         (("abc",), {"unknown_option": 1}),
+        (("abc",), {"truncation": 0}),
+        (("abc",), {"padding": 0}),
         (("x" * 30,), {"truncation": True, "max_length": 8, "padding": True, "pad_to_multiple_of": 3}),
     ],
 )

@@ -296,7 +296,7 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
             not args
             and _CALL_KEYS.issuperset(kwargs)
             and kwargs.get("padding", False) is False
-            and kwargs.get("truncation") in (None, False)
+            and (kwargs.get("truncation") is None or kwargs.get("truncation") is False)
             and kwargs.get("max_length") is None
         ):
             if type(text) is str:
