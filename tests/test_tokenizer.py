@@ -870,6 +870,14 @@ def test_lean_call_lambada_exact(reference, lambada_texts):
     assert [bos(t)["input_ids"] for t in texts[:200]] == [[0] + reference.encode(t) for t in texts[:200]]
 
 
+def test_lean_call_keeps_signature(slow):
+    import inspect
+
+    params = inspect.signature(slow.__call__).parameters
+    assert "text_pair" in params and "return_tensors" in params and "self" not in params
+    assert "text_pair" in (type(slow).__call__.__doc__ or "")
+
+
 def test_lean_path_respects_subclass_overrides(reference):
     class Upper(RwkvWorldTokenizer):
         def prepare_for_tokenization(self, text, **kwargs):

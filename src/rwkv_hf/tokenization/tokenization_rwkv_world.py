@@ -9,6 +9,7 @@ transformers.
 """
 
 import ast
+import functools
 import os
 import re
 from typing import Optional
@@ -289,6 +290,7 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
     # strings (one, or a batch of them) with no pair, no pre-split words, no overflowing rows and no
     # offsets go through `_encode_lean`, which builds the same BatchEncoding directly; anything else,
     # or any case it does not cover (see there), takes transformers' path unchanged.
+    @functools.wraps(PreTrainedTokenizer.__call__)  # its documentation and signature
     def __call__(self, text=None, *args, **kwargs):
         # The commonest call (no padding, no truncation, no pair, no target) skips transformers'
         # `__call__` too: its strategies are then "do not pad", "do not truncate", no max_length.
