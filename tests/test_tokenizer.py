@@ -681,6 +681,212 @@ def test_tokenize_then_convert(slow, reference):
     assert slow.convert_tokens_to_ids(tokens) == [reference.encode(text)[1]] + reference.encode(text)[1:]
     assert slow.convert_tokens_to_ids(list(tokens[:2])) == [reference.encode(text)[1]] * 2
 
+# ------------------------------------------------------------------- slow tokenizer: lean __call__
+# The slow tokenizer builds the BatchEncoding of plain-string calls itself (`_encode_lean`) instead of
+# going through transformers' tokenize / prepare_for_model / pad. `_TransformersPath` overrides one
+# of the methods that path stands in for, so it takes transformers' own path for every call: the
+# oracle. Both must give the same BatchEncoding (keys in order, values, tensor types) or the same error.
+
+
+class _TransformersPath(RwkvWorldTokenizer):
+    def pad(self, *args, **kwargs):
+        return super().pad(*args, **kwargs)
+
+
+def _plain(value):
+    """A BatchEncoding value as nested (type name, dtype, shape, lists)."""
+    if hasattr(value, "tolist"):
+        return (type(value).__name__, str(value.dtype), tuple(value.shape), _plain(value.tolist()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, [_plain(v) for v in value])
+    return (type(value).__name__, value)
+
+
+def _any(value):
+    return (list(value), {k: _plain(v) for k, v in value.items()}) if hasattr(value, "items") else _plain(value)
+
+
+def _outcome(tok, args, kwargs):
+    try:
+        out = tok(*args, **kwargs)
+    except Exception as e:  # the same error on both paths
+        return ("raises", type(e).__name__)
+    assert type(out).__name__ == "BatchEncoding"
+    return (list(out.keys()), {k: _plain(v) for k, v in out.items()}, out.encodings, out.n_sequences, out.is_fast)
+
+
+LEAN_TEXTS = ["héllo wörld 中文 😀 abc", "a", "", "  x\n\ny  ", "𠀀é<|endoftext|>Ģ", "The quick brown fox. " * 3]
+LEAN_GRID = {
+    "add_special_tokens": [True, False],
+    "padding": [False, True, "longest", "max_length", "do_not_pad"],
+    "truncation": [None, False, True, "longest_first", "only_first", "only_second", "do_not_truncate"],
+    "max_length": [None, 1, 2, 5, 9, 40],
+    "pad_to_multiple_of": [None, 4],
+    "padding_side": [None, "left", "right"],
+    "return_tensors": [None, "pt", "np"],
+    "return_token_type_ids": [None, True, False],
+    "return_attention_mask": [None, True, False],
+    "return_special_tokens_mask": [False, True],
+    "return_length": [False, True],
+    "split_special_tokens": [True, False],
+    "stride": [0, 2],
+    "verbose": [True, False],
+}
+
+
+def _lean_cases(count, seed):
+    rnd = random.Random(seed)
+    cases = []
+    for _ in range(count):
+        kwargs = {k: rnd.choice(v) for k, v in LEAN_GRID.items() if rnd.random() < 0.4}
+        shape = rnd.choice(["one", "one", "list", "tuple", "list1"])
+        if shape == "one":
+            text = rnd.choice(LEAN_TEXTS)
+        else:
+            text = rnd.sample(LEAN_TEXTS, 1 if shape == "list1" else rnd.randint(2, 4))
+            text = tuple(text) if shape == "tuple" else text
+        cases.append((text, kwargs))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def lean_pairs():
+    """(lean tokenizer, transformers-path tokenizer) for add_bos_token False and True."""
+    return {bos: (RwkvWorldTokenizer(add_bos_token=bos), _TransformersPath(add_bos_token=bos)) for bos in (False, True)}
+
+
+def test_lean_oracle_takes_transformers_path(lean_pairs, monkeypatch):
+    from transformers import PreTrainedTokenizer
+
+    lean, plain = lean_pairs[False]
+    calls = []
+    original = PreTrainedTokenizer.prepare_for_model
+    monkeypatch.setattr(
+        PreTrainedTokenizer, "prepare_for_model", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    for kwargs in ({}, {"padding": "max_length", "max_length": 9, "truncation": True}, {"return_length": True}):
+        for text in ("abc def", ["abc", "de f"]):
+            calls.clear()
+            plain(text, **kwargs)
+            assert calls, "the oracle must use transformers' prepare_for_model"
+            calls.clear()
+            lean(text, **kwargs)
+            assert not calls, "plain-string calls must take the lean path"
+
+
+@pytest.mark.parametrize("truncation_side", ["right", "left"])
+@pytest.mark.parametrize("bos", [False, True])
+def test_lean_call_matches_transformers_path(lean_pairs, bos, truncation_side):
+    lean, plain = lean_pairs[bos]
+    lean.truncation_side = plain.truncation_side = truncation_side
+    try:
+        for text, kwargs in _lean_cases(250, seed=2 * bos + (truncation_side == "left")):
+            assert _outcome(lean, (text,), kwargs) == _outcome(plain, (text,), kwargs), (text, kwargs)
+    finally:
+        lean.truncation_side = plain.truncation_side = "right"
+
+
+@pytest.mark.parametrize(
+    "args, kwargs",
+    [
+        (("abc def",), {"text_pair": "ghi"}),
+        ((["abc", "de f"],), {"text_pair": ["x", "y z"], "padding": True}),
+        (([("abc", "x"), ("de f", "y z")],), {}),
+        ((["abc", "de", "f"],), {"is_split_into_words": True}),
+        (("abc def ghi jkl",), {"truncation": True, "max_length": 3, "stride": 1, "return_overflowing_tokens": True}),
+        ((["abc def ghi", "x"],), {"truncation": True, "max_length": 2, "return_overflowing_tokens": True}),
+        (("abc",), {"text_target": "def ghi"}),
+        ((None,), {"text_target": ["def", "ghi jk"], "padding": True}),
+        (([],), {}),
+        ((["abc", 1],), {}),
+        (([3, 4, 5],), {}),
+        (("abc",), {"tokenizer_kwargs": {"padding": "max_length", "max_length": 6}}),
+        (("abc", "def"), {}),
+        (("abc",), {"unknown_option": 1}),
+        (("abc",), {"truncation": 0}),
+        (("abc",), {"padding": 0}),
+        (("x" * 30,), {"truncation": True, "max_length": 8, "padding": True, "pad_to_multiple_of": 3}),
+    ],
+)
+def test_lean_fallbacks_match_transformers_path(lean_pairs, args, kwargs):
+    for lean, plain in lean_pairs.values():
+        assert _outcome(lean, args, kwargs) == _outcome(plain, args, kwargs)
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_lean_other_entry_points(lean_pairs, bos):
+    # encode, encode_plus / batch_encode_plus (where transformers has them) and apply_chat_template
+    lean, plain = lean_pairs[bos]
+    texts = ["héllo wörld", "a b c d e f", ""]
+    for name, args, kwargs in [
+        ("encode", (texts[0],), {}),
+        ("encode", (texts[1],), {"truncation": True, "max_length": 3, "return_tensors": "pt"}),
+        ("encode", (texts[2],), {"padding": "max_length", "max_length": 4}),
+        ("encode_plus", (texts[0],), {"return_special_tokens_mask": True}),
+        ("encode_plus", (texts[1],), {"padding": "max_length", "max_length": 9, "padding_side": "left"}),
+        ("batch_encode_plus", (texts,), {"padding": True, "return_length": True}),
+        ("batch_encode_plus", (texts,), {"truncation": True, "max_length": 2, "return_tensors": "np", "padding": True}),
+    ]:
+        if not hasattr(plain, name):
+            continue
+        a, b = getattr(lean, name)(*args, **kwargs), getattr(plain, name)(*args, **kwargs)
+        assert _any(a) == _any(b), (name, kwargs)
+    chat = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}]
+    for kwargs in ({}, {"return_dict": True}, {"return_tensors": "pt", "return_dict": True}):
+        a = lean.apply_chat_template(chat, tokenize=True, **kwargs)
+        b = plain.apply_chat_template(chat, tokenize=True, **kwargs)
+        assert _any(a) == _any(b), kwargs
+
+def test_lean_model_max_length(reference):
+    # strategies resolved from model_max_length, and the long-sequence warning (flag) on both paths
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    for kwargs in ({}, {"truncation": True}, {"padding": "max_length"}, {"max_length": 4}, {"verbose": False}):
+        for batched in (False, True):
+            lean, plain = RwkvWorldTokenizer(model_max_length=7), _TransformersPath(model_max_length=7)
+            args = ([text, "a"],) if batched else (text,)
+            assert _outcome(lean, args, kwargs) == _outcome(plain, args, kwargs), kwargs
+            assert lean.deprecation_warnings == plain.deprecation_warnings, kwargs
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40), min_size=1, max_size=3),
+    st.sampled_from([{}, {"padding": True, "return_tensors": "pt"}, {"truncation": True, "max_length": 4}]),
+)
+def test_hypothesis_lean_call(lean_pairs, reference, texts, kwargs):
+    lean, plain = lean_pairs[False]
+    assert lean(texts[0], add_special_tokens=False)["input_ids"] == reference.encode(texts[0])
+    assert lean(texts, add_special_tokens=False)["input_ids"] == [reference.encode(t) for t in texts]
+    assert _outcome(lean, (texts,), kwargs) == _outcome(plain, (texts,), kwargs)
+    assert _outcome(lean, (texts[0],), kwargs) == _outcome(plain, (texts[0],), kwargs)
+
+
+def test_lean_call_lambada_exact(reference, lambada_texts):
+    tok = RwkvWorldTokenizer()
+    texts = lambada_texts[:1500]
+    assert [tok(t)["input_ids"] for t in texts] == [reference.encode(t) for t in texts]
+    assert tok(texts)["input_ids"] == [reference.encode(t) for t in texts]
+    bos = RwkvWorldTokenizer(add_bos_token=True)
+    assert [bos(t)["input_ids"] for t in texts[:200]] == [[0] + reference.encode(t) for t in texts[:200]]
+
+
+def test_lean_call_keeps_signature(slow):
+    import inspect
+
+    params = inspect.signature(slow.__call__).parameters
+    assert "text_pair" in params and "return_tensors" in params and "self" not in params
+    assert "text_pair" in (type(slow).__call__.__doc__ or "")
+
+
+def test_lean_path_respects_subclass_overrides(reference):
+    class Upper(RwkvWorldTokenizer):
+        def prepare_for_tokenization(self, text, **kwargs):
+            return text.upper(), kwargs
+
+    assert Upper()("abc def")["input_ids"] == reference.encode("ABC DEF")
+    assert Upper()(["abc", "d"])["input_ids"] == [reference.encode("ABC"), reference.encode("D")]
+
+
 # --------------------------------------------------------------------------------------------- cli
 
 

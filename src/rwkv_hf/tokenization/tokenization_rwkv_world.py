@@ -9,11 +9,13 @@ transformers.
 """
 
 import ast
+import functools
 import os
 import re
 from typing import Optional
 
-from transformers import PreTrainedTokenizer
+from transformers import BatchEncoding, PreTrainedTokenizer
+from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
 
 VOCAB_FILES_NAMES = {"vocab_file": "rwkv_vocab_v20230424.txt"}
 VOCAB_SIZE = 65536
@@ -282,6 +284,196 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
         tokens.ids = ids
         return tokens
 
+    # ------------------------------------------------------------------ __call__
+    # transformers' own path for a plain string costs ~45 us a call on top of the encoding (the token
+    # strings, `prepare_for_model`, strategies resolved three times, `pad`). Calls that encode plain
+    # strings (one, or a batch of them) with no pair, no pre-split words, no overflowing rows and no
+    # offsets go through `_encode_lean`, which builds the same BatchEncoding directly; anything else,
+    # or any case it does not cover (see there), takes transformers' path unchanged.
+    @functools.wraps(PreTrainedTokenizer.__call__)  # its documentation and signature
+    def __call__(self, text=None, *args, **kwargs):
+        # The commonest call (no padding, no truncation, no pair, no target) skips transformers'
+        # `__call__` too: its strategies are then "do not pad", "do not truncate", no max_length.
+        if (
+            not args
+            and _CALL_KEYS.issuperset(kwargs)
+            and kwargs.get("padding", False) is False
+            and (kwargs.get("truncation") is None or kwargs.get("truncation") is False)
+            and kwargs.get("max_length") is None
+        ):
+            if type(text) is str:
+                out = self._encode_lean((text,), False, kwargs, _CALL_KEYS)
+            elif type(text) in (list, tuple) and text and all(type(t) is str for t in text):
+                out = self._encode_lean(text, True, kwargs, _CALL_KEYS)
+            else:
+                out = None
+            if out is not None:
+                return out
+        return super().__call__(text, *args, **kwargs)
+
+    def _switch_to_input_mode(self):
+        # (a no-op, as transformers 4 defines it: with it, transformers 5's `__call__` does not go
+        # through its slow `__getattr__` to find out that it is missing)
+        pass
+
+    def _encode_plus(self, text, text_pair=None, *args, **kwargs):
+        if not args and text_pair is None:
+            if type(text) is str:
+                out = self._encode_lean((text,), False, kwargs)
+                if out is not None:
+                    return out
+            elif (  # transformers 5 encodes batches here too
+                _BATCHES_IN_ENCODE_PLUS and type(text) in (list, tuple) and text and all(type(t) is str for t in text)
+            ):
+                out = self._encode_lean(text, True, kwargs)
+                if out is not None:
+                    return out
+        return super()._encode_plus(text, text_pair, *args, **kwargs)
+
+    def _batch_encode_plus(self, batch_text_or_text_pairs, *args, **kwargs):  # transformers 4.x
+        texts = batch_text_or_text_pairs
+        if not args and type(texts) in (list, tuple) and texts and all(type(t) is str for t in texts):
+            out = self._encode_lean(texts, True, kwargs)
+            if out is not None:
+                return out
+        return super()._batch_encode_plus(texts, *args, **kwargs)
+
+    def _encode_lean(self, texts, batched, kw, keys=None):
+        """The BatchEncoding that transformers' `_encode_plus` (one text; a batch on 5.x) or
+        `_batch_encode_plus` (a batch, 4.x) would build for ``texts``, or None where this path does not
+        cover the call (the caller then takes transformers' path). ``kw``: that method's keyword
+        arguments, or `__call__`'s (``keys=_CALL_KEYS``, checked by the caller to mean no padding and
+        no truncation). Everything that makes it give up is decided before any side effect (the
+        long-sequence warning)."""
+        if not (keys or _LEAN_KEYS).issuperset(kw) or not _lean_class(type(self)):
+            return None
+        get = kw.get
+        if get("is_split_into_words") or get("return_overflowing_tokens") or get("return_offsets_mapping"):
+            return None
+        # transformers 4's batch path does not hand split_special_tokens to tokenize(): require both
+        if not (self.split_special_tokens and get("split_special_tokens", True)):
+            return None
+        if self.model_input_names[0] != "input_ids":
+            return None
+        add_special = get("add_special_tokens", True)
+        padding = get("padding_strategy", _DO_NOT_PAD)
+        truncation = get("truncation_strategy", _DO_NOT_TRUNCATE)
+        max_length = get("max_length")
+        truncate = False
+        if truncation is not _DO_NOT_TRUNCATE:
+            if truncation is not TruncationStrategy.LONGEST_FIRST and truncation is not TruncationStrategy.ONLY_FIRST:
+                return None  # only_second (no effect on one sequence), or not an enum member
+            # (max_length None: prepare_for_model would resolve the strategy again; an odd truncation
+            # side: 4.x raises, 5.x cuts on the right)
+            if max_length is None or self.truncation_side not in ("left", "right"):
+                return None
+            truncate = bool(max_length)
+        if padding is not _DO_NOT_PAD:
+            if padding is PaddingStrategy.MAX_LENGTH:
+                if max_length is None:
+                    return None
+            elif padding is not PaddingStrategy.LONGEST:
+                return None
+            pad_to_multiple_of = get("pad_to_multiple_of")
+            if self.pad_token is None or (  # the errors of transformers' strategy checks
+                truncation is not _DO_NOT_TRUNCATE
+                and pad_to_multiple_of is not None
+                and max_length % pad_to_multiple_of != 0
+            ):
+                return None
+        return_token_type_ids = get("return_token_type_ids")
+        if return_token_type_ids is None:
+            return_token_type_ids = "token_type_ids" in self.model_input_names
+        if return_token_type_ids and not add_special:  # 4.x raises
+            return None
+        return_attention_mask = get("return_attention_mask")
+        if return_attention_mask is None:
+            return_attention_mask = "attention_mask" in self.model_input_names
+        bos = 1 if add_special and self.add_bos_token else 0
+        left = self.truncation_side == "left"
+
+        rows = []
+        prepare, encode = self.prepare_for_tokenization, self.encode_text
+        for text in texts:
+            ids = encode(prepare(text)[0])
+            if truncate:
+                remove = len(ids) + bos - max_length
+                if remove > 0:
+                    if remove >= len(ids):  # 4.x logs an error and keeps them all, 5.x drops them all
+                        return None
+                    ids = ids[remove:] if left else ids[:-remove]
+            rows.append(ids)
+        if not batched:
+            ids = rows[0]
+            if not ids and not bos:  # `pad` returns an empty sequence early, unpadded
+                return None
+            return self._lean_single(ids, bos, kw, padding, max_length, return_token_type_ids, return_attention_mask)
+
+        sequences = [[0] + ids for ids in rows] if bos else rows
+        warn, verbose = self._eventual_warn_about_too_long_sequence, get("verbose", True)
+        for sequence in sequences:
+            warn(sequence, max_length, verbose)
+        data = {"input_ids": sequences}
+        if return_token_type_ids:
+            data["token_type_ids"] = [[0] * len(s) for s in sequences]
+        if get("return_special_tokens_mask"):
+            if add_special:
+                data["special_tokens_mask"] = [self.get_special_tokens_mask(ids) for ids in rows]
+            else:
+                data["special_tokens_mask"] = [[0] * len(s) for s in sequences]
+        if get("return_length"):  # each row's length before the batch is padded
+            data["length"] = [len(s) for s in sequences]
+        if padding is not _DO_NOT_PAD:
+            if padding is PaddingStrategy.LONGEST:
+                max_length = max(map(len, sequences))
+                padding = PaddingStrategy.MAX_LENGTH
+            pad, pad_to_multiple_of, padding_side = self._pad, get("pad_to_multiple_of"), get("padding_side")
+            keys = list(data)
+            padded = {}
+            for i in range(len(sequences)):
+                row = pad(
+                    {k: data[k][i] for k in keys},
+                    max_length=max_length,
+                    padding_strategy=padding,
+                    pad_to_multiple_of=pad_to_multiple_of,
+                    padding_side=padding_side,
+                    return_attention_mask=return_attention_mask,
+                )
+                for key, value in row.items():
+                    padded.setdefault(key, []).append(value)
+            data = padded
+        elif return_attention_mask:
+            data["attention_mask"] = [[1] * len(s) for s in sequences]
+        return BatchEncoding(data, tensor_type=get("return_tensors"))
+
+    def _lean_single(self, ids, bos, kw, padding, max_length, return_token_type_ids, return_attention_mask):
+        """`_encode_lean` for one text: what `prepare_for_model` builds from its (truncated) ids."""
+        get = kw.get
+        sequence = [0] + ids if bos else ids
+        self._eventual_warn_about_too_long_sequence(sequence, max_length, get("verbose", True))
+        data = {"input_ids": sequence}
+        if return_token_type_ids:
+            data["token_type_ids"] = [0] * len(sequence)
+        if get("return_special_tokens_mask"):
+            if get("add_special_tokens", True):
+                data["special_tokens_mask"] = self.get_special_tokens_mask(ids)
+            else:
+                data["special_tokens_mask"] = [0] * len(sequence)
+        if padding is not _DO_NOT_PAD:
+            data = self._pad(
+                data,
+                max_length=max_length,
+                padding_strategy=padding,
+                pad_to_multiple_of=get("pad_to_multiple_of"),
+                padding_side=get("padding_side"),
+                return_attention_mask=return_attention_mask,
+            )
+        elif return_attention_mask:
+            data["attention_mask"] = [1] * len(sequence)
+        if get("return_length"):
+            data["length"] = len(data["input_ids"])
+        return BatchEncoding(data, tensor_type=get("return_tensors"), prepend_batch_axis=True)
+
     def convert_tokens_to_ids(self, tokens):
         # `tokenize`'s own result, unchanged since: its ids (the comparison runs in C)
         if type(tokens) is _Tokens and list(map(self._id_to_token.__getitem__, tokens.ids)) == tokens:
@@ -367,6 +559,64 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
             dst.write(src.read())
         return (path,)
 
+
+
+# The arguments transformers hands `_encode_plus` / `_batch_encode_plus` that `_encode_lean` knows.
+_LEAN_KEYS = frozenset(
+    (
+        "add_special_tokens",
+        "padding_strategy",
+        "truncation_strategy",
+        "max_length",
+        "stride",  # only shapes overflowing rows, which the lean path never returns
+        "is_split_into_words",
+        "pad_to_multiple_of",
+        "padding_side",
+        "return_tensors",
+        "return_token_type_ids",
+        "return_attention_mask",
+        "return_overflowing_tokens",
+        "return_special_tokens_mask",
+        "return_offsets_mapping",
+        "return_length",
+        "verbose",
+        "split_special_tokens",
+    )
+)
+# The arguments of `__call__` that its own lean path takes (with padding, truncation and max_length
+# at their defaults); `_encode_lean` checks the rest as it does for `_encode_plus`.
+_CALL_KEYS = (_LEAN_KEYS - {"padding_strategy", "truncation_strategy"}) | {"padding", "truncation"}
+_DO_NOT_PAD = PaddingStrategy.DO_NOT_PAD
+_DO_NOT_TRUNCATE = TruncationStrategy.DO_NOT_TRUNCATE
+# transformers 5 has no _batch_encode_plus: its _encode_plus takes batches
+_BATCHES_IN_ENCODE_PLUS = not hasattr(PreTrainedTokenizer, "_batch_encode_plus")
+# The methods `_encode_lean` stands in for; a subclass that overrides one takes transformers' path.
+_LEAN_METHODS = (
+    "_encode_plus",
+    "_batch_encode_plus",
+    "_batch_prepare_for_model",
+    "prepare_for_tokenization",
+    "tokenize",
+    "convert_tokens_to_ids",
+    "build_inputs_with_special_tokens",
+    "create_token_type_ids_from_sequences",
+    "num_special_tokens_to_add",
+    "prepare_for_model",
+    "truncate_sequences",
+    "pad",
+    "_pad",
+    "get_special_tokens_mask",
+    "_eventual_warn_about_too_long_sequence",
+)
+_lean_classes = {}
+
+
+def _lean_class(cls) -> bool:
+    ok = _lean_classes.get(cls)
+    if ok is None:
+        base = RwkvWorldTokenizer
+        ok = _lean_classes[cls] = all(getattr(cls, n, None) is getattr(base, n, None) for n in _LEAN_METHODS)
+    return ok
 
 
 class _Tokens(list):
