@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 DECAY_SCALE = 0.606531  # RWKV-7: log w = -0.606531 * sigmoid(.)
-# batches up to this size compute x W^T as a reduction (memory bound); larger ones as a matmul
+# on CUDA, batches up to this size compute x W^T as a reduction (memory bound); larger ones, and CPU, a matmul
 REDUCTION_MAX_BATCH = 4
 
 
@@ -244,8 +244,8 @@ def model_step(model, ids: Tensor, layers_state, layer_fn=None, params=None, red
     x = body.emb(ids[:, 0])
     # block 0 normalises the embedding in fp32, as the reference does
     x = F.layer_norm(x.float(), ln0.normalized_shape, ln0.weight.float(), ln0.bias.float(), ln0.eps).to(x.dtype)
-    if reduce is None:
-        reduce = x.shape[0] <= REDUCTION_MAX_BATCH
+    if reduce is None:  # (on CPU, eager or compiled, the matmul is faster: the weights stay in cache-sized tiles)
+        reduce = x.is_cuda and x.shape[0] <= REDUCTION_MAX_BATCH
     if params is None:
         params = [layer_params(blk) for blk in body.blocks]
     consts = step_consts(model)
