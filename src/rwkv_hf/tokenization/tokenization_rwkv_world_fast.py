@@ -15,6 +15,7 @@ from transformers import BatchEncoding, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
 
 from .tokenization_rwkv_world import (
+    _LEAN_KEYS,
     EOS_TOKEN,
     FIRST_UNUSED_ID,
     VOCAB_SIZE,
@@ -198,28 +199,9 @@ class LazyEncoding:
         return (type(real), (), real.__getstate__())
 
 
-_FAST_PATH_KEYS = frozenset(
-    {
-        "add_special_tokens",
-        "padding_strategy",
-        "truncation_strategy",
-        "max_length",
-        "stride",
-        "is_split_into_words",
-        "pad_to_multiple_of",
-        "padding_side",
-        "return_tensors",
-        "return_token_type_ids",
-        "return_attention_mask",
-        "return_overflowing_tokens",
-        "return_special_tokens_mask",
-        "return_offsets_mapping",
-        "return_length",
-        "verbose",
-        "split_special_tokens",
-        "sanitize_control_tokens",
-    }
-)
+# what transformers hands `_encode_plus` / `_batch_encode_plus` that `_encode_fast` knows: the slow
+# tokenizer's lean-path arguments, and 5.x's chat-template flag (which sends a call to transformers)
+_FAST_PATH_KEYS = _LEAN_KEYS | {"sanitize_control_tokens"}
 
 
 def _fast_path_texts(text, text_pair, kwargs):
