@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .configuration_rwkv4 import Rwkv4Config
-from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, relu_square, rescale, token_shift
+from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, mix, relu_square, rescale, token_shift
 from .rwkv_ops import wkv4
 
 # transformers 4.57 copies into its module cache only the files that a local folder's model file imports
@@ -26,11 +26,6 @@ from .rwkv_chunk import wkv5_chunk  # noqa: F401,E402
 from .rwkv_decode import graph_step  # noqa: F401,E402
 from .rwkv_step import model_step  # noqa: F401,E402
 from .rwkv_fla import HAVE_FLA  # noqa: F401,E402
-
-
-def mix(x, prev, coeff):
-    """The v4/v5 token-shift interpolation: x * coeff + x_prev * (1 - coeff)."""
-    return torch.addcmul(x * coeff, prev, 1 - coeff)
 
 
 class Rwkv4TimeMix(nn.Module):

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .configuration_rwkv5 import Rwkv5Config
-from .modeling_rwkv4 import Rwkv4ChannelMix, mix
-from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, group_norm_fp32, rescale, token_shift
+from .modeling_rwkv4 import Rwkv4ChannelMix
+from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, group_norm_fp32, mix, rescale, token_shift
 from .rwkv_ops import wkv5
 
 # transformers 4.57 copies into its module cache only the files that a local folder's model file imports

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .configuration_rwkv7 import Rwkv7Config
-from .rwkv_common import RwkvForCausalLMBase, RwkvModelBase, relu_square, rescale, token_shift
+from .rwkv_common import DECAY_SCALE, RwkvForCausalLMBase, RwkvModelBase, relu_square, rescale, token_shift
 from .rwkv_ops import wkv7
 
 # transformers 4.57 copies into its module cache only the files that a local folder's model file imports
@@ -33,7 +33,6 @@ from .rwkv_decode import graph_step  # noqa: F401,E402
 from .rwkv_step import model_step  # noqa: F401,E402
 from .rwkv_fla import HAVE_FLA  # noqa: F401,E402
 
-DECAY_SCALE = 0.606531  # exp(-0.5): log w = -0.606531 * sigmoid(.) keeps every decay in (exp(-0.607), 1)
 
 
 class Rwkv7TimeMix(nn.Module):

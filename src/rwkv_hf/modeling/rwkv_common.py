@@ -145,6 +145,15 @@ def rescale(x: Tensor, scale: float) -> Tensor:
     return x if scale == 1.0 else x * scale
 
 
+def mix(x: Tensor, prev: Tensor, coeff: Tensor) -> Tensor:
+    """The v4/v5 token-shift interpolation: x * coeff + x_prev * (1 - coeff)."""
+    return torch.addcmul(x * coeff, prev, 1 - coeff)
+
+
+# RWKV-7: log w = -0.606531 * sigmoid(.) keeps every decay in (exp(-0.607), 1) (0.606531 ~ exp(-0.5))
+DECAY_SCALE = 0.606531
+
+
 def relu_square(x: Tensor) -> Tensor:
     """relu(x)^2 of the channel mixes (relu in place on a fresh matmul output; square is x * x, faster than pow)."""
     return torch.square(torch.relu_(x))

@@ -26,8 +26,9 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
+from .rwkv_common import DECAY_SCALE, mix, relu_square
+
 Tensor = torch.Tensor
-DECAY_SCALE = 0.606531  # RWKV-7: log w = -0.606531 * sigmoid(.)
 # on CUDA, batches up to this size compute x W^T as a reduction (memory bound); larger ones, and CPU, a matmul
 REDUCTION_MAX_BATCH = 4
 
@@ -46,11 +47,6 @@ def _lora_in(x: Tensor, w: Tensor, reduce: bool) -> Tensor:
     return x @ w
 
 
-def _mix(x: Tensor, prev: Tensor, c: Tensor) -> Tensor:
-    """v4/v5 token shift: x * c + x_prev * (1 - c)."""
-    return torch.addcmul(x * c, prev, 1 - c)
-
-
 def _wkv5_step(r, k, v, decay, u, S):
     """RWKV-5/6, one token, fp32: r, k, v [B, H, N]; decay (w), u broadcastable to [B, H, N]; S [B, H, key, value].
     y = r (S + diag(u) k^T v);  S <- diag(w) S + k^T v (in place). Returns y [B, H, N]."""
@@ -66,8 +62,8 @@ def _group_norm_fp32(y: Tensor, H: int, w: Tensor, b: Tensor, eps: float) -> Ten
 
 def _ffn_v4(h2, ffn_shift, p, reduce):
     """The channel mix of v4 and v5: sigmoid(xr R) * (relu(xk K)^2 V)."""
-    r = torch.sigmoid(_lin(_mix(h2, ffn_shift, p["ffn.time_mix_r"]), p["ffn.receptance.weight"], reduce))
-    k = torch.square(torch.relu(_lin(_mix(h2, ffn_shift, p["ffn.time_mix_k"]), p["ffn.key.weight"], reduce)))
+    r = torch.sigmoid(_lin(mix(h2, ffn_shift, p["ffn.time_mix_r"]), p["ffn.receptance.weight"], reduce))
+    k = relu_square(_lin(mix(h2, ffn_shift, p["ffn.time_mix_k"]), p["ffn.key.weight"], reduce))
     return r * _lin(k, p["ffn.value.weight"], reduce)
 
 
@@ -77,9 +73,9 @@ def layer_step_v4(x, v_first, state, p, first: bool, reduce: bool, consts) -> Tu
     att_shift, (aa, bb, pp), ffn_shift = state
     C = x.shape[1]
     h = F.layer_norm(x, (C,), p["ln1.weight"], p["ln1.bias"], eps)
-    r = torch.sigmoid(_lin(_mix(h, att_shift, p["att.time_mix_r"]), p["att.receptance.weight"], reduce))
-    k = _lin(_mix(h, att_shift, p["att.time_mix_k"]), p["att.key.weight"], reduce).float()
-    v = _lin(_mix(h, att_shift, p["att.time_mix_v"]), p["att.value.weight"], reduce).float()
+    r = torch.sigmoid(_lin(mix(h, att_shift, p["att.time_mix_r"]), p["att.receptance.weight"], reduce))
+    k = _lin(mix(h, att_shift, p["att.time_mix_k"]), p["att.key.weight"], reduce).float()
+    v = _lin(mix(h, att_shift, p["att.time_mix_v"]), p["att.value.weight"], reduce).float()
     att_shift.copy_(h)
     log_w, u = -torch.exp(p["att.time_decay"].float()), p["att.time_first"].float()
     # the reference's overflow-free form (see rwkv_ops.wkv4_recurrent)
@@ -107,12 +103,12 @@ def layer_step_v5(x, v_first, state, p, first: bool, reduce: bool, consts) -> Tu
     B, C = x.shape
     H, N = S.shape[1], S.shape[2]
     h = F.layer_norm(x, (C,), p["ln1.weight"], p["ln1.bias"], eps)
-    r = _lin(_mix(h, att_shift, p["att.time_mix_r"]), p["att.receptance.weight"], reduce)
-    k = _lin(_mix(h, att_shift, p["att.time_mix_k"]), p["att.key.weight"], reduce)
-    v = _lin(_mix(h, att_shift, p["att.time_mix_v"]), p["att.value.weight"], reduce)
+    r = _lin(mix(h, att_shift, p["att.time_mix_r"]), p["att.receptance.weight"], reduce)
+    k = _lin(mix(h, att_shift, p["att.time_mix_k"]), p["att.key.weight"], reduce)
+    v = _lin(mix(h, att_shift, p["att.time_mix_v"]), p["att.value.weight"], reduce)
     g = None
     if version != "5.0":
-        g = F.silu(_lin(_mix(h, att_shift, p["att.time_mix_g"]), p["att.gate.weight"], reduce))
+        g = F.silu(_lin(mix(h, att_shift, p["att.time_mix_g"]), p["att.gate.weight"], reduce))
     att_shift.copy_(h)
     if version == "5.2":
         decay, u = torch.exp(-torch.exp(p["att.time_decay"].float())), p["att.time_faaaa"].float()
@@ -159,7 +155,7 @@ def layer_step_v6(x, v_first, state, p, first: bool, reduce: bool, consts) -> Tu
     sx = ffn_shift - h2
     ffn_shift.copy_(h2)
     r = torch.sigmoid(_lin(torch.addcmul(h2, sx, p["ffn.time_maa_r"]), p["ffn.receptance.weight"], reduce))
-    k = torch.square(torch.relu(_lin(torch.addcmul(h2, sx, p["ffn.time_maa_k"]), p["ffn.key.weight"], reduce)))
+    k = relu_square(_lin(torch.addcmul(h2, sx, p["ffn.time_maa_k"]), p["ffn.key.weight"], reduce))
     return x + r * _lin(k, p["ffn.value.weight"], reduce), v_first
 
 
@@ -202,7 +198,7 @@ def layer_step_v7(x, v_first, state, p, first: bool, reduce: bool, consts) -> Tu
     h2 = F.layer_norm(x, (C,), p["ln2.weight"], p["ln2.bias"], eps)
     xk = torch.addcmul(h2, ffn_shift - h2, p["ffn.x_k"])
     ffn_shift.copy_(h2)
-    return x + _lin(torch.square(torch.relu(_lin(xk, p["ffn.key.weight"], reduce))), p["ffn.value.weight"], reduce), v_first
+    return x + _lin(relu_square(_lin(xk, p["ffn.key.weight"], reduce)), p["ffn.value.weight"], reduce), v_first
 
 
 # ------------------------------------------------------------------------------------------ a model
