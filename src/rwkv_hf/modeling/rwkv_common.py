@@ -483,7 +483,7 @@ class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
         if input_ids.is_cuda:
             path = "graph" if getattr(self.config, "cuda_graph_decode", False) and wkv_mode in (None, "auto", "recurrent") else None
         else:  # an explicit wkv_mode="recurrent" keeps the modules' path: it is the reference the step is tested on
-            from .rwkv_step import layer_step_for
+            from .rwkv_step import layer_step_for  # (here: rwkv_step imports this module)
 
             path = "fused" if wkv_mode in (None, "auto") and layer_step_for(self) is not None else None
         if path is None or not self._plain_modules():
@@ -493,7 +493,8 @@ class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
     def _plain_modules(self) -> bool:
         """Only our own modules and torch's basic layers, without hooks: a captured graph replays the
         modules as they were at capture, so anything that can change what a module does between steps
-        (PEFT adapters switched on and off, forward hooks) keeps the step eager. ~0.1 ms per step."""
+        (PEFT adapters switched on and off, forward hooks) keeps the step eager. (Cached: see
+        `_MODULE_REGISTRATIONS`.)"""
         if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
             return False
         seen = _PLAIN_CHECKS.get(self)

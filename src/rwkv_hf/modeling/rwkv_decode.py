@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from . import rwkv_step
-from .rwkv_common import CACHE_FIELD, RwkvCache, _map_tensors
+from .rwkv_common import CACHE_FIELD, RwkvCache
 
 Tensor = torch.Tensor
 
@@ -102,10 +102,7 @@ class RwkvGraphDecoder:
 
     def export_cache(self) -> RwkvCache:
         """An independent RwkvCache holding the current state (to continue with the eager model)."""
-        out = RwkvCache(len(self.cache.layers_state))
-        out.layers_state = [_map_tensors(lambda t: t.clone(), s) for s in self.cache.layers_state]
-        out.seen_tokens = self.cache.seen_tokens
-        return out
+        return self.cache.clone()
 
     # -------------------------------------------------------------------------------------- step
     def _eager_step(self) -> Tensor:
@@ -126,7 +123,7 @@ class RwkvGraphDecoder:
 
     @torch.no_grad()
     def capture(self) -> None:
-        saved = [_map_tensors(lambda t: t.clone(), s) for s in self.cache.layers_state]
+        saved = self.cache.clone().layers_state
         try:
             self._capture(saved)
         except Exception as e:
@@ -176,7 +173,7 @@ class RwkvGraphDecoder:
         """Make `cache` hold the static buffers (its state copied in); a previous holder gets a copy."""
         previous = self._owner() if self._owner is not None else None
         if previous is not None and previous is not cache and _same_tensors(previous.layers_state, self.cache.layers_state):
-            previous.layers_state = [_map_tensors(lambda t: t.clone(), s) for s in self.cache.layers_state]
+            previous.layers_state = self.cache.clone().layers_state
         self.load_cache(cache)
         cache.layers_state = list(self.cache.layers_state)
         self._owner = weakref.ref(cache)
@@ -233,7 +230,7 @@ def fused_step(model, input_ids: Tensor, cache: RwkvCache) -> Tensor:
         if entry is None or entry[0] is not plain:
             entry = _FUSED_FNS[model] = (plain, _compiled_layer_step(plain))
         fn = entry[1]
-    layers = [_map_tensors(lambda t: t.clone(), s) for s in cache.layers_state]
+    layers = cache.clone().layers_state
     try:
         logits = rwkv_step.model_step(model, input_ids, layers, fn)
     except Exception as e:
@@ -243,7 +240,7 @@ def fused_step(model, input_ids: Tensor, cache: RwkvCache) -> Tensor:
         warnings.warn(f"the compiled decode step failed ({type(e).__name__}: {e}); using the plain step")
         fn = plain
         _FUSED_FNS[model] = (plain, plain)
-        layers = [_map_tensors(lambda t: t.clone(), s) for s in cache.layers_state]
+        layers = cache.clone().layers_state
         logits = rwkv_step.model_step(model, input_ids, layers, fn)
     for i, s in enumerate(layers):
         cache.layers_state[i] = s

@@ -138,14 +138,14 @@ def wkv4(log_w, u, k, v, state, mask=None, mode=None):
     return wkv4_recurrent(log_w, u, k, v, state, mask)
 
 
-def _fused_step(mode, x: Tensor, mask, state) -> bool:
+def _fla_one_token(mode, x: Tensor, mask, state) -> bool:
     """Decoding on CUDA with fla: one token, no mask, no gradients (fla's fused one-token kernels have no backward)."""
     return (mode in (None, "auto") and x.shape[1] == 1 and mask is None and state is not None
             and not torch.is_grad_enabled() and fla_available(x))
 
 
 def wkv5(r, k, v, log_w, u, state, mask=None, mode=None):
-    if _fused_step(mode, r, mask, state):
+    if _fla_one_token(mode, r, mask, state):
         return wkv5_fla_step(r, k, v, log_w, u, state)
     mode = pick_mode(mode, r, r.shape[1])
     if mode == "chunk":
@@ -156,7 +156,7 @@ def wkv5(r, k, v, log_w, u, state, mask=None, mode=None):
 
 
 def wkv7(r, log_w, k, v, a, b, state, mask=None, mode=None):
-    if _fused_step(mode, r, mask, state):
+    if _fla_one_token(mode, r, mask, state):
         return wkv7_fla_step(r, log_w, k, v, a, b, state)
     mode = pick_mode(mode, r, r.shape[1])
     if mode == "chunk":
