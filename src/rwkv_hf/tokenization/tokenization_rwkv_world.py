@@ -303,7 +303,7 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
         ):
             if type(text) is str:
                 out = self._encode_lean((text,), False, kwargs, _CALL_KEYS)
-            elif type(text) in (list, tuple) and text and all(type(t) is str for t in text):
+            elif _str_batch(text):
                 out = self._encode_lean(text, True, kwargs, _CALL_KEYS)
             else:
                 out = None
@@ -323,7 +323,7 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
                 if out is not None:
                     return out
             elif (  # transformers 5 encodes batches here too
-                _BATCHES_IN_ENCODE_PLUS and type(text) in (list, tuple) and text and all(type(t) is str for t in text)
+                _BATCHES_IN_ENCODE_PLUS and _str_batch(text)
             ):
                 out = self._encode_lean(text, True, kwargs)
                 if out is not None:
@@ -332,7 +332,7 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
 
     def _batch_encode_plus(self, batch_text_or_text_pairs, *args, **kwargs):  # transformers 4.x
         texts = batch_text_or_text_pairs
-        if not args and type(texts) in (list, tuple) and texts and all(type(t) is str for t in texts):
+        if not args and _str_batch(texts):
             out = self._encode_lean(texts, True, kwargs)
             if out is not None:
                 return out
@@ -609,6 +609,11 @@ _LEAN_METHODS = (
     "_eventual_warn_about_too_long_sequence",
 )
 _lean_classes = {}
+
+
+def _str_batch(texts) -> bool:
+    """A non-empty list or tuple of plain strings: a batch the lean path encodes."""
+    return type(texts) in (list, tuple) and bool(texts) and all(type(t) is str for t in texts)
 
 
 def _lean_class(cls) -> bool:
