@@ -1,0 +1,252 @@
+"""What a Hugging Face / RWKV user's usual tools get from a converted folder: padding for a batch,
+generation lengths as lm-eval asks for them, the World chat format and where a chat turn stops, PEFT."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import rwkv_hf  # noqa: F401  (registers the Auto classes)
+from rwkv_hf.convert import convert_checkpoint
+from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
+from rwkv_hf.modeling import FAMILIES
+from rwkv_hf.testing import make_state_dict, run_without_rwkv_hf
+from rwkv_hf.tokenization import RwkvWorldTokenizer, RwkvWorldTokenizerFast, write_tokenizer_folder
+
+SIZES = dict(n_layer=2, n_embd=64, head_size=32)
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def v7_sd():
+    return make_state_dict("7", seed=5, **SIZES)
+
+
+@pytest.fixture(scope="module")
+def folder(v7_sd, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eco")
+    torch.save(v7_sd, root / "v7.pth")
+    convert_checkpoint(root / "v7.pth", root / "hf", log=quiet)
+    return root / "hf"
+
+
+@pytest.fixture(scope="module")
+def loaded(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def new_tokens(out, prompt_len, eos=(0, 261)):
+    """The generated ids of each row, up to and including its first eos (the rest is padding)."""
+    rows = []
+    for row in out[:, prompt_len:].tolist():
+        ends = [i for i, t in enumerate(row) if t in eos]
+        rows.append(row[: ends[0] + 1] if ends else row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ padding
+def test_tokenizers_pad_left_by_default(tmp_path, folder):
+    from transformers import AutoTokenizer
+
+    write_tokenizer_folder(tmp_path / "tok")
+    assert json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())["padding_side"] == "left"
+    for tok in (RwkvWorldTokenizer(), RwkvWorldTokenizerFast(), AutoTokenizer.from_pretrained(folder)):
+        assert tok.padding_side == "left"
+        ids = tok(["a b c d", "x"], padding=True)["input_ids"]
+        assert ids[1][0] == 0 and ids[1][-1] != 0, type(tok).__name__
+        tok.save_pretrained(tmp_path / "saved")
+        assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["padding_side"] == "left"
+
+
+def test_padded_batch_continues_each_row_as_alone(loaded):
+    """The README's batch example: the short row's greedy continuation is the one it gets alone."""
+    tok, model = loaded
+    texts = ["Hello", "The capital of France is"]
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=8, do_sample=False)
+        rows = new_tokens(out, batch["input_ids"].shape[1])
+        for text, row in zip(texts, rows):
+            alone = tok(text, return_tensors="pt")
+            assert new_tokens(model.generate(**alone, max_new_tokens=8, do_sample=False), alone["input_ids"].shape[1])[0] == row
+
+
+# ------------------------------------------------------------------------------- generation config
+def test_generation_config_leaves_the_length_to_the_caller(folder, loaded):
+    """lm-eval's generate_until asks for `max_length` = prompt + max_gen_toks; it must get that many."""
+    gen = json.loads((folder / "generation_config.json").read_text())
+    assert "max_new_tokens" not in gen and "max_length" not in gen
+    assert gen["eos_token_id"] == [0, 261] and gen["pad_token_id"] == 0
+    tok, model = loaded
+    assert tok.decode([261]) == "\n\n"
+    ids = tok(["Question: what is 2 + 3?\nAnswer:"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():  # as lm-eval calls it: max_length, no max_new_tokens, its own stopping criteria
+        out = model.generate(input_ids=ids, max_length=ids.shape[1] + 12, do_sample=False, pad_token_id=0, eos_token_id=0)
+    assert out.shape[1] == ids.shape[1] + 12
+
+
+# ------------------------------------------------------------------------------------- chat format
+ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Observation"}
+
+
+def world_chat_reference(messages, add_generation_prompt=True):
+    """The World chat prompt, derived from the tools that write it (not from our template):
+
+    - BlinkDL's ChatRWKV, API_DEMO_WORLD.py: a message is ``re.sub(r"\\n{2,}", "\\n", text).strip()``
+      (with "\\r\\n" as "\\n"); turns are "User: ..." / "Assistant: ..." joined by "\\n\\n"; the prompt
+      ends with "Assistant:" and no space ("dont add space after this final ':'").
+    - ChatRWKV v2/chat.py: each user message is stripped; a reply ends at the first "\\n\\n".
+    - llama.cpp src/llama-chat.cpp, LLM_CHAT_TEMPLATE_RWKV_WORLD: "System: ", "User: ", "Assistant: "
+      + trim(content) + "\\n\\n", then "Assistant:"; it drops other roles.
+    - RWKV-Runner backend-python/routes/completion.py (chat_template, v5+): "System: " for system
+      messages, tool results as their own turn (it names the role "Obersavtion", sic; we spell it
+      "Observation"), assistant messages without content skipped.
+    A list of parts is its text parts in order (OpenAI's content format).
+    """
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if content is None:
+            continue
+        if not isinstance(content, str):
+            content = "".join(p if isinstance(p, str) else p["text"] for p in content)
+        content = re.sub(r"\n{2,}", "\n", content.replace("\r\n", "\n")).strip()
+        out.append(f"{ROLE_NAMES[m['role']]}: {content}\n\n")
+    return "".join(out) + ("Assistant:" if add_generation_prompt else "")
+
+
+CHATS = [
+    [{"role": "user", "content": "Tell me about RWKV."}],
+    [
+        {"role": "system", "content": "  You are brief.\n\n"},
+        {"role": "user", "content": "Line one\n\n\nline two\r\n\r\nline three  "},
+        {"role": "assistant", "content": " A reply as the model wrote it.\n\n"},  # re-fed: no double space
+        {"role": "user", "content": "\n\nAnd    now?\n"},
+    ],
+    [
+        {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 2?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": "{}"}}]},
+        {"role": "tool", "content": "4\n\n"},
+        {"role": "assistant", "content": [{"type": "text", "text": "It is 4."}]},
+        {"role": "user", "content": "Code:\n\n    def f():\n\n        return 1\n"},
+    ],
+]
+
+
+@pytest.mark.parametrize("cls", [RwkvWorldTokenizer, RwkvWorldTokenizerFast])
+@pytest.mark.parametrize("chat", CHATS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_matches_the_world_format(cls, chat, add_generation_prompt):
+    tok = _tokenizer(cls)
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert text == world_chat_reference(chat, add_generation_prompt)
+    assert "\n\n\n" not in text and "  " not in text.replace("    ", "")
+
+
+def test_chat_template_rejects_what_it_cannot_write():
+    from jinja2 import TemplateError
+
+    tok = _tokenizer(RwkvWorldTokenizer)
+    with pytest.raises(TemplateError, match="unknown role"):
+        tok.apply_chat_template([{"role": "narrator", "content": "x"}], tokenize=False)
+    with pytest.raises(TemplateError, match="text only"):
+        tok.apply_chat_template([{"role": "user", "content": [{"type": "image", "url": "x.png"}]}], tokenize=False)
+
+
+_TOKENIZERS = {}
+
+
+def _tokenizer(cls):
+    if cls not in _TOKENIZERS:
+        _TOKENIZERS[cls] = cls()
+    return _TOKENIZERS[cls]
+
+
+# ------------------------------------------------------------------------- a chat turn's end
+@pytest.fixture(scope="module")
+def turn_end_folder(v7_sd, tmp_path_factory):
+    """A v7 folder whose greedy chat reply writes "\\n\\n" (token 261) as its third token: the head's row
+    261 is made that of the token greedy decoding picks there (a tie, which argmax breaks to the lower id)."""
+    spec, cfg = config_from_state_dict(v7_sd)
+    model = FAMILIES[spec.family][2](cfg).eval()
+    model.load_state_dict({to_hf_key(k): v for k, v in v7_sd.items()})
+    tok = _tokenizer(RwkvWorldTokenizerFast)
+    ids = tok.apply_chat_template(CHATS[0], add_generation_prompt=True, return_dict=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        greedy = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=0)[0, ids.shape[1] :]
+    third = int(greedy[2])
+    assert third > 261 and 261 not in greedy[:2].tolist()
+    sd = dict(v7_sd)
+    sd["head.weight"] = sd["head.weight"].clone()
+    sd["head.weight"][261] = sd["head.weight"][third]
+    root = tmp_path_factory.mktemp("turn")
+    torch.save(sd, root / "v7.pth")
+    convert_checkpoint(root / "v7.pth", root / "hf", log=quiet)
+    return root / "hf"
+
+
+def test_pipeline_chat_stops_where_the_cli_chat_stops(turn_end_folder):
+    from transformers import pipeline
+
+    from rwkv_hf.generation_cli import ChatSession, load_model
+
+    tok, model = load_model(str(turn_end_folder), "cpu")
+    cli_reply = ChatSession(model, tok, temperature=0, max_new_tokens=32).say(CHATS[0][0]["content"])
+    chat = pipeline("text-generation", model=str(turn_end_folder))
+    out = chat(CHATS[0], max_new_tokens=32, do_sample=False)[0]["generated_text"]
+    reply = out[-1]["content"]
+    assert out[-1]["role"] == "assistant" and reply.endswith("\n\n") and reply.count("\n\n") == 1
+    assert reply.strip() == cli_reply
+    # generate() on the templated prompt stops there too, and the caller can go on past it
+    inputs = tok.apply_chat_template(CHATS[0], add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        stopped = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+        past = model.generate(**inputs, max_new_tokens=32, do_sample=False, eos_token_id=0)
+    assert stopped.shape[1] == n + 3 and int(stopped[0, -1]) == 261
+    assert past.shape[1] > n + 3 and past[0, : n + 3].tolist() == stopped[0].tolist()
+
+
+# ----------------------------------------------------------------------------------------------- PEFT
+@pytest.mark.parametrize("version", ["4", "5.2", "6", "7"])
+def test_peft_lora_without_target_modules(version):
+    from peft import LoraConfig, get_peft_model
+
+    sd = make_state_dict(version, n_layer=1, n_embd=64, head_size=32, seed=9)
+    spec, cfg = config_from_state_dict(sd)
+    model = FAMILIES[spec.family][2](cfg)
+    model.load_state_dict({to_hf_key(k): v for k, v in sd.items()})
+    lora = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM"))
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in lora.named_parameters() if ".lora_A." in n}
+    expected = {"receptance", "key", "value", "output"} | ({"gate"} if spec.family in (5, 6) else set())
+    assert adapted == expected
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():  # LoRA's B starts at zero: the adapted model computes what the model did
+        adapted_logits = lora(input_ids=ids).logits
+        with lora.disable_adapter():
+            torch.testing.assert_close(adapted_logits, lora(input_ids=ids).logits)
+
+
+_PEFT_WITHOUT_RWKV_HF = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+assert "peft" not in sys.modules
+from peft import LoraConfig, get_peft_model  # imported after the folder's code: its import hook adds the entries
+lora = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM"))
+names = sorted({n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in lora.named_parameters() if ".lora_A." in n})
+print(",".join(names))
+"""
+
+
+def test_peft_defaults_reach_a_folder_loaded_without_rwkv_hf(folder):
+    proc = run_without_rwkv_hf(_PEFT_WITHOUT_RWKV_HF, [folder])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "key,output,receptance,value"
