@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rwkv_hf  # noqa: F401  (registers the Auto classes)
 from rwkv_hf.convert import convert_checkpoint
@@ -148,6 +150,24 @@ def test_chat_template_matches_the_world_format(cls, chat, add_generation_prompt
     text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
     assert text == world_chat_reference(chat, add_generation_prompt)
     assert "\n\n\n" not in text and "  " not in text.replace("    ", "")
+
+
+_TEXT = st.lists(st.sampled_from(["\n", "\r\n", "\r", " ", "\t", "a", "b", "中", "\u3000", "User:"]), max_size=12).map("".join)
+_MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(sorted(ROLE_NAMES)), "content": _TEXT | st.lists(_TEXT, max_size=3)})
+
+
+@settings(max_examples=150, deadline=None)
+@given(chat=st.lists(_MESSAGE, min_size=1, max_size=4), add_generation_prompt=st.booleans())
+def test_chat_template_matches_the_world_format_for_any_text(chat, add_generation_prompt):
+    tok = _tokenizer(RwkvWorldTokenizer)
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert text == world_chat_reference(chat, add_generation_prompt)
+
+
+def test_chat_template_continues_a_prefilled_reply():
+    tok = _tokenizer(RwkvWorldTokenizer)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " The answer is "}]
+    assert tok.apply_chat_template(chat, tokenize=False, continue_final_message=True) == "User: Hi\n\nAssistant: The answer is"
 
 
 def test_chat_template_rejects_what_it_cannot_write():

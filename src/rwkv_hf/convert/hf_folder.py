@@ -408,8 +408,9 @@ Every size below was read from the tensor shapes.
 {load}
 
 The tokenizer is the RWKV World tokenizer (65536 tokens; slow and fast versions); token 0 ends a
-document and is used for padding. The chat format is `User: ...\\n\\nAssistant: ...\\n\\n`
-(`tokenizer.apply_chat_template`).
+document and is used for padding (on the left). The chat format is `User: ...\\n\\nAssistant: ...\\n\\n`
+(`tokenizer.apply_chat_template`); generation stops at token 0 and at `"\\n\\n"` (token 261), where a
+chat turn ends: pass `eos_token_id=0` to generate past blank lines.
 """
 
 
