@@ -53,13 +53,20 @@ def new_tokens(out, prompt_len, eos=(0, 261)):
     return rows
 
 
-# ------------------------------------------------------------------------------------------ padding
-def test_tokenizers_pad_left_by_default(tmp_path, folder):
-    from transformers import AutoTokenizer
+_TOKENIZERS = {}  # one slow and one fast tokenizer for the module (each takes seconds to build)
 
+
+def _tokenizer(cls):
+    if cls not in _TOKENIZERS:
+        _TOKENIZERS[cls] = cls()
+    return _TOKENIZERS[cls]
+
+
+# ------------------------------------------------------------------------------------------ padding
+def test_tokenizers_pad_left_by_default(tmp_path, loaded):
     write_tokenizer_folder(tmp_path / "tok")
     assert json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())["padding_side"] == "left"
-    for tok in (RwkvWorldTokenizer(), RwkvWorldTokenizerFast(), AutoTokenizer.from_pretrained(folder)):
+    for tok in (_tokenizer(RwkvWorldTokenizer), _tokenizer(RwkvWorldTokenizerFast), loaded[0]):
         assert tok.padding_side == "left"
         ids = tok(["a b c d", "x"], padding=True)["input_ids"]
         assert ids[1][0] == 0 and ids[1][-1] != 0, type(tok).__name__
@@ -180,15 +187,6 @@ def test_chat_template_rejects_what_it_cannot_write():
         tok.apply_chat_template([{"role": "user", "content": [{"type": "image", "url": "x.png"}]}], tokenize=False)
 
 
-_TOKENIZERS = {}
-
-
-def _tokenizer(cls):
-    if cls not in _TOKENIZERS:
-        _TOKENIZERS[cls] = cls()
-    return _TOKENIZERS[cls]
-
-
 # ------------------------------------------------------------------------- a chat turn's end
 @pytest.fixture(scope="module")
 def turn_end_folder(v7_sd, tmp_path_factory):
@@ -252,6 +250,20 @@ def test_peft_lora_without_target_modules(version):
         adapted_logits = lora(input_ids=ids).logits
         with lora.disable_adapter():
             torch.testing.assert_close(adapted_logits, lora(input_ids=ids).logits)
+
+
+def test_peft_table_gets_our_entries_when_peft_came_first():
+    """`register_lora_targets` with PEFT imported already (the other order is the subprocess test below)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
+
+    from rwkv_hf.modeling.rwkv_peft import LORA_TARGET_MODULES, register_lora_targets
+
+    saved = {k: table.pop(k) for k in LORA_TARGET_MODULES}
+    try:
+        register_lora_targets()
+        assert {k: tuple(table[k]) for k in LORA_TARGET_MODULES} == LORA_TARGET_MODULES
+    finally:
+        table.update(saved)
 
 
 _PEFT_WITHOUT_RWKV_HF = r"""
