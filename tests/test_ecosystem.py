@@ -3,7 +3,6 @@ generation lengths as lm-eval asks for them, the World chat format and where a c
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
