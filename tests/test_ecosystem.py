@@ -100,6 +100,22 @@ def test_generation_config_leaves_the_length_to_the_caller(folder, loaded):
     assert out.shape[1] == ids.shape[1] + 12
 
 
+def test_lm_eval_generate_until_gets_max_gen_toks(folder, loaded):
+    """lm-eval's own HFLM, generate_until with 12 tokens and a stop string that never comes: 12 tokens."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    prompt = "Question: what is 2 + 3?\nAnswer:"
+    lm = HFLM(pretrained=str(folder), batch_size=1, device="cpu", dtype="float32")
+    request = Instance("generate_until", {}, (prompt, {"until": ["@@@"], "max_gen_toks": 12, "do_sample": False}), 0)
+    (text,) = lm.generate_until([request], disable_tqdm=True)
+    tok, model = loaded
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        twelve = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=0)[0, ids.shape[1] :]
+    assert len(twelve) == 12 and text == tok.decode(twelve, skip_special_tokens=True)
+
+
 # ------------------------------------------------------------------------------------- chat format
 ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Observation"}
 
