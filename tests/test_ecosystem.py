@@ -226,6 +226,8 @@ def turn_end_folder(v7_sd, tmp_path_factory):
 
 
 def test_pipeline_chat_stops_where_the_cli_chat_stops(turn_end_folder):
+    """The CLI stops a reply at "\\n\\n" (ChatRWKV's rule); generation_config's eos 261 makes generate() and
+    the pipeline stop there (llama.cpp's convert_hf_to_gguf.py makes 261 RWKV World's end-of-turn token)."""
     from transformers import pipeline
 
     from rwkv_hf.generation_cli import ChatSession, load_model
