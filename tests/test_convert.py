@@ -129,7 +129,7 @@ def test_written_folder(blinkdl):
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_rwkv6.Rwkv6ForCausalLM"
     assert config["rwkv_version"] == "6" and config["hidden_size"] == 64 and config["mix_lora"] == 32
     gen = json.loads((folder / "generation_config.json").read_text())
-    assert gen["eos_token_id"] == 0 and gen["pad_token_id"] == 0
+    assert gen["eos_token_id"] == [0, 261] and gen["pad_token_id"] == 0  # 261: "\n\n", the chat turn end
     for name in ("tokenizer.json", "tokenizer_config.json", "rwkv_vocab_v20230424.txt", "tokenization_rwkv_world.py",
                  "tokenization_rwkv_world_fast.py", "modeling_rwkv6.py", "rwkv_common.py", "README.md", "model.safetensors"):
         assert (folder / name).is_file(), name

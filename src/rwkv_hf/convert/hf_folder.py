@@ -244,10 +244,18 @@ def _save_tokenizer(out_dir: Path) -> None:
     save_tokenizer_files(out_dir)
 
 
+# Token 261 is "\n\n", the end of a World chat turn; generation stops there too (as llama.cpp's RWKV
+# conversion makes it the end-of-turn token), so a pipeline chat ends its reply where `rwkv-hf chat` does.
+# Pass `eos_token_id=0` to generate past blank lines.
+TURN_END_TOKEN_ID = 261
+
+
 def _generation_config() -> GenerationConfig:
-    # World models end a document with token 0; sampling defaults as commonly used for RWKV World chat
+    # World models end a document with token 0; sampling defaults as commonly used for RWKV World chat.
+    # No length: the caller's max_length / max_new_tokens decides (a saved max_new_tokens would win
+    # over a caller's max_length, as lm-eval passes it).
     return GenerationConfig(
-        bos_token_id=0, eos_token_id=0, pad_token_id=0, do_sample=True, temperature=1.0, top_p=0.3, top_k=0, max_new_tokens=256
+        bos_token_id=0, eos_token_id=[0, TURN_END_TOKEN_ID], pad_token_id=0, do_sample=True, temperature=1.0, top_p=0.3, top_k=0
     )
 
 
@@ -400,8 +408,9 @@ Every size below was read from the tensor shapes.
 {load}
 
 The tokenizer is the RWKV World tokenizer (65536 tokens; slow and fast versions); token 0 ends a
-document and is used for padding. The chat format is `User: ...\\n\\nAssistant: ...\\n\\n`
-(`tokenizer.apply_chat_template`).
+document and is used for padding (on the left). The chat format is `User: ...\\n\\nAssistant: ...\\n\\n`
+(`tokenizer.apply_chat_template`); generation stops at token 0 and at `"\\n\\n"` (token 261), where a
+chat turn ends: pass `eos_token_id=0` to generate past blank lines.
 """
 
 

@@ -18,7 +18,10 @@ from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .rwkv_peft import register_lora_targets
+
 Tensor = torch.Tensor
+register_lora_targets()  # LoraConfig() without target_modules works for our model types
 
 
 # -------------------------------------------------------------------------------------------- state

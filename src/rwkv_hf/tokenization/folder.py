@@ -44,6 +44,7 @@ def tokenizer_config(model_max_length=None):
         "add_bos_token": False,
         "clean_up_tokenization_spaces": False,
         "split_special_tokens": True,
+        "padding_side": "left",
         "model_input_names": ["input_ids", "attention_mask"],
         "chat_template": CHAT_TEMPLATE,
     }

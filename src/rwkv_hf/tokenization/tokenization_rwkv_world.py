@@ -22,18 +22,35 @@ VOCAB_SIZE = 65536
 EOS_TOKEN = "<|endoftext|>"
 FIRST_UNUSED_ID = 65530
 
-# World chat format, as BlinkDL's demos write it: "User: ...\n\nAssistant: ...\n\n", optional
-# "System: ...\n\n" first; the generation prompt is "Assistant:" (the model writes " answer").
+# The World chat format, as BlinkDL's ChatRWKV demos, RWKV-Runner and llama.cpp's "rwkv-world" template
+# write it: "Role: text\n\n" per message, roles System / User / Assistant, and the generation prompt
+# "Assistant:" without a space (the model writes " answer"). A blank line ends a turn, so each message
+# is stripped and its runs of newlines collapse to one ("\r\n" counts as a newline), as the demos do.
+# Content may be a list of parts ({"type": "text", "text": ...} or plain strings, joined as they are);
+# other parts (images) raise. A `tool` message is an "Observation: " turn, RWKV-Runner's name for tool
+# results (llama.cpp drops them; the reply that follows needs them). An assistant message without
+# content (only tool calls) is left out, as RWKV-Runner does.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ 'System: ' + message['content'] + '\n\n' }}"
-    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + '\n\n' }}"
-    "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    "{%- set names = {'system': 'System', 'user': 'User', 'assistant': 'Assistant', 'tool': 'Observation'} -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in names -%}{{ raise_exception('unknown role: ' + message['role']) }}{%- endif -%}"
+    "{%- if message['content'] is defined and message['content'] is not none -%}"
+    "{%- set content = message['content'] -%}"
+    "{%- if content is not string -%}"
+    "{%- set ns = namespace(text='') -%}"
+    "{%- for part in content -%}"
+    "{%- if part is string -%}{%- set ns.text = ns.text + part -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}"
+    "{%- else -%}{{ raise_exception('RWKV World models read text only, not a ' + part['type'] + ' part') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set content = ns.text -%}"
+    "{%- endif -%}"
+    "{{ names[message['role']] + ': ' + (content.replace('\\r\\n', '\\n').split('\\n') | reject('equalto', '') | join('\\n')).strip() + '\\n\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
 )
-
 
 
 def slim_saved_config(save_directory, filename_prefix=None):
@@ -153,6 +170,7 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
         **kwargs,
     ):
         kwargs.setdefault("chat_template", CHAT_TEMPLATE)
+        kwargs.setdefault("padding_side", "left")  # generate() continues from the last column: right padding would make it a pad
         if vocab_file is None:
             vocab_file = default_vocab_file()
         self.vocab_file = vocab_file

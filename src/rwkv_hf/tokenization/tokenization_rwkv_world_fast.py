@@ -247,6 +247,7 @@ class RwkvWorldTokenizerFast(PreTrainedTokenizerFast):
         **kwargs,
     ):
         kwargs.setdefault("chat_template", CHAT_TEMPLATE)
+        kwargs.setdefault("padding_side", "left")  # generate() continues from the last column: right padding would make it a pad
         if vocab_file is None:
             vocab_file = default_vocab_file()
         for key in ("vocab", "merges", "normalizer", "pre_tokenizer", "decoder", "post_processor"):
