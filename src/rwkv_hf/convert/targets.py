@@ -12,9 +12,10 @@ the consuming code reads. Which tool reads what (each checked by a test that run
   tokenizer and card; rwkv-hf converts it back (`rwkv-hf convert folder out`).
 - `transformers` (RWKV-4): transformers' built-in `RwkvForCausalLM` (written by `hf_folder`).
 
-The RWKV/ v6 code and llama.cpp fix the v6 LoRA widths by the model width (token-shift 32, decay 64;
-64/128 at width 4096) and compute the channel-mix width as int(3.5 C) // 32 * 32; a checkpoint
-with other sizes cannot be written in that layout and is refused.
+The RWKV/ v5/v6 code ignores the config's channel-mix width and computes int(3.5 C) // 32 * 32; its
+v6 code and llama.cpp fix the v6 LoRA widths by the model width (token-shift 32, decay 64; 64/128
+at width 4096). A checkpoint with other sizes cannot be written in that layout and is refused.
+fla's ln_x epsilon is head size x norm_eps where BlinkDL's is 64e-5: `--layout fla` needs head size 64.
 """
 
 from __future__ import annotations
@@ -63,20 +64,24 @@ def _fla_config(spec, config) -> dict:
     }
 
 
-def _v6_fixed_sizes(config) -> Dict[str, int]:
+def _world_hf_fixed_sizes(spec, config) -> Dict[str, int]:
+    """Sizes the RWKV/ HF repos' code derives from the width instead of reading them."""
     C = config.hidden_size
-    return {"mix_lora": 64 if C == 4096 else 32, "decay_lora": 128 if C == 4096 else 64, "intermediate_size": int(C * 3.5) // 32 * 32}
+    sizes = {"intermediate_size": int(C * 3.5) // 32 * 32}
+    if spec.family == 6:
+        sizes.update(mix_lora=64 if C == 4096 else 32, decay_lora=128 if C == 4096 else 64)
+    return sizes
 
 
 def _world_hf_config(spec, config) -> dict:
     """The config.json of the RWKV/rwkv-5-world-* and RWKV/v6-Finch-*-HF repos (their Rwkv5Config/Rwkv6Config)."""
-    if spec.family == 6:
-        fixed = _v6_fixed_sizes(config)
-        differ = [f"{k} {getattr(config, k)} (the layout implies {v})" for k, v in fixed.items() if getattr(config, k) != v]
-        if differ:
-            raise CheckpointError(
-                "--layout rwkv-world-hf cannot hold this RWKV-6 checkpoint: its readers fix these sizes by the width: " + ", ".join(differ)
-            )
+    fixed = _world_hf_fixed_sizes(spec, config)
+    differ = [f"{k} {getattr(config, k)} (the layout implies {v})" for k, v in fixed.items() if getattr(config, k) != v]
+    if differ:
+        raise CheckpointError(
+            f"--layout rwkv-world-hf cannot hold this RWKV-{spec.version} checkpoint: its readers derive these sizes from the width: "
+            + ", ".join(differ)
+        )
     return {
         "architectures": [f"Rwkv{spec.family}ForCausalLM"],
         "model_type": f"rwkv{spec.family}",
