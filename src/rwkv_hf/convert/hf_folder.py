@@ -329,6 +329,18 @@ def write_transformers_rwkv4_folder(
 
 
 # --------------------------------------------------------------------------------------- model card
+def _other_tools(spec) -> str:
+    """Which `--layout` the tools that do not read our layout need (fla, llama.cpp)."""
+    readers = {7: ("fla", "flash-linear-attention's `RWKV7ForCausalLM` and llama.cpp's `convert_hf_to_gguf.py`"),
+               6: ("rwkv-world-hf", "llama.cpp's `convert_hf_to_gguf.py` and the RWKV/ HF repos' code"),
+               5: ("rwkv-world-hf", "the RWKV/ HF repos' code")}
+    if spec.family not in readers:
+        return ""
+    layout, tools = readers[spec.family]
+    return (f"\n\n{tools[0].upper() + tools[1:]} do not read this folder's layout (fla would load it with random weights): "
+            f"`rwkv-hf convert SOURCE OUT --layout {layout}` writes a folder they read.")
+
+
 def model_card(src: Source, spec, config, n_params: int, dtype: str, layout: str, out_name: str) -> str:
     from .. import __version__
 
@@ -380,7 +392,7 @@ tokenizer = AutoTokenizer.from_pretrained("{out_name}", trust_remote_code=True)
 ```
 
 From the command line: `rwkv-hf generate {out_name} "Tell me about RWKV."` or `rwkv-hf chat {out_name}`.
-To get BlinkDL's `.pth` back (for the `rwkv` package, rwkv.cpp, RWKV-Runner): `rwkv-hf export {out_name} model.pth`."""
+To get BlinkDL's `.pth` back (for the `rwkv` package, rwkv.cpp, RWKV-Runner): `rwkv-hf export {out_name} model.pth`.{_other_tools(spec)}"""
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
