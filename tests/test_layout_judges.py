@@ -81,39 +81,43 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # fla's Triton kernels, interpreted on the CPU
     import triton.runtime.autotuner as autotuner
     # the interpreter cannot time the candidate kernel configs: call them equal (the first one runs)
-    autotuner.Autotuner.do_bench = property(lambda self: (lambda fn, quantiles: [1.0, 1.0, 1.0]))
+    autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [1.0, 1.0, 1.0]
 from fla.models import RWKV7Config, RWKV7ForCausalLM
 
-what, folder, out = sys.argv[1:4]
-if what == "load":  # fla reads our folder
-    model, info = RWKV7ForCausalLM.from_pretrained(folder, output_loading_info=True, dtype=torch.float32)
-    info = {k: sorted(map(str, v)) for k, v in info.items()}
-else:  # fla writes its own checkpoint: random weights, the config of `folder`, saved to out + ".d"
-    torch.manual_seed(0)
-    model = RWKV7ForCausalLM(RWKV7Config.from_pretrained(folder)).float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name and name.endswith("weight") else 0.3 * torch.randn_like(p))
-    model.save_pretrained(out + ".d")
-    info = {}
+folder, out, tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 device = "cuda" if torch.cuda.is_available() else "cpu"
-model = model.to(device).eval()
+
+
+def logits(model):
+    with torch.no_grad():
+        return model.to(device).eval()(torch.tensor(tokens, device=device)).logits[0].float().cpu()
+
+
+# fla reads our folder
+model, info = RWKV7ForCausalLM.from_pretrained(folder, output_loading_info=True, dtype=torch.float32)
+result = {"ours": logits(model), "info": {k: sorted(map(str, v)) for k, v in info.items()}}
+# fla writes its own checkpoint (random weights, our folder's config) to out + ".d"
+torch.manual_seed(0)
+model = RWKV7ForCausalLM(RWKV7Config.from_pretrained(folder)).float()
 with torch.no_grad():
-    logits = model(torch.tensor(json.loads(sys.argv[4]), device=device)).logits[0].float().cpu()
-torch.save({"logits": logits, "info": info}, out)
+    for name, p in model.named_parameters():
+        p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name and name.endswith("weight") else 0.3 * torch.randn_like(p))
+model.save_pretrained(out + ".d")
+result["fla_saved"] = logits(model)
+torch.save(result, out)
 """
 
 
-def run_fla(what, folder, tmp_path):
-    out = tmp_path / f"fla-{what}.pt"
+def run_fla(folder, tmp_path):
+    """fla loads `folder` (ours), and saves a random model of its own; the logits of both, its loading info."""
+    out = tmp_path / "fla.pt"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-c", FLA_RUN, what, str(folder), str(out), json.dumps(TOKENS)],
+        [sys.executable, "-c", FLA_RUN, str(folder), str(out), json.dumps(TOKENS)],
         capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = torch.load(out, weights_only=True)
-    return result["logits"], result["info"], Path(str(out) + ".d")
+    return torch.load(out, weights_only=True), Path(str(out) + ".d")
 
 
 def test_fla_layout_has_fla_s_names_and_shapes():
@@ -135,19 +139,19 @@ def _fla_both_ways(tmp_path, rel):
     convert_checkpoint(path, tmp_path / "fla", layout="fla", log=quiet)
     convert_checkpoint(path, tmp_path / "ours", log=quiet)
     expected = our_logits(tmp_path / "ours")
+    result, fla_saved = run_fla(tmp_path / "fla", tmp_path)
     # written: fla loads our --layout fla folder with nothing missing, unexpected or mis-shaped, and agrees
-    theirs, info, _ = run_fla("load", tmp_path / "fla", tmp_path)
-    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
-    assert close(theirs, expected, rel), (theirs - expected).abs().max()
+    assert result["info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    assert close(result["ours"], expected, rel), (result["ours"] - expected).abs().max()
     # read: a checkpoint fla saved itself converts into ours and gives fla's logits
-    theirs, _, fla_saved = run_fla("save", tmp_path / "fla", tmp_path)
     conv = convert_checkpoint(fla_saved, tmp_path / "from-fla", log=quiet)
     assert conv.source.layout == "fla-rwkv7"
-    ours = our_logits(tmp_path / "from-fla")
+    theirs, ours = result["fla_saved"], our_logits(tmp_path / "from-fla")
     assert close(ours, theirs, rel), (ours - theirs).abs().max()
     assert theirs.std() > 0.1 * theirs.abs().max()  # not a degenerate model
 
 
+@pytest.mark.slow  # two fla models in Triton's interpreter, in a subprocess: ~20 s alone, more on a busy machine
 def test_fla_reads_what_we_write_and_we_read_what_fla_writes_cpu(tmp_path):
     """fla's model code in Triton's CPU interpreter (about 10-30 s): fp32, agrees to ~1e-6 of the logit range."""
     needs_fla()
@@ -321,6 +325,7 @@ def gguf_of(llama_cpp, folder, out):
     return arch, {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
 
 
+@pytest.mark.slow  # two runs of llama.cpp's converter (~8 s each alone); the first run downloads its sdist (76 MB)
 def test_llama_cpp_converts_our_fla_and_world_hf_folders(llama_cpp, tmp_path):
     """llama.cpp's convert_hf_to_gguf.py turns `--layout fla` (v7) and `--layout rwkv-world-hf` (v6) into GGUF,
     and its tensors hold BlinkDL's: each projection where llama.cpp's own name map puts it."""
