@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import types
 from pathlib import Path
 
@@ -317,9 +318,13 @@ def llama_cpp():
             assert proc.returncode == 0 and sdist.is_file(), f"cannot download {LLAMA_CPP_PYTHON}: {proc.stderr[-2000:]}"
         wanted = (f"{name}/vendor/llama.cpp/convert_hf_to_gguf.py", f"{name}/vendor/llama.cpp/conversion/",
                   f"{name}/vendor/llama.cpp/gguf-py/")
+        partial = Path(tempfile.mkdtemp(prefix=".extract-", dir=JUDGE_CACHE))  # complete, or not there at all
         with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(wanted) and (m.isfile() or m.isdir())]
-            tar.extractall(JUDGE_CACHE, members=members, filter="data")
+            tar.extractall(partial, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(partial / name, root)
+        shutil.rmtree(partial, ignore_errors=True)
     return tree
 
 
