@@ -16,27 +16,29 @@ from rwkv_hf.testing import make_state_dict, run_without_rwkv_hf
 SIZES = dict(n_layer=2, n_embd=64, head_size=32)
 TEXT = "Hello world"
 
-# loads argv[1] without rwkv_hf; optionally saves it again to argv[2] (remote code saving) and loads that
+# for each argument "FOLDER" or "FOLDER>OUT": load FOLDER without rwkv_hf (with ">OUT": save it to OUT as
+# remote code, and load OUT instead); print one JSON line each
 REMOTE = r"""
 import sys, json, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-folder = sys.argv[1]
-if len(sys.argv) > 2:
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
-    model.save_pretrained(sys.argv[2])
-    folder = sys.argv[2]
-tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
-ids = tok(%r, return_tensors="pt")["input_ids"]
-with torch.no_grad():
-    print(json.dumps({"cls": type(model).__module__, "ids": ids[0].tolist(), "logits": model(ids).logits[0, -1, :16].tolist()}))
+for arg in sys.argv[1:]:
+    folder, _, out = arg.partition(">")
+    if out:
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).save_pretrained(out)
+        folder = out
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = tok(%r, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1, :16].tolist()
+    print(json.dumps({"cls": type(model).__module__, "ids": ids[0].tolist(), "logits": logits}))
 """ % TEXT
 
 
 def load_without_rwkv_hf(tmp_path, *folders):
     proc = run_without_rwkv_hf(REMOTE, folders, cwd=tmp_path, env={"HF_MODULES_CACHE": str(tmp_path / "mods"), "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in proc.stdout.strip().splitlines()[-len(folders):]]
 
 
 def our_last_logits(model, tokenizer_folder):
@@ -73,13 +75,16 @@ def test_saved_after_from_pretrained_and_peft_merge_loads_without_rwkv_hf(conver
     model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
     peft = get_peft_model(model, LoraConfig(r=4, target_modules=["receptance", "key"], init_lora_weights=False))
     merged = peft.merge_and_unload()  # random LoRA weights: the merged model differs from the converted one
-    for name, m in (("plain", AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)), ("merged", merged)):
+    models = {"plain": AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32), "merged": merged}
+    for name, m in models.items():
         m.save_pretrained(tmp_path / name)
         assert_self_contained(tmp_path / name, 7)
-        got = load_without_rwkv_hf(tmp_path, tmp_path / name)
+    results = load_without_rwkv_hf(tmp_path, *(tmp_path / name for name in models))
+    for (name, m), got in zip(models.items(), results):
         ids, logits = our_last_logits(m, converted)
         assert got["cls"].startswith("transformers_modules.") and got["ids"] == ids
         assert torch.allclose(torch.tensor(got["logits"]), logits, atol=1e-5, rtol=0), name
+    assert results[0]["logits"] != results[1]["logits"]  # the merge changed the model, and the save kept it
 
 
 def test_saved_from_a_config_and_from_remote_code_loads_without_rwkv_hf(converted, tmp_path):
@@ -89,12 +94,10 @@ def test_saved_from_a_config_and_from_remote_code_loads_without_rwkv_hf(converte
     assert_self_contained(tmp_path / "fresh", 5)
     assert "RWKV-5.2 World model" in (tmp_path / "fresh" / "README.md").read_text()
     ids, logits = our_last_logits(model, converted)
-    got = load_without_rwkv_hf(tmp_path, tmp_path / "fresh")
-    assert got["ids"] == ids and torch.allclose(torch.tensor(got["logits"]), logits, atol=1e-5, rtol=0)
-    # a model running as remote code (no rwkv_hf) saves a folder that loads the same way again
-    got = load_without_rwkv_hf(tmp_path, tmp_path / "fresh", tmp_path / "again")
+    # and a model running as remote code (no rwkv_hf) saves a folder that loads the same way again
+    for got in load_without_rwkv_hf(tmp_path, tmp_path / "fresh", f"{tmp_path / 'fresh'}>{tmp_path / 'again'}"):
+        assert got["ids"] == ids and torch.allclose(torch.tensor(got["logits"]), logits, atol=1e-5, rtol=0)
     assert_self_contained(tmp_path / "again", 5)
-    assert got["ids"] == ids and torch.allclose(torch.tensor(got["logits"]), logits, atol=1e-5, rtol=0)
 
 
 def test_save_keeps_the_users_tokenizer_and_card(converted, tmp_path):
