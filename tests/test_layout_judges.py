@@ -290,6 +290,9 @@ def test_world_hf_layout_refuses_sizes_its_readers_cannot_hold(tmp_path):
     with pytest.raises(CheckpointError, match="RWKV-7 only"):
         convert_checkpoint(path, tmp_path / "out", layout="fla", log=quiet)
     assert not (tmp_path / "out").exists()
+    _, path = checkpoint(tmp_path, "5.1")
+    with pytest.raises(CheckpointError, match="RWKV-5.2/RWKV-6 only"):
+        convert_checkpoint(path, tmp_path / "out", layout="rwkv-world-hf", log=quiet)
     _, path = checkpoint(tmp_path, "7", head_size=32)
     with pytest.raises(CheckpointError, match="head size 64 only"):
         convert_checkpoint(path, tmp_path / "out", layout="fla", log=quiet)

@@ -75,6 +75,8 @@ def _world_hf_fixed_sizes(spec, config) -> Dict[str, int]:
 
 def _world_hf_config(spec, config) -> dict:
     """The config.json of the RWKV/rwkv-5-world-* and RWKV/v6-Finch-*-HF repos (their Rwkv5Config/Rwkv6Config)."""
+    if spec.version not in ("5.2", "6"):
+        raise CheckpointError(f"--layout rwkv-world-hf is for RWKV-5.2/RWKV-6 only (what the RWKV/ repos' code runs); this is RWKV-{spec.version}")
     fixed = _world_hf_fixed_sizes(spec, config)
     differ = [f"{k} {getattr(config, k)} (the layout implies {v})" for k, v in fixed.items() if getattr(config, k) != v]
     if differ:
