@@ -45,6 +45,8 @@ def test_cli_errors_are_one_line_exit_2(v7, tmp_path, capsys):
         (["convert", str(tmp_path / "missing.pth"), str(tmp_path / "o2")], "no such file"),
         (["convert", str(ckpt), str(folder)], "not empty"),
         (["convert", str(ckpt), str(tmp_path / "o3"), "--layout", "transformers"], "RWKV-4 only"),
+        (["convert", str(ckpt), str(tmp_path / "o3"), "--layout", "rwkv-world-hf"], "RWKV-5/RWKV-6 only"),
+        (["convert", str(ckpt), str(tmp_path / "o3"), "--layout", "fla"], "head size 64 only"),  # this one has 32
         (["export", str(tmp_path / "empty"), str(tmp_path / "x.pth")], "no weights"),
     ]
     for argv, message in cases:

@@ -25,8 +25,10 @@ def _convert_arguments(p):
     p.add_argument("out_dir", help="folder to create")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weights dtype (default: keep the checkpoint's)")
     p.add_argument("--max-shard-size", default="5GB", help="split the weights into safetensors shards of at most this size (default 5GB)")
-    p.add_argument("--layout", choices=["rwkv-hf", "transformers"], default="rwkv-hf",
-                   help="rwkv-hf (default; remote code included) or transformers (RWKV-4 only: transformers' own RwkvForCausalLM)")
+    p.add_argument("--layout", choices=["rwkv-hf", "transformers", "fla", "rwkv-world-hf"], default="rwkv-hf",
+                   help="rwkv-hf (default; remote code included), transformers (RWKV-4 only: transformers' own RwkvForCausalLM), "
+                        "fla (RWKV-7: flash-linear-attention's RWKV7ForCausalLM, llama.cpp) or rwkv-world-hf (RWKV-5.2/6: "
+                        "the RWKV/ HF repos' layout, llama.cpp for RWKV-6)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is not empty")
 
 
@@ -39,7 +41,8 @@ def _convert_run(args):
     except KeyboardInterrupt:
         raise _interrupted(f"{args.out_dir} was not written") from None
     print(f"done: {conv.out_dir} ({len(conv.files)} weight file{'s' if len(conv.files) > 1 else ''})")
-    print(f"try:  rwkv-hf generate {conv.out_dir} \"Tell me about RWKV.\"")
+    if args.layout in ("rwkv-hf", "transformers"):
+        print(f"try:  rwkv-hf generate {conv.out_dir} \"Tell me about RWKV.\"")
 
 
 # ----------------------------------------------------------------------------------------- export

@@ -26,12 +26,14 @@ from transformers import GenerationConfig
 from ..modeling import FAMILIES
 from .blinkdl import SPECS, CheckpointError, config_from_state_dict, to_blinkdl_key, to_hf_key
 from .layouts import HF_LEGACY, LAYOUTS, to_blinkdl
+from .targets import TARGETS, check_target, target_state_dict, write_target_folder
 
 MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 PROGRESS_MIN_BYTES = 256 * 2**20  # show a progress bar above this much data
+OUTPUT_LAYOUTS = ("rwkv-hf", "transformers", *TARGETS)
 
 
 def remote_code_files() -> list:
@@ -335,6 +337,18 @@ def write_transformers_rwkv4_folder(
 
 
 # --------------------------------------------------------------------------------------- model card
+def _other_tools(spec) -> str:
+    """Which `--layout` the tools that do not read our layout need (fla, llama.cpp)."""
+    readers = {7: ("fla", "flash-linear-attention's `RWKV7ForCausalLM` and llama.cpp's `convert_hf_to_gguf.py`"),
+               6: ("rwkv-world-hf", "llama.cpp's `convert_hf_to_gguf.py` and the RWKV/ HF repos' code"),
+               5: ("rwkv-world-hf", "the RWKV/ HF repos' code")}
+    if spec.family not in readers:
+        return ""
+    layout, tools = readers[spec.family]
+    return (f"\n\n{tools[0].upper() + tools[1:]} do not read this folder's layout (fla would load it with random weights): "
+            f"`rwkv-hf convert SOURCE OUT --layout {layout}` writes a folder they read.")
+
+
 def model_card(src: Source, spec, config, n_params: int, dtype: str, layout: str, out_name: str) -> str:
     from .. import __version__
 
@@ -364,6 +378,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{out_name}")  # transformers' own RwkvForCausalLM, no remote code
 tokenizer = AutoTokenizer.from_pretrained("{out_name}", trust_remote_code=True)  # the World tokenizer
 ```"""
+    elif layout in TARGETS:
+        load = f"""This folder is in the `{layout}` layout, for {TARGETS[layout].readers}; it carries no
+model code of ours. rwkv-hf reads it back: `rwkv-hf convert {out_name} {out_name}-rwkv-hf`."""
     else:
         load = f"""With rwkv-hf installed (`pip install rwkv-hf`):
 
@@ -383,7 +400,7 @@ tokenizer = AutoTokenizer.from_pretrained("{out_name}", trust_remote_code=True)
 ```
 
 From the command line: `rwkv-hf generate {out_name} "Tell me about RWKV."` or `rwkv-hf chat {out_name}`.
-To get BlinkDL's `.pth` back (for the `rwkv` package, rwkv.cpp, RWKV-Runner): `rwkv-hf export {out_name} model.pth`."""
+To get BlinkDL's `.pth` back (for the `rwkv` package, rwkv.cpp, RWKV-Runner): `rwkv-hf export {out_name} model.pth`.{_other_tools(spec)}"""
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -439,11 +456,12 @@ def convert_checkpoint(
     log: Callable[[str], None] = print,
     progress: Optional[bool] = None,
 ) -> Conversion:
-    """Any supported checkpoint -> a Hugging Face folder. `layout`: "rwkv-hf" (ours, default) or
-    "transformers" (v4 only: transformers' built-in `RwkvForCausalLM`)."""
+    """Any supported checkpoint -> a Hugging Face folder. `layout`: "rwkv-hf" (ours, default),
+    "transformers" (v4 only: transformers' built-in `RwkvForCausalLM`) or one of `targets.TARGETS`
+    ("fla" for v7, "rwkv-world-hf" for v5/v6: the layouts fla and llama.cpp read)."""
     src, out_dir = Path(src), Path(out_dir)
-    if layout not in ("rwkv-hf", "transformers"):
-        raise CheckpointError(f"unknown output layout {layout!r}; expected rwkv-hf or transformers")
+    if layout not in OUTPUT_LAYOUTS:
+        raise CheckpointError(f"unknown output layout {layout!r}; expected one of {', '.join(OUTPUT_LAYOUTS)}")
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if src.exists() and out_dir.exists() and src.resolve() == out_dir.resolve():
@@ -453,15 +471,22 @@ def convert_checkpoint(
     spec, config, hf_sd = build_hf_state_dict(source.state_dict, DTYPES[dtype] if dtype else None)
     if layout == "transformers" and spec.family != 4:
         raise CheckpointError(f"--layout transformers is for RWKV-4 only (transformers has no RWKV-{spec.version}); this is RWKV-{spec.version}")
+    target = check_target(layout, spec) if layout in TARGETS else None
+    if target:  # refuse sizes the layout cannot hold before writing anything
+        target_state_dict(target, spec, config, {})
     n_params = sum(v.numel() for v in hf_sd.values())
     log(f"read {src} ({LAYOUTS[source.layout].description})")
     log(f"detected {describe(spec, config, n_params)}; weights {_dtype_summary(hf_sd)}")
     for note in source.notes:
         log(f"note: {note}")
     card = model_card(source, spec, config, n_params, _dtype_summary(hf_sd), layout, out_dir.name)
-    log(f"writing {out_dir}{' in transformers RWKV-4 layout' if layout == 'transformers' else ''} ...")
+    log(f"writing {out_dir}{'' if layout == 'rwkv-hf' else f' in the {layout} layout'} ...")
     with atomic_folder(out_dir, force=force) as tmp:
-        if layout == "transformers":
+        if target:
+            blink = {to_blinkdl_key(k): v for k, v in hf_sd.items()}
+            save = lambda sd, d: save_sharded(sd, d, max_shard_size=max_shard_size, progress=progress)  # noqa: E731
+            files = write_target_folder(tmp, target, spec, config, blink, save, _save_tokenizer, _generation_config(), card)
+        elif layout == "transformers":
             blink = {to_blinkdl_key(k): v for k, v in hf_sd.items()}
             files = write_transformers_rwkv4_folder(tmp, config, blink, max_shard_size=max_shard_size, card=card, progress=progress)
         else:

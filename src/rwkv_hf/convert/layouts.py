@@ -2,8 +2,9 @@
 
 Every layout is a `Layout`: a test on the key names, and a table of rules. A rule is a regex over a
 BlinkDL key and its spelling in the layout, plus optional tensor transforms each way (a transpose,
-a reshape). Reading a checkpoint maps its keys onto BlinkDL's; writing (`--layout transformers`, and
-the tests, which build every layout from a synthetic BlinkDL checkpoint) maps them back out.
+a reshape). Reading a checkpoint maps its keys onto BlinkDL's; writing (`--layout transformers`, `fla`,
+`rwkv-world-hf`: see targets.py, and the tests, which build every layout from a synthetic BlinkDL
+checkpoint) maps them back out. tests/test_layout_judges.py checks each against the code that defines it.
 
 Layouts, and where their maps come from:
 - `blinkdl`: BlinkDL's `.pth` (RWKV-LM, ChatRWKV); the reference `rwkv` package loads it.

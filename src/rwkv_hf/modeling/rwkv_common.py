@@ -7,7 +7,10 @@ plugs them into the classes here.
 
 from __future__ import annotations
 
+import shutil
+import sys
 import weakref
+from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
@@ -257,6 +260,84 @@ class RwkvPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         if hasattr(module, "init_parameters"):
             module.init_parameters()
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """transformers' save, plus what a converted folder has, so that the folder loads with
+        `trust_remote_code=True` where rwkv-hf is not installed: `auto_map` naming this model's
+        classes, the model code files it names (this flat folder), the World tokenizer files unless the
+        folder already has a tokenizer (`tokenizer.save_pretrained` writes its own, and wins), and a
+        model card unless there is one."""
+        self.config.auto_map = _auto_map(self)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if args[0] if args else kwargs.get("is_main_process", True):
+            _write_self_contained(self, Path(save_directory))
+        if push_to_hub:  # transformers' own push would run before the files above exist
+            hub = {k: kwargs[k] for k in ("commit_message", "private", "token", "create_pr", "revision") if k in kwargs}
+            self.push_to_hub(kwargs.get("repo_id", Path(save_directory).name), **hub)
+
+
+# ------------------------------------------------------------------------------------------- saving
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "rwkv_vocab_v20230424.txt",
+                    "tokenization_rwkv_world.py", "tokenization_rwkv_world_fast.py", "tokenizer_json_rwkv_world.py")
+
+
+def _auto_map(model) -> dict:
+    """`auto_map` for this model's version: its config, base model and causal-LM classes."""
+    cls = next(c for c in type(model).__mro__ if c.__module__.rsplit(".", 1)[-1].startswith("modeling_rwkv"))
+    if getattr(cls, "model_cls", None):
+        lm_cls = cls
+    else:
+        lm_cls = next(c for c in vars(sys.modules[cls.__module__]).values() if getattr(c, "model_cls", None) is cls)
+
+    def name(c: type) -> str:
+        return f"{c.__module__.rsplit('.', 1)[-1]}.{c.__name__}"
+
+    return {"AutoConfig": name(type(model.config)), "AutoModel": name(lm_cls.model_cls), "AutoModelForCausalLM": name(lm_cls)}
+
+
+def _write_self_contained(model, out: Path) -> None:
+    here = Path(__file__).resolve().parent
+    for f in here.glob("*.py"):  # the model code is this flat folder (as remote code: the files copied with it)
+        if f.name != "__init__.py" and f.resolve() != (out / f.name).resolve():
+            shutil.copyfile(f, out / f.name)
+    if not (out / "tokenizer_config.json").exists():
+        try:  # rwkv-hf installed: its tokenizer files
+            from rwkv_hf.tokenization import save_tokenizer_files
+
+            save_tokenizer_files(out)
+        except ImportError:  # running as remote code: the tokenizer of the folder the model came from, if local
+            src = Path(str(model.name_or_path))
+            if (src / "tokenizer_config.json").is_file() and src.resolve() != out.resolve():
+                for name in _TOKENIZER_FILES:
+                    if (src / name).is_file():
+                        shutil.copyfile(src / name, out / name)
+    if not (out / "README.md").exists():
+        (out / "README.md").write_text(_model_card(model, out.name), encoding="utf-8")
+
+
+def _model_card(model, name: str) -> str:
+    version = getattr(model.config, "rwkv_version", model.config.model_type.replace("rwkv", "").replace("_world", ""))
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- rwkv
+---
+
+# {name}
+
+An RWKV-{version} World model ({model.config.num_hidden_layers} layers, width {model.config.hidden_size}), saved with
+`save_pretrained`. The model code is in this folder:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)
+```
+
+With rwkv-hf installed, `import rwkv_hf` first and leave out `trust_remote_code`.
+"""
 
 
 class RwkvModelBase(RwkvPreTrainedModel):

@@ -26,6 +26,8 @@ import torch
 Tensor = torch.Tensor
 
 try:
+    if not torch.cuda.is_available():  # fla's kernels need a GPU; importing it costs seconds on a CPU machine
+        raise ImportError("flash-linear-attention runs on CUDA only")
     from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
     from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
 
