@@ -229,7 +229,7 @@ def test_refuses_non_empty_out_dir_and_crash_leaves_nothing(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         convert_checkpoint(tmp_path / "m.pth", ours, force=True, log=quiet)
     assert sorted(p.name for p in ours.iterdir()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "out", "ours"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "ours", "out"]
     monkeypatch.undo()
     convert_checkpoint(tmp_path / "m.pth", ours, force=True, log=quiet)
     assert sorted(p.name for p in ours.iterdir()) == before
