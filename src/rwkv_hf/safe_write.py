@@ -239,6 +239,11 @@ def atomic_folder(out_dir: os.PathLike, force: bool = False, protect=(), log: Ca
     try:
         yield tmp
         write_manifest(tmp)
+        for root, dirs, files in os.walk(tmp):  # some writers (safetensors) create their files 0600
+            for name in files:
+                honour_umask(Path(root) / name, folder=False)
+            for name in dirs:
+                honour_umask(Path(root) / name, folder=True)
         honour_umask(tmp, folder=True)
         _move_into_place(tmp, out, replace, folder=True)
     finally:
