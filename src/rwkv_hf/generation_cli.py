@@ -58,6 +58,7 @@ def resolve_device(device: Optional[str] = None) -> str:
     return name
 
 
+_SIZE_FIELDS = ("hidden_size", "vocab_size", "intermediate_size", "attention_hidden_size", "head_size", "num_attention_heads")
 _LAYER_KEY = re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.")
 
 
@@ -89,19 +90,24 @@ def check_model_folder(folder: Path) -> None:
         files = _folder_weight_files(folder)
     except CheckpointError as e:
         raise ValueError(str(e)) from None
-    keys: List[str] = []
+    shapes = {}
     for f in files:
         if f.suffix != ".safetensors":
             return  # pickled weights: only transformers' loader reads them
         try:
             with safe_open(str(f), framework="pt") as h:
-                keys += list(h.keys())
+                shapes.update({k: h.get_slice(k).get_shape() for k in h.keys()})
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f}: damaged or truncated safetensors file ({_first_line(e)})") from None
-    blocks = {int(m.group(1)) for k in keys if (m := _LAYER_KEY.search(k))}
+    blocks = {int(m.group(1)) for k in shapes if (m := _LAYER_KEY.search(k))}
     layers = config.get("num_hidden_layers", config.get("n_layer"))
     if isinstance(layers, int) and blocks and layers != len(blocks):
         raise ValueError(f"{folder}: config.json says {layers} layers but the weights hold {len(blocks)}; the config does not match the weights")
+    largest = max((d for shape in shapes.values() for d in shape), default=0)
+    for name in _SIZE_FIELDS:  # a size no weight has would allocate a model larger than the files
+        if isinstance(config.get(name), int) and shapes and config[name] > largest:
+            raise ValueError(f"{folder}: config.json says {name}={config[name]} but no weight has a dimension that large; "
+                             "the config does not match the weights")
 
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
