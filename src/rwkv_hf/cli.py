@@ -20,7 +20,7 @@ class CliError(Exception):
 
 def _tokenizer_arguments(parser):
     parser.add_argument("out_dir", help="folder to create with the World tokenizer files")
-    parser.add_argument("--force", action="store_true", help="replace the folder if it is not empty")
+    parser.add_argument("--force", action="store_true", help="replace the folder if rwkv-hf wrote it (listed in its rwkv_hf_manifest.json)")
 
 
 def _tokenizer_run(args):

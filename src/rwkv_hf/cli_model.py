@@ -27,7 +27,7 @@ def _convert_arguments(p):
     p.add_argument("--max-shard-size", default="5GB", help="split the weights into safetensors shards of at most this size (default 5GB)")
     p.add_argument("--layout", choices=["rwkv-hf", "transformers"], default="rwkv-hf",
                    help="rwkv-hf (default; remote code included) or transformers (RWKV-4 only: transformers' own RwkvForCausalLM)")
-    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is not empty")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if rwkv-hf wrote it (every entry listed in its rwkv_hf_manifest.json)")
 
 
 def _convert_run(args):
