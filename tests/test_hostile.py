@@ -363,22 +363,24 @@ def test_tied_tensors_convert_as_separate_copies(tmp_path, capsys):
 
 
 _FULL_DISK = r"""
-import resource, signal, sys
+import json, resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
 from rwkv_hf.cli import main
-sys.exit(main(sys.argv[2:]))
+print(json.dumps([main(argv) for argv in json.loads(sys.argv[2])]))
 """
 
 
 def test_disk_full_during_convert_and_export(ckpt, tmp_path):
     """The writes fail for real (RLIMIT_FSIZE: the kernel refuses them, as a full disk would) in
     safetensors' Rust writer and in torch.save's zip writer."""
-    for argv in (["convert", ckpt / "full.pth", tmp_path / "out"], ["export", ckpt / "hf", tmp_path / "back.pth"]):
-        proc = subprocess.run([sys.executable, "-c", _FULL_DISK, str(2 * 2**20), *map(str, argv)],
-                              capture_output=True, text=True, env=_subprocess_env(), timeout=300)
-        assert proc.returncode == 2 and "failed" in proc.stderr, proc.stderr[-3000:]
-        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    runs = [["convert", str(ckpt / "full.pth"), str(tmp_path / "out")], ["export", str(ckpt / "hf"), str(tmp_path / "back.pth")]]
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, str(2 * 2**20), json.dumps(runs)],
+                          capture_output=True, text=True, env=_subprocess_env(), timeout=300)
+    assert json.loads(proc.stdout.splitlines()[-1]) == [2, 2], proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 2 and all("failed" in l for l in lines) and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("rwkv-hf convert: error: writing model.safetensors") and lines[1].startswith("rwkv-hf export: error: writing back.pth")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
