@@ -232,8 +232,8 @@ def atomic_folder(out_dir: os.PathLike, force: bool = False, protect=(), log: Ca
     `out_dir` as it was; so does `out_dir` appearing or changing meanwhile (then UnsafeOutput).
     """
     out = Path(out_dir)
+    clean_leftovers(out, log)  # first: it may put back an output a killed run had moved aside
     replace = guard_output(out, force, protect, folder=True)
-    clean_leftovers(out, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{_tag()}", dir=out.parent))
     try:
@@ -255,8 +255,8 @@ def atomic_folder(out_dir: os.PathLike, force: bool = False, protect=(), log: Ca
 def atomic_file(out_path: os.PathLike, force: bool = False, protect=(), log: Callable[[str], None] = print) -> Iterator[Path]:
     """Yield a temporary path that becomes `out_path` if the block finishes; the same rules as `atomic_folder`."""
     out = Path(out_path)
+    clean_leftovers(out, log)  # first: it may put back an output a killed run had moved aside
     replace = guard_output(out, force, protect, folder=False)
-    clean_leftovers(out, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.partial-{_tag()}", dir=out.parent)
     os.close(fd)
