@@ -181,6 +181,13 @@ def test_leftovers_of_killed_runs_are_removed_or_reported(ckpt, tmp_path):
     convert_checkpoint(ckpt / "small.pth", tmp_path / "out", log=lines.append)
     assert not killed.exists() and any("removed" in l and killed.name in l for l in lines), lines
     assert unknown.exists() and any("leftover" in l and unknown.name in l for l in lines), lines
+    # killed between moving the old output aside and the new one in: the old one is put back first
+    aside = tmp_path / f".out.old-{host}-{_dead_pid()}-def456"
+    aside.mkdir()
+    (tmp_path / "out").rename(aside / "old")
+    lines.clear()
+    convert_checkpoint(ckpt / "small.pth", tmp_path / "out", force=True, log=lines.append)
+    assert any("put back" in l for l in lines) and not aside.exists() and (tmp_path / "out" / MANIFEST).exists(), lines
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
