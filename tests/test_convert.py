@@ -213,7 +213,12 @@ def test_refuses_non_empty_out_dir_and_crash_leaves_nothing(tmp_path, monkeypatc
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--force"):
         convert_checkpoint(tmp_path / "m.pth", out, log=quiet)
+    with pytest.raises(FileExistsError, match="keep.txt"):  # not a folder rwkv-hf wrote: --force refuses it too
+        convert_checkpoint(tmp_path / "m.pth", out, force=True, log=quiet)
     assert (out / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    convert_checkpoint(tmp_path / "m.pth", ours, log=quiet)
+    before = sorted(p.name for p in ours.iterdir())
     # a crash (or Ctrl-C) in the middle of writing leaves the old folder and no partial one
     import rwkv_hf.convert.hf_folder as hf_folder
 
@@ -222,12 +227,12 @@ def test_refuses_non_empty_out_dir_and_crash_leaves_nothing(tmp_path, monkeypatc
 
     monkeypatch.setattr(hf_folder, "_save_tokenizer", boom)
     with pytest.raises(KeyboardInterrupt):
-        convert_checkpoint(tmp_path / "m.pth", out, force=True, log=quiet)
-    assert (out / "keep.txt").read_text() == "mine"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "out"]
+        convert_checkpoint(tmp_path / "m.pth", ours, force=True, log=quiet)
+    assert sorted(p.name for p in ours.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "ours", "out"]
     monkeypatch.undo()
-    convert_checkpoint(tmp_path / "m.pth", out, force=True, log=quiet)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    convert_checkpoint(tmp_path / "m.pth", ours, force=True, log=quiet)
+    assert sorted(p.name for p in ours.iterdir()) == before
 
 
 # -------------------------------------------------------------------------------- remote code

@@ -2,11 +2,16 @@
 
 Each subcommand is one entry of ``COMMANDS``: ``(name, help, add_arguments(parser), run(args))``.
 ``run`` returns an exit status (or None for 0); a ``CliError`` (or OSError/ValueError) becomes one
-line on stderr and exit status 2.
+line on stderr and exit status 2. Bad input is turned into one of these where it is read (a damaged
+file, a device this machine lacks, ...), so any other exception is a bug and keeps its traceback.
+Ctrl-C and SIGTERM unwind the same way (KeyboardInterrupt), so every temporary output is removed.
 """
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 
 
 class CliError(Exception):
@@ -15,7 +20,7 @@ class CliError(Exception):
 
 def _tokenizer_arguments(parser):
     parser.add_argument("out_dir", help="folder to create with the World tokenizer files")
-    parser.add_argument("--force", action="store_true", help="replace the folder if it is not empty")
+    parser.add_argument("--force", action="store_true", help="replace the folder if rwkv-hf wrote it (listed in its rwkv_hf_manifest.json)")
 
 
 def _tokenizer_run(args):
@@ -48,13 +53,39 @@ def build_parser():
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # unwinds through every `finally`: temporary outputs are removed
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM behaves like Ctrl-C while a command runs (main thread only; restored after)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        status = args._run(args)
+        with _sigterm_unwinds():
+            status = args._run(args)
     except (CliError, OSError, ValueError) as e:
-        print(f"rwkv-hf {args.command}: error: {e}", file=sys.stderr)
+        print(f"rwkv-hf {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"rwkv-hf {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0 if status is None else int(status)
 
 

@@ -16,6 +16,14 @@ def _write_json(path, result):
             json.dump(result, f, indent=1)
 
 
+def _check_model_and_device(args):
+    """The folder and the device, checked before any scoring starts (one line each when bad)."""
+    from rwkv_hf.generation_cli import check_model_source, resolve_device
+
+    args.device = resolve_device(args.device)
+    check_model_source(args.model_dir)
+
+
 def _lambada_arguments(p):
     p.add_argument("model_dir", nargs="?", help="converted model folder")
     p.add_argument("--data", help="LAMBADA jsonl ({\"text\": ...} per line; default: the shipped test set)")
@@ -39,6 +47,7 @@ def _lambada_run(args):
         raise CliError(f"--limit must be at least 1, got {args.limit}")
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    _check_model_and_device(args)
     result = run_lambada(
         args.model_dir, data=args.data, limit=args.limit, reference=args.reference, batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, progress=not args.no_progress,
@@ -57,6 +66,7 @@ def _ppl_arguments(p):
 def _ppl_run(args):
     from rwkv_hf.evaluation import run_perplexity
 
+    _check_model_and_device(args)
     result = run_perplexity(args.model_dir, args.file, chunk=args.chunk, reference=args.reference,
                             device=args.device, dtype=args.dtype, progress=not args.no_progress)
     _write_json(args.json, result)

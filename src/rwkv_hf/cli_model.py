@@ -29,7 +29,7 @@ def _convert_arguments(p):
                    help="rwkv-hf (default; remote code included), transformers (RWKV-4 only: transformers' own RwkvForCausalLM), "
                         "fla (RWKV-7: flash-linear-attention's RWKV7ForCausalLM, llama.cpp) or rwkv-world-hf (RWKV-5.2/6: "
                         "the RWKV/ HF repos' layout, llama.cpp for RWKV-6)")
-    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is not empty")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if rwkv-hf wrote it (every entry listed in its rwkv_hf_manifest.json)")
 
 
 def _convert_run(args):
@@ -74,31 +74,67 @@ def _sampling_arguments(p):
 
 
 def _sampling(args) -> dict:
+    from .cli import CliError
+
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise CliError(f"need --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0; got "
+                       f"{args.max_new_tokens}, {args.temperature}, {args.top_p}, {args.top_k}")
     return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
 
 
 def _generate_arguments(p):
     p.add_argument("model", help="a converted folder or a Hub repo id")
-    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts (generated as one batch)")
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="one or more prompts (generated as one batch); - reads one from stdin")
+    p.add_argument("--prompt-file", action="append", default=[], metavar="FILE",
+                   help="read a prompt from FILE (UTF-8, one prompt per file; - is stdin); may be repeated, adds to PROMPTs")
     p.add_argument("--raw", action="store_true", help="plain text continuation instead of the World chat template")
     p.add_argument("--system", default=None, help="a system message (chat template only)")
     _sampling_arguments(p)
 
 
+def _read_prompt(source: str) -> str:
+    """The text of a prompt file, or of stdin for `-`, without one trailing newline (as `echo` adds)."""
+    from .cli import CliError
+
+    if source == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(source, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise CliError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _prompts(args) -> list:
+    from .cli import CliError
+
+    sources = [("-" if p == "-" else None, p) for p in args.prompts] + [(f, None) for f in args.prompt_file]
+    if sum(1 for f, _ in sources if f == "-") > 1:
+        raise CliError("stdin (-) can give only one prompt")
+    prompts = [_read_prompt(f) if f else p for f, p in sources]
+    if not prompts:
+        raise CliError("give at least one PROMPT (or --prompt-file FILE, or - for stdin)")
+    return prompts
+
+
 def _generate_run(args):
     from .generation_cli import generate_texts, load_model
 
+    prompts = _prompts(args)
+    sampling = _sampling(args)
     _quiet_transformers()
     tokenizer, model = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
-    stream = len(args.prompts) == 1
+    stream = len(prompts) == 1
     try:
-        texts = generate_texts(model, tokenizer, args.prompts, raw=args.raw, seed=args.seed, stream=stream,
-                               system=args.system, **_sampling(args))
+        texts = generate_texts(model, tokenizer, prompts, raw=args.raw, seed=args.seed, stream=stream,
+                               system=args.system, **sampling)
     except KeyboardInterrupt:
         print()
         return 130
     if not stream:
-        for i, (prompt, text) in enumerate(zip(args.prompts, texts)):
+        for i, (prompt, text) in enumerate(zip(prompts, texts)):
             print(f"[{i}] {prompt}\n{text}\n")
 
 
@@ -113,11 +149,12 @@ def _chat_run(args):
 
     from .generation_cli import ChatSession, chat_loop, load_model
 
+    sampling = _sampling(args)
     _quiet_transformers()
     tokenizer, model = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     if args.seed is not None:
         set_seed(args.seed)
-    session = ChatSession(model, tokenizer, system=args.system, **_sampling(args))
+    session = ChatSession(model, tokenizer, system=args.system, **sampling)
     if sys.stdin.isatty():
         print("(empty line or /exit to leave, /reset to start over; the state is kept between turns)")
     chat_loop(session, read=input if sys.stdin.isatty() else _read_piped, stream=True)

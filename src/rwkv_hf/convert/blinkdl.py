@@ -51,9 +51,20 @@ def detect_version(sd: Mapping[str, torch.Tensor]) -> str:
     return "5.1" if any(k.endswith("att.gate.weight") for k in keys) else "5.0"
 
 
+def check_block_numbers(sd: Mapping[str, torch.Tensor]) -> int:
+    """The number of blocks, once their numbers are 0..n-1 without a gap: the layer count is read from
+    the highest number, so one forged `blocks.20000.*` must not make a 20,001-layer model."""
+    numbers = sorted({int(m.group(1)) for k in sd if (m := _BLOCK.match(k))})
+    for i, n in enumerate(numbers):
+        if n != i:
+            example = next(k for k in sd if (m := _BLOCK.match(k)) and int(m.group(1)) == n)
+            raise CheckpointError(f"block {i} is missing but {example} is there: blocks must be numbered 0..n-1")
+    return len(numbers)
+
+
 def _common(sd, version: str) -> dict:
     vocab, C = _shape(sd, "emb.weight")
-    layers = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK.match(k)))
+    layers = check_block_numbers(sd)
     return dict(
         vocab_size=vocab,
         hidden_size=C,

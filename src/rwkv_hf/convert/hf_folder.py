@@ -5,25 +5,31 @@ generation_config.json, safetensors weights (sharded above `max_shard_size`, wit
 tokenizer files, the remote-code `.py` files and a model card, so it loads with
 `AutoModelForCausalLM.from_pretrained(folder)` after `import rwkv_hf`, and with
 `trust_remote_code=True` on a machine that never installed rwkv-hf. Everything is written into a
-temporary folder beside the target that is renamed into place only once complete.
+temporary folder beside the target that is renamed into place only once complete, by the rules of
+`rwkv_hf.safe_write` (what `--force` may replace, the manifest, leftovers of killed runs, the umask).
+
+The key set is checked before any model is built: block numbers 0..n-1 without gaps, every tensor
+the version needs present, no unknown one, every shape as the sizes read from `emb.weight` and block
+0 say; the expected set comes from a two-layer meta model, so a forged layer count costs nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import json
 import os
+import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 from transformers import GenerationConfig
 
 from ..modeling import FAMILIES
+from ..safe_write import atomic_file, atomic_folder, guard_output
 from .blinkdl import SPECS, CheckpointError, config_from_state_dict, to_blinkdl_key, to_hf_key
 from .layouts import HF_LEGACY, LAYOUTS, to_blinkdl
 from .targets import TARGETS, check_target, target_state_dict, write_target_folder
@@ -63,6 +69,9 @@ def _load_torch_file(path: Path) -> Dict[str, torch.Tensor]:
         sd = sd["state_dict"]  # a Lightning-style wrapper
     if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: is not a state dict of tensors")
+    odd = [k for k in sd if not isinstance(k, str)]
+    if odd:
+        raise CheckpointError(f"{path}: has a tensor whose name is not a string ({odd[0]!r})")
     return dict(sd)
 
 
@@ -133,16 +142,35 @@ def read_source(path: os.PathLike) -> Source:
     return Source(Path(path), layout.name, sd, notes)
 
 
+_HF_BLOCK = re.compile(r"^model\.blocks\.(\d+)\.(.*)$")
+
+
+def expected_shapes(spec, config) -> Dict[str, tuple]:
+    """Every parameter of the model `config` describes, with its shape, from a meta model of at most
+    two layers: blocks 1..n-1 hold the same parameters (block 0 adds ln0), so nothing scales with n."""
+    n = config.num_hidden_layers
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = min(n, 2)
+    with torch.device("meta"):
+        template = {k: tuple(v.shape) for k, v in FAMILIES[spec.family][2](small).state_dict().items()}
+    expected = {}
+    for k, shape in template.items():
+        m = _HF_BLOCK.match(k)
+        if m and m.group(1) == "1":
+            expected.update({f"model.blocks.{i}.{m.group(2)}": shape for i in range(1, n)})
+        else:
+            expected[k] = shape
+    return expected
+
+
 def build_hf_state_dict(sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None):
     """Detect, validate every tensor against the model's own parameters, and rename to our keys.
 
-    `sd` is in BlinkDL's layout. Returns (spec, config, hf_state_dict). Missing, unexpected or
-    mis-shaped tensors raise CheckpointError.
+    `sd` is in BlinkDL's layout. Returns (spec, config, hf_state_dict). Gaps in the block numbers,
+    missing, unexpected or mis-shaped tensors raise CheckpointError before any model is built.
     """
     spec, config = config_from_state_dict(sd)
-    lm_cls = FAMILIES[spec.family][2]
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in lm_cls(config).state_dict().items()}
+    expected = expected_shapes(spec, config)
     hf = {to_hf_key(k): v for k, v in sd.items()}
     missing = sorted(set(expected) - set(hf))
     unexpected = sorted(set(hf) - set(expected))
@@ -185,33 +213,57 @@ def _dtype_summary(sd: Mapping[str, torch.Tensor]) -> str:
     return "/".join(DTYPE_NAMES.get(d, str(d).replace("torch.", "")) for d, _ in sorted(counts.items(), key=lambda x: -x[1]))
 
 
+def _all_finite(v: torch.Tensor, step: int = 2**24) -> bool:
+    flat = v.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step))
+
+
+def _names(keys: List[str]) -> str:
+    return ", ".join(to_blinkdl_key(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+
+
+def weight_warnings(original: Mapping[str, torch.Tensor], converted: Mapping[str, torch.Tensor], config) -> List[str]:
+    """What the written model would get silently wrong: NaN/Inf weights, values the chosen dtype turns
+    into Inf, an embedding whose size is not the World tokenizer's. Keys are ours."""
+    from ..tokenization.tokenization_rwkv_world import VOCAB_SIZE
+
+    out = []
+    bad = [k for k, v in original.items() if not _all_finite(v)]
+    if bad:
+        out.append(f"{len(bad)} tensor(s) hold NaN or Inf values: {_names(bad)}")
+    over = [k for k, v in converted.items() if v is not original[k] and k not in bad and not _all_finite(v)]
+    if over:
+        dtype = DTYPE_NAMES.get(next(iter(converted.values())).dtype, "the new dtype")
+        out.append(f"{dtype} cannot hold some values of {len(over)} tensor(s), which became Inf: {_names(over)} (keep fp32 or use bf16)")
+    if config.vocab_size != VOCAB_SIZE:
+        effect = (f"token ids {config.vocab_size}..{VOCAB_SIZE - 1} will fail" if config.vocab_size < VOCAB_SIZE
+                  else f"rows {VOCAB_SIZE}..{config.vocab_size - 1} are never used")
+        out.append(f"emb.weight has {config.vocab_size} rows but the World tokenizer written with it has {VOCAB_SIZE} tokens: {effect}")
+    return out
+
+
 # ------------------------------------------------------------------------------------------ writing
-def check_out_dir(out_dir: os.PathLike, force: bool = False) -> None:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise FileExistsError(f"{out_dir} exists and is not empty (use --force to replace it)")
-
-
-@contextlib.contextmanager
-def atomic_folder(out_dir: os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out_dir` that replaces it only if the block finishes.
-
-    An exception (or Ctrl-C) inside the block removes the temporary folder and leaves `out_dir` as it was.
-    """
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+def write_failed(path: os.PathLike, e: BaseException) -> OSError:
+    """A write that failed (disk full, file too large, ...) as one OSError line naming the file.
+    safetensors raises its own SafetensorError and torch.save a RuntimeError for these."""
+    path = Path(path)
     try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        free = f"; {shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = ""
+    return OSError(f"writing {path.name} in {path.parent} failed ({_first_line(e)}){free}; nothing was written")
+
+
+def _unshared(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Tensors sharing memory (tied or views of one another) as separate copies: safetensors stores
+    each once, and refuses shared ones."""
+    seen, out = set(), {}
+    for k, v in sd.items():
+        key = (v.untyped_storage().data_ptr(), v.device.type) if v.numel() else None
+        out[k] = v.clone() if key in seen else v.contiguous()
+        if key is not None:
+            seen.add(key)
+    return out
 
 
 def _progress(total_bytes: int, desc: str, progress: Optional[bool]):
@@ -226,12 +278,18 @@ def save_sharded(sd: Mapping[str, torch.Tensor], out_dir: Path, max_shard_size="
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
+    from safetensors import SafetensorError
+
+    sd = _unshared(sd)
     split = split_torch_state_dict_into_shards(dict(sd), max_shard_size=max_shard_size)
     total = sum(v.numel() * v.element_size() for v in sd.values())
     with _progress(total, "writing weights", progress) as bar:
         for filename, names in split.filename_to_tensors.items():
-            shard = {k: sd[k].contiguous() for k in names}
-            save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
+            shard = {k: sd[k] for k in names}
+            try:
+                save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
+            except SafetensorError as e:
+                raise write_failed(out_dir / filename, e) from None
             bar.update(sum(v.numel() * v.element_size() for v in shard.values()))
     files = list(split.filename_to_tensors)
     if split.is_sharded:
@@ -440,6 +498,7 @@ class Conversion:
     n_params: int
     files: List[str]
     out_dir: Path
+    warnings: List[str] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
@@ -464,11 +523,11 @@ def convert_checkpoint(
         raise CheckpointError(f"unknown output layout {layout!r}; expected one of {', '.join(OUTPUT_LAYOUTS)}")
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-    if src.exists() and out_dir.exists() and src.resolve() == out_dir.resolve():
-        raise FileExistsError(f"{out_dir} is the source itself; write to another folder")
-    check_out_dir(out_dir, force)  # fail before reading gigabytes
+    protect = [("the source", src)] if src.exists() else []
+    guard_output(out_dir, force, protect)  # fail before reading gigabytes
     source = read_source(src)
-    spec, config, hf_sd = build_hf_state_dict(source.state_dict, DTYPES[dtype] if dtype else None)
+    spec, config, original = build_hf_state_dict(source.state_dict)
+    hf_sd = {k: v.to(DTYPES[dtype]) for k, v in original.items()} if dtype else original
     if layout == "transformers" and spec.family != 4:
         raise CheckpointError(f"--layout transformers is for RWKV-4 only (transformers has no RWKV-{spec.version}); this is RWKV-{spec.version}")
     target = check_target(layout, spec) if layout in TARGETS else None
@@ -479,9 +538,12 @@ def convert_checkpoint(
     log(f"detected {describe(spec, config, n_params)}; weights {_dtype_summary(hf_sd)}")
     for note in source.notes:
         log(f"note: {note}")
+    warnings = weight_warnings(original, hf_sd, config)
+    for warning in warnings:
+        log(f"warning: {warning}")
     card = model_card(source, spec, config, n_params, _dtype_summary(hf_sd), layout, out_dir.name)
     log(f"writing {out_dir}{'' if layout == 'rwkv-hf' else f' in the {layout} layout'} ...")
-    with atomic_folder(out_dir, force=force) as tmp:
+    with atomic_folder(out_dir, force=force, protect=protect, log=log) as tmp:
         if target:
             blink = {to_blinkdl_key(k): v for k, v in hf_sd.items()}
             save = lambda sd, d: save_sharded(sd, d, max_shard_size=max_shard_size, progress=progress)  # noqa: E731
@@ -491,26 +553,23 @@ def convert_checkpoint(
             files = write_transformers_rwkv4_folder(tmp, config, blink, max_shard_size=max_shard_size, card=card, progress=progress)
         else:
             files = write_hf_folder(tmp, spec, config, hf_sd, max_shard_size=max_shard_size, source=str(src), card=card, progress=progress)
-    return Conversion(source, spec, config, n_params, files, out_dir)
+    return Conversion(source, spec, config, n_params, files, out_dir, warnings)
 
 
 def export_checkpoint(model_dir: os.PathLike, out_path: os.PathLike, force: bool = False, log: Callable[[str], None] = print):
     """A model folder (any supported layout) -> BlinkDL's `.pth`, tensors unchanged."""
     model_dir, out_path = Path(model_dir), Path(out_path)
-    if out_path.exists() and not force:
-        raise FileExistsError(f"{out_path} exists (use --force to replace it)")
+    sources = _folder_weight_files(model_dir) if model_dir.is_dir() else [model_dir]
+    protect = [("the model's weights", f) for f in sources]
+    guard_output(out_path, force, protect, folder=False)
     source = read_source(model_dir)
     spec, config, hf_sd = build_hf_state_dict(source.state_dict)  # validates: a complete model of one version
     log(f"read {model_dir} ({LAYOUTS[source.layout].description}): {describe(spec, config, sum(v.numel() for v in hf_sd.values()))}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent)
-    os.close(fd)
-    try:
-        torch.save({k: v.contiguous() for k, v in source.state_dict.items()}, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(out_path, force=force, protect=protect, log=log) as tmp:
+        try:
+            torch.save({k: v.contiguous() for k, v in source.state_dict.items()}, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (disk full) as RuntimeError
+            raise write_failed(out_path, e) from None
     log(f"wrote {out_path} (BlinkDL layout, {len(source.state_dict)} tensors)")
     return spec, config
 
@@ -521,7 +580,6 @@ __all__ = [
     "Source",
     "atomic_folder",
     "build_hf_state_dict",
-    "check_out_dir",
     "convert_checkpoint",
     "export_checkpoint",
     "load_checkpoint",

@@ -60,6 +60,8 @@ def load_docs(path: Optional[str] = None, limit: Optional[int] = None) -> List[T
                 text = json.loads(line)["text"]
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({e})") from None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{lineno}: 'text' must be a string, got {type(text).__name__}")
             if " " not in text:
                 raise ValueError(f"{path}:{lineno}: the text has no space, so no last word to predict")
             docs.append(split_doc(text))

@@ -19,7 +19,6 @@ import threading
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-import torch
 
 from .lambada import DocResult
 
@@ -27,11 +26,11 @@ WORKER = Path(__file__).resolve().with_name("reference_worker.py")
 
 
 def checkpoint_version(ckpt) -> str:
-    """The RWKV version of a BlinkDL checkpoint, by its keys (only "7" matters here: RWKV_V7_ON)."""
-    from ..convert import detect_version
+    """The RWKV version of a BlinkDL checkpoint, by its keys (only "7" matters here: RWKV_V7_ON).
+    A file that is not one raises CheckpointError (a ValueError) naming it."""
+    from ..convert import detect_version, load_checkpoint
 
-    sd = torch.load(str(ckpt), map_location="cpu", weights_only=True, mmap=True)
-    return str(detect_version(sd))
+    return str(detect_version(load_checkpoint(ckpt)))
 
 
 def default_threads() -> int:

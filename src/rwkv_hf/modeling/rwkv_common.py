@@ -233,6 +233,17 @@ class RwkvBlock(GradientCheckpointingLayer):
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+def loading_problems(info: dict) -> List[str]:
+    """transformers' loading report (`output_loading_info`, 4.57 and 5.x) as short phrases naming the
+    weights; empty when every weight was found and fitted."""
+    out = []
+    for field, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "of another shape")):
+        names = sorted(k if isinstance(k, str) else k[0] for k in (info.get(field) or ()))
+        if names:
+            out.append(f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    return out
+
+
 class RwkvPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -240,6 +251,21 @@ class RwkvPreTrainedModel(PreTrainedModel):
     _supports_cache_class = True
     _no_split_modules = ["RwkvBlock"]
     _keep_in_fp32_modules_strict: List[str] = []
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loader, except that weights which do not fit config.json (missing, unexpected,
+        another shape) raise one ValueError naming them, where transformers would log a report and run
+        with random or dropped weights. With `output_loading_info=True` the report is returned instead."""
+        if kwargs.get("output_loading_info"):
+            return super().from_pretrained(*args, **kwargs)
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # report mismatched shapes here, as one line
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = loading_problems(info)
+        if problems:
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise ValueError(f"{where}: the weights do not match config.json: {'; '.join(problems)}")
+        return model
 
     def post_init(self):
         # keep only the fp32 names this model has (transformers 4.57 rejects names that are not there)

@@ -19,6 +19,7 @@ imports outside try blocks): the fla import sits in a try block and `HAVE_FLA` s
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -28,8 +29,10 @@ Tensor = torch.Tensor
 try:
     if not torch.cuda.is_available():  # fla's kernels need a GPU; importing it costs seconds on a CPU machine
         raise ImportError("flash-linear-attention runs on CUDA only")
-    from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
-    from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+    with warnings.catch_warnings():  # fla warns on import without Triton; HAVE_FLA says so
+        warnings.simplefilter("ignore")
+        from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
+        from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
 
     HAVE_FLA = True
 except Exception:  # ImportError, or triton failing to initialise on a machine without a GPU

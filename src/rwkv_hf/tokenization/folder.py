@@ -2,9 +2,7 @@
 ``AutoTokenizer.from_pretrained(folder, trust_remote_code=True)`` where rwkv_hf is not installed."""
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from .tokenization_rwkv_world import CHAT_TEMPLATE, EOS_TOKEN, VOCAB_FILES_NAMES
@@ -77,33 +75,18 @@ def save_tokenizer_files(out_dir, model_max_length=None):
     return written
 
 
-def write_tokenizer_folder(out_dir, force=False, model_max_length=None):
-    """Create ``out_dir`` holding the tokenizer alone. Refuses a non-empty folder unless ``force``.
+def write_tokenizer_folder(out_dir, force=False, model_max_length=None, log=print):
+    """Create ``out_dir`` holding the tokenizer alone. Refuses a non-empty folder unless ``force``, and
+    even then one rwkv-hf did not write (the rules of ``rwkv_hf.safe_write``).
 
     Files go to a temporary sibling folder that is renamed into place when complete, so a crash never
     leaves a half-written folder behind.
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} is not empty (use force=True / --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from ..safe_write import atomic_folder
+
+    with atomic_folder(out_dir, force=force, log=log) as tmp:
         save_tokenizer_files(tmp, model_max_length)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def register_tokenizers(config_class):
