@@ -151,6 +151,13 @@ def save_checkpoint(path, version: str, **kwargs) -> Path:
     return path
 
 
+def make_state_file_dict(n_layer: int = 2, n_embd: int = 128, head_size: int = 64, seed: int = 0, scale: float = 1.0):
+    """A seeded random state file in RWKV-PEFT's layout: `blocks.{i}.att.time_state` [H, N, N] fp32."""
+    g = torch.Generator().manual_seed(seed)
+    H = n_embd // head_size
+    return {f"blocks.{i}.att.time_state": torch.randn(H, head_size, head_size, generator=g) * scale for i in range(n_layer)}
+
+
 # ------------------------------------------------------------------------------ the reference runner
 _REFERENCE_SCRIPT = r"""
 import json, os, sys
@@ -161,6 +168,14 @@ from rwkv.model import RWKV
 kw = {} if os.environ.get("RWKV_V7_ON") == "1" else {"verbose": False}
 model = RWKV(model=args["ckpt"][:-4], strategy=args["strategy"], **kw)
 state = None
+if args.get("state_file"):  # a state file loaded as RWKV-Runner's load_rwkv_state does
+    raw = torch.load(args["state_file"], map_location="cpu", weights_only=True)
+    state = []
+    for i in range(len(raw)):
+        s = raw[f"blocks.{i}.att.time_state"].float()
+        s = s if os.environ.get("RWKV_V7_ON") == "1" else s.transpose(1, 2)  # v5/v6: transposed
+        zeros = torch.zeros(s.shape[0] * s.shape[1])  # token shifts start at zero
+        state += [zeros, s.contiguous(), zeros.clone()]
 outs = []
 for chunk in args["chunks"]:
     out, state = model.forward(chunk, state, full_output=True)
@@ -188,10 +203,13 @@ def run_reference(
     split_at: Sequence[int] = (),
     threads: int = 2,
     timeout: float = 900,
+    state_file: Optional[os.PathLike] = None,
 ) -> dict:
     """Run BlinkDL's `rwkv` package on `ckpt` over `tokens` in a fresh interpreter.
 
     The tokens are fed as consecutive chunks cut at `split_at`, carrying the reference's state.
+    `state_file`: start from a state file (`blocks.{i}.att.time_state`), put into the package's state
+    list the way RWKV-Runner does (v5/v6 transposed, v7 as is, token shifts zero).
     Returns {"logits": [T, V] fp32, "state": list of the reference's state tensors}.
     """
     ckpt = str(ckpt)
@@ -204,7 +222,8 @@ def run_reference(
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "args.json"
         out = Path(tmp) / "out.pt"
-        spec.write_text(json.dumps({"ckpt": ckpt, "strategy": strategy, "chunks": chunks, "out": str(out), "threads": threads}))
+        spec.write_text(json.dumps({"ckpt": ckpt, "strategy": strategy, "chunks": chunks, "out": str(out), "threads": threads,
+                                    "state_file": str(state_file) if state_file else None}))
         proc = subprocess.run(
             [sys.executable, "-c", _REFERENCE_SCRIPT, str(spec)], env=env, capture_output=True, text=True, timeout=timeout
         )

@@ -29,6 +29,7 @@ from .rwkv_chunk import wkv5_chunk  # noqa: F401,E402
 from .rwkv_decode import graph_step  # noqa: F401,E402
 from .rwkv_step import model_step  # noqa: F401,E402
 from .rwkv_fla import HAVE_FLA  # noqa: F401,E402
+from .rwkv_state import RwkvStateMixin  # noqa: F401,E402
 from .configuration_rwkv4 import Rwkv4Config  # noqa: F401,E402
 
 

@@ -18,6 +18,8 @@ from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .rwkv_state import RwkvStateMixin, initial_wkv
+
 Tensor = torch.Tensor
 
 
@@ -203,7 +205,8 @@ class RwkvBlock(GradientCheckpointingLayer):
 
     def zero_state(self, batch_size: int, device, dtype) -> tuple:
         shift = torch.zeros(batch_size, self.ln1.normalized_shape[0], device=device, dtype=dtype)
-        return (shift, self.att.zero_wkv(batch_size, device), shift.clone())
+        wkv = initial_wkv(self.att, batch_size, device)  # a loaded or tuned state (rwkv_state), else zeros
+        return (shift, self.att.zero_wkv(batch_size, device) if wkv is None else wkv, shift.clone())
 
     def forward(self, x: Tensor, state: tuple, mask: Optional[Tensor], v_first: Optional[Tensor], mode: Optional[str]):
         if self.layer_id == 0:  # the reference normalises the embedding in fp32 before casting it
@@ -384,8 +387,9 @@ torch.nn.modules.module.register_module_module_registration_hook(_count_registra
 _PLAIN_CHECKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
-    """The language-model head over a version's model. Subclasses set `model_cls`."""
+class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
+    """The language-model head over a version's model. Subclasses set `model_cls`. State files and
+    state tuning: `RwkvStateMixin` (rwkv_state)."""
 
     model_cls: type = None
     _tied_weights_keys: List[str] = []
