@@ -17,7 +17,7 @@ from rwkv_hf.modeling import FAMILIES
 from rwkv_hf.modeling.rwkv_state import StateFileError
 from rwkv_hf.testing import make_state_dict, make_state_file_dict, run_reference
 
-VERSIONS = ["5.0", "5.2", "6", "7"]
+VERSIONS = ["5.2", "6", "7"]  # 5.0/5.1 share 5.2's state path
 SEQ = torch.randint(1, 65536, (24,), generator=torch.Generator().manual_seed(11)).tolist()
 REL_TOL = 1e-4
 
@@ -105,3 +105,92 @@ def test_mismatched_state_files_get_one_line_errors(setups, tmp_path):
     v4 = build(make_state_dict("4", n_layer=2, n_embd=128))
     with pytest.raises(StateFileError, match="has none"):
         v4.load_state_file(tmp_path / "layers.pth")
+
+
+# ------------------------------------------------------------------------- saving a prompt's state
+@pytest.mark.parametrize("version", ["6", "7"])  # transposed (5.x share 6's layout) and not
+def test_prompt_state_file_is_the_references_state_and_continues_like_it(version, setups, tmp_path):
+    ckpt, _, _, model = setups[version]
+    prompt, cont = SEQ[:16], SEQ[16:]
+    path = model.save_state_file(tmp_path / "prompt.pth", input_ids=prompt)
+    saved = torch.load(path, weights_only=True)
+    assert sorted(saved) == ["blocks.0.att.time_state", "blocks.1.att.time_state"]
+    assert all(t.dtype == torch.float32 and t.shape == (2, 64, 64) for t in saved.values())
+    # loaded the RWKV-Runner way, the file is the reference's own WKV state after the prompt
+    ref_state = run_reference(ckpt, prompt, version)["state"]
+    for i in range(2):
+        runner = saved[f"blocks.{i}.att.time_state"]
+        runner = runner if version == "7" else runner.transpose(1, 2)
+        ref = ref_state[i * 3 + 1]
+        assert (runner - ref).abs().max() <= 1e-4 * ref.abs().max(), i
+    # and the reference continuing from the file (token shifts zero) is what we compute from it
+    ref = run_reference(ckpt, cont, version, state_file=path)["logits"]
+    with torch.no_grad():
+        model.load_state_file(path)
+        ours = model(torch.tensor([cont])).logits[0]
+        model.load_state_file(None)
+    assert rel_err(ours, ref) <= REL_TOL
+    with pytest.raises(FileExistsError):
+        model.save_state_file(path, input_ids=prompt)
+    model.save_state_file(path, input_ids=cont, force=True)
+    assert not torch.equal(torch.load(path, weights_only=True)["blocks.1.att.time_state"], saved["blocks.1.att.time_state"])
+    assert [p.name for p in tmp_path.iterdir()] == ["prompt.pth"]  # no temporary files left
+
+
+# ------------------------------------------------------------------------------------ command line
+@pytest.fixture(scope="module")
+def folder(setups, tmp_path_factory):
+    from rwkv_hf.convert import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("cli") / "hf"
+    convert_checkpoint(str(setups["7"][0]), str(out))
+    return out
+
+
+def test_cli_state_generate_and_chat(setups, folder, tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+
+    from rwkv_hf.cli import main
+    from rwkv_hf.generation_cli import generate_texts, load_model
+
+    _, _, state, _ = setups["7"]
+    tok, model = load_model(str(folder), "cpu")
+    prompts = ["Hello", "A longer prompt that is left padded"]
+    gen = ["--max-new-tokens", "6", "--temperature", "0", "--raw"]
+    assert main(["generate", str(folder), *prompts, *gen]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", str(folder), *prompts, *gen, "--state", str(state)]) == 0
+    with_state = capsys.readouterr().out
+    model.load_state_file(state)
+    expected = generate_texts(model, tok, prompts, raw=True, temperature=0, max_new_tokens=6)
+    assert with_state != plain
+    assert all(f"[{i}] {p}\n{t}\n" in with_state for i, (p, t) in enumerate(zip(prompts, expected)))
+
+    # rwkv-hf state: the prompt's state, as save_state_file(input_ids=...) writes it
+    out = tmp_path / "sys.pth"
+    assert main(["state", str(folder), "System: be brief.\n\n", str(out)]) == 0
+    assert "the state after" in capsys.readouterr().out
+    model.load_state_file(None)
+    model.save_state_file(tmp_path / "py.pth", input_ids=tok("System: be brief.\n\n")["input_ids"])
+    a, b = torch.load(out, weights_only=True), torch.load(tmp_path / "py.pth", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    assert main(["chat", str(folder), "--state", str(out), "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.count("Assistant:") == 1
+
+    # errors: one line, exit 2, nothing overwritten
+    before = out.read_bytes()
+    bad = tmp_path / "bad.pth"
+    torch.save(make_state_file_dict(3, 64, 32), bad)
+    for argv, message in [
+        (["state", str(folder), "x", str(out)], "exists (use --force"),
+        (["generate", str(folder), "x", "--state", str(bad)], "has 3 layers, the model 2"),
+        (["generate", str(folder), "x", "--state", str(tmp_path / "missing.pth")], "no such state file"),
+        (["state", str(folder), "", str(tmp_path / "empty.pth")], "the prompt is empty"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert out.read_bytes() == before and not (tmp_path / "empty.pth").exists()

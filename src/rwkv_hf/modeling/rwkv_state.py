@@ -160,7 +160,8 @@ class RwkvStateMixin:
       from the file's (each row of a batch from the same state; padding changes nothing, as always);
       `load_state_file(None)` goes back to the zero state.
     - `save_state_file(path, cache=None)`: the initial state the model holds (loaded or tuned), or with
-      `cache` the WKV state a forward pass left in it (prompt caching; `row` picks the batch row).
+      `cache` the WKV state a forward pass left in it (`row` picks the batch row), or with
+      `input_ids` the state after reading that prompt (prompt caching).
     - `enable_state_tuning()`: freeze every weight; the initial state of every layer becomes the only
       trainable parameter (from the loaded state, else zeros). Train as usual (`labels`, `Trainer`),
       then `save_state_file`.
@@ -200,8 +201,19 @@ class RwkvStateMixin:
             raise ValueError("the model holds no initial state: load a state file, tune one, or pass cache=")
         return {STATE_KEY.format(i): s.detach().float() for i, s in enumerate(states)}
 
-    def save_state_file(self, path, cache=None, row: int = 0, force: bool = False) -> Path:
-        """Write `state_file_dict(cache, row)` to `path` (a `.pth` RWKV-Runner and ChatRWKV load)."""
+    def save_state_file(self, path, cache=None, row: int = 0, input_ids=None, force: bool = False) -> Path:
+        """Write `state_file_dict(cache, row)` to `path` (a `.pth` RWKV-Runner and ChatRWKV load).
+
+        `input_ids` (prompt caching): the state after reading these ids (one row, [T] or [1, T]) from
+        the model's initial state. The file keeps the WKV state only: a model started from it sees
+        the prompt's last token through the WKV state but not through the token shift (zero)."""
+        if input_ids is not None:
+            if cache is not None:
+                raise ValueError("pass cache= or input_ids=, not both")
+            ids = torch.as_tensor(input_ids).view(1, -1).to(self.get_input_embeddings().weight.device)
+            with torch.no_grad():
+                out = self(input_ids=ids, use_cache=True, logits_to_keep=1, return_dict=False)
+            cache, row = out[1], 0
         return write_state_file(self.state_file_dict(cache, row), path, force=force)
 
     def enable_state_tuning(self):
