@@ -194,3 +194,50 @@ def test_cli_state_generate_and_chat(setups, folder, tmp_path, capsys, monkeypat
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert out.read_bytes() == before and not (tmp_path / "empty.pth").exists()
+
+
+# ----------------------------------------------------------------------------------- state tuning
+def _tuning_data(n: int = 8, T: int = 12, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(1, 65536, (n, T), generator=g)
+    return [{"input_ids": r, "labels": r.clone()} for r in rows]
+
+
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_state_tuning_with_trainer_and_the_saved_file(version, setups, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    ckpt, sd, _, _ = setups[version]
+    model = build(sd).enable_state_tuning()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(trainable) == [f"model.blocks.{i}.att.time_state" for i in range(2)]
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=12, learning_rate=0.05,
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, warmup_steps=0,
+        lr_scheduler_type="constant",
+    )
+    data = _tuning_data()
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 12 and losses[-1] < losses[0], losses
+    model.eval()
+    # the loss on the training rows fell, and only the states moved
+    batch = torch.stack([d["input_ids"] for d in data])
+    tuned_loss = model(batch, labels=batch).loss.item()
+    with torch.no_grad():
+        fresh = build(sd)
+        base_loss = fresh(batch, labels=batch).loss.item()
+    print(f"v{version} state tuning: Trainer loss {losses[0]:.3f} -> {losses[-1]:.3f}; eval loss {base_loss:.3f} -> {tuned_loss:.3f}")
+    assert tuned_loss < base_loss - 0.5, (base_loss, tuned_loss)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    # just the state: saved, loaded into a fresh model, through the reference
+    path = model.save_state_file(tmp_path / "tuned.pth")
+    ids = batch[0]
+    with torch.no_grad():
+        tuned = model(ids[None]).logits[0]
+        fresh.load_state_file(path)
+        assert torch.equal(fresh(ids[None]).logits[0], tuned)
+    ref = run_reference(ckpt, ids.tolist(), version, state_file=path)["logits"]
+    assert rel_err(tuned, ref) <= REL_TOL
