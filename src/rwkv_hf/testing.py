@@ -45,10 +45,12 @@ def make_state_dict(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     logit_scale: float = 4.0,
+    deep_embed: int = 0,
 ) -> Dict[str, torch.Tensor]:
     """A seeded random state dict with the keys and shapes of a BlinkDL RWKV checkpoint.
 
-    `logit_scale` sets the spread of the logits (their std is about this many nats).
+    `logit_scale` sets the spread of the logits (their std is about this many nats). `deep_embed`
+    D > 0 (RWKV-7 only): a DeepEmbed checkpoint of rank D (the reference hard-codes D = 32).
     """
     version = str(version)
     if version not in VERSIONS:
@@ -134,6 +136,16 @@ def make_state_dict(
         else:
             sd[f + "time_mix_k"] = mix()
             sd[f + "time_mix_r"] = mix()
+        if deep_embed:
+            if version != "7":
+                raise ValueError("DeepEmbed checkpoints are RWKV-7")
+            D = deep_embed
+            # scaled so that the gate is s0 in (0.5, 1.5) plus a per-token part of std ~0.5
+            sd[f + "s_emb.weight"] = torch.randn(vocab_size, D * D, generator=g) * 0.5
+            sd[f + "s_emb_x.weight"] = linear(D * D, C, gain=0.5)
+            sd[f + "s0"] = uniform(1, 1, ffn_dim, lo=0.5, hi=1.5)
+            sd[f + "s1"] = torch.randn(C, D, generator=g) / C**0.5
+            sd[f + "s2"] = torch.randn(D, ffn_dim, generator=g) * (0.7 / D)
         sd[f + "key.weight"] = linear(ffn_dim, C)
         if version != "7":
             sd[f + "receptance.weight"] = linear(C, C)
@@ -186,6 +198,12 @@ torch.save({"logits": torch.cat(outs), "state": [s.float().clone() for s in stat
 """
 
 
+def is_deep_embed(ckpt) -> bool:
+    """Whether a BlinkDL checkpoint is a DeepEmbed RWKV-7 (the reference needs RWKV_DE_VERSION=1)."""
+    sd = torch.load(str(ckpt), map_location="cpu", weights_only=True, mmap=True)
+    return any(k.endswith("ffn.s_emb.weight") for k in sd)
+
+
 def reference_available() -> bool:
     try:
         import importlib.util
@@ -218,7 +236,8 @@ def run_reference(
     cuts = [0, *sorted(split_at), len(tokens)]
     chunks: List[List[int]] = [list(map(int, tokens[a:b])) for a, b in zip(cuts, cuts[1:]) if b > a]
     env = dict(os.environ)
-    env.update(RWKV_JIT_ON="1", RWKV_CUDA_ON="0", RWKV_V7_ON="1" if str(version) == "7" else "0")
+    env.update(RWKV_JIT_ON="1", RWKV_CUDA_ON="0", RWKV_V7_ON="1" if str(version) == "7" else "0",
+               RWKV_DE_VERSION="1" if is_deep_embed(ckpt) else "0")
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "args.json"
         out = Path(tmp) / "out.pt"
