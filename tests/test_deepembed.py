@@ -91,3 +91,18 @@ with torch.no_grad():
     with torch.no_grad():
         ours = model(torch.tensor([[5, 6, 7, 8]])).logits[0, -1, :16]
     assert torch.equal(ours, torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1])))
+
+
+def test_reference_worker_runs_deep_embed_checkpoints(deep, tmp_path):
+    """`rwkv-hf ppl/lambada --reference` on a DeepEmbed .pth: the worker sets RWKV_DE_VERSION=1."""
+    from rwkv_hf.evaluation.perplexity import stream_logprob
+    from rwkv_hf.evaluation.reference import reference_perplexity
+    from rwkv_hf.tokenization import RwkvWorldTokenizer
+
+    ckpt, _, model = deep
+    text = "DeepEmbed looks up one small matrix per token and layer."
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    ref_sum, ref_n, _ = reference_perplexity(ckpt, tmp_path / "t.txt", chunk=8, threads=1)
+    tokens = [0] + RwkvWorldTokenizer()(text, add_special_tokens=False)["input_ids"]
+    ours, n = stream_logprob(model, tokens, chunk=8)
+    assert n == ref_n and abs(ours - ref_sum) <= 1e-4 * abs(ref_sum), (ours, ref_sum)
