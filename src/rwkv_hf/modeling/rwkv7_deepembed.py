@@ -14,11 +14,10 @@ This file is a leaf: it imports only torch (the RWKV-7 channel mix and the model
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
@@ -46,16 +45,12 @@ def init_deep_embed_params(ffn: nn.Module) -> None:
             nn.init.normal_(p, std=0.02)
 
 
-def deep_embed_inputs(body, x: Tensor, input_ids: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
-    """What every layer's DeepEmbed needs: (token ids [B, T], ln0(embedding) [B, T, C]); None for a
-    model without DeepEmbed. `x` is the embedding the blocks get (before block 0's ln0)."""
-    if not getattr(body.config, "deep_embed_size", 0):
-        return None
+def deep_embed_inputs(input_ids: Optional[Tensor], norm_embedding: Callable[[], Tensor]) -> Tuple[Tensor, Tensor]:
+    """What every layer's DeepEmbed needs: (token ids [B, T], ln0(embedding) [B, T, C]), the latter
+    from `norm_embedding()` (block 0's normalised input)."""
     if input_ids is None:
         raise ValueError("a DeepEmbed RWKV-7 looks up a per-token embedding in every layer: pass input_ids, not inputs_embeds")
-    ln0 = body.blocks[0].ln0  # as block 0 normalises the embedding: in fp32, then back to the model's dtype
-    tok = F.layer_norm(x.float(), ln0.normalized_shape, ln0.weight.float(), ln0.bias.float(), ln0.eps).to(x.dtype)
-    return input_ids, tok
+    return input_ids, norm_embedding()
 
 
 def deep_embed_gate(ffn: nn.Module, x: Tensor, deep: Tuple[Tensor, Tensor]) -> Tensor:

@@ -209,10 +209,14 @@ class RwkvBlock(GradientCheckpointingLayer):
         wkv = initial_wkv(self.att, batch_size, device)  # a loaded or tuned state (rwkv_state), else zeros
         return (shift, self.att.zero_wkv(batch_size, device) if wkv is None else wkv, shift.clone())
 
+    def norm_embedding(self, x: Tensor) -> Tensor:
+        """Block 0's ln0 of the embedding: the reference normalises it in fp32 before casting it."""
+        ln0 = self.ln0
+        return F.layer_norm(x.float(), ln0.normalized_shape, ln0.weight.float(), ln0.bias.float(), ln0.eps).to(x.dtype)
+
     def forward(self, x: Tensor, state: tuple, mask: Optional[Tensor], v_first: Optional[Tensor], mode: Optional[str], deep=None):
-        if self.layer_id == 0:  # the reference normalises the embedding in fp32 before casting it
-            ln0 = self.ln0
-            x = F.layer_norm(x.float(), ln0.normalized_shape, ln0.weight.float(), ln0.bias.float(), ln0.eps).to(x.dtype)
+        if self.layer_id == 0:
+            x = self.norm_embedding(x)
         rescale = self.rescale_every > 0 and x.dtype == torch.float16
         scale = 0.5 ** (self.layer_id // self.rescale_every) if rescale else 1.0
         att_shift, wkv, ffn_shift = state
@@ -362,7 +366,7 @@ class RwkvModelBase(RwkvPreTrainedModel):
         Appends each block's input to `all_hidden` if given. (`input_ids`: for DeepEmbed RWKV-7.)"""
         B = x.shape[0]
         v_first = None
-        deep = deep_embed_inputs(self, x, input_ids)
+        deep = deep_embed_inputs(input_ids, lambda: self.blocks[0].norm_embedding(x)) if getattr(self.config, "deep_embed_size", 0) else None
         for i, block in enumerate(self.blocks):
             if all_hidden is not None:
                 all_hidden.append(x)
