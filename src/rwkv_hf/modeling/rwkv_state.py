@@ -55,9 +55,13 @@ def _transposed(config) -> bool:
     return _TRANSPOSED[model_type]
 
 
+def _swap(state: Tensor, transposed: bool) -> Tensor:
+    return state.transpose(-1, -2) if transposed else state
+
+
 def file_to_wkv(time_state: Tensor, config) -> Tensor:
     """A file's [..., H, N, N] S[value, key] -> our WKV layout for this model's version (a view)."""
-    return time_state.transpose(-1, -2) if _transposed(config) else time_state
+    return _swap(time_state, _transposed(config))
 
 
 wkv_to_file = file_to_wkv  # the conversion is its own inverse (a transpose or nothing)
@@ -71,8 +75,7 @@ def initial_wkv(att: nn.Module, batch_size: int, device) -> Optional[Tensor]:
     time_state = getattr(att, "time_state", None)
     if time_state is None:
         return None
-    wkv = time_state.transpose(-1, -2) if att.time_state_transposed else time_state
-    wkv = wkv.to(device=device, dtype=torch.float32)
+    wkv = _swap(time_state, att.time_state_transposed).to(device=device, dtype=torch.float32)
     return wkv.unsqueeze(0).expand(batch_size, *wkv.shape).clone(memory_format=torch.contiguous_format)
 
 
