@@ -73,6 +73,20 @@ def _sampling_arguments(p):
     p.add_argument("--trust-remote-code", action="store_true", help="allow the folder's own code (for repos not converted by rwkv-hf)")
 
 
+def _state_argument(p):
+    p.add_argument("--state", default=None, metavar="FILE",
+                   help="start from this state file (blocks.N.att.time_state: RWKV-PEFT state tuning, rwkv-hf state)")
+
+
+def _load_with_state(args):
+    from .generation_cli import load_model
+
+    tokenizer, model = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    if args.state:
+        model.load_state_file(args.state)
+    return tokenizer, model
+
+
 def _sampling(args) -> dict:
     from .cli import CliError
 
@@ -89,6 +103,7 @@ def _generate_arguments(p):
                    help="read a prompt from FILE (UTF-8, one prompt per file; - is stdin); may be repeated, adds to PROMPTs")
     p.add_argument("--raw", action="store_true", help="plain text continuation instead of the World chat template")
     p.add_argument("--system", default=None, help="a system message (chat template only)")
+    _state_argument(p)
     _sampling_arguments(p)
 
 
@@ -120,12 +135,12 @@ def _prompts(args) -> list:
 
 
 def _generate_run(args):
-    from .generation_cli import generate_texts, load_model
+    from .generation_cli import generate_texts
 
     prompts = _prompts(args)
     sampling = _sampling(args)
     _quiet_transformers()
-    tokenizer, model = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    tokenizer, model = _load_with_state(args)
     stream = len(prompts) == 1
     try:
         texts = generate_texts(model, tokenizer, prompts, raw=args.raw, seed=args.seed, stream=stream,
@@ -141,17 +156,18 @@ def _generate_run(args):
 def _chat_arguments(p):
     p.add_argument("model", help="a converted folder or a Hub repo id")
     p.add_argument("--system", default=None, help="a system message")
+    _state_argument(p)
     _sampling_arguments(p)
 
 
 def _chat_run(args):
     from transformers import set_seed
 
-    from .generation_cli import ChatSession, chat_loop, load_model
+    from .generation_cli import ChatSession, chat_loop
 
     sampling = _sampling(args)
     _quiet_transformers()
-    tokenizer, model = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    tokenizer, model = _load_with_state(args)
     if args.seed is not None:
         set_seed(args.seed)
     session = ChatSession(model, tokenizer, system=args.system, **sampling)
@@ -166,6 +182,42 @@ def _read_piped(prompt: str) -> str:
         raise EOFError
     print(prompt + line.rstrip("\n"))
     return line.rstrip("\n")
+
+
+# ------------------------------------------------------------------------------------------ state
+def _state_arguments(p):
+    p.add_argument("model", help="a converted folder or a Hub repo id (RWKV-5, -6, -7)")
+    p.add_argument("prompt", help="the text to read, as is (no chat template unless --system)")
+    p.add_argument("out", help="the state file to write (.pth: blocks.N.att.time_state, as RWKV-PEFT writes them)")
+    p.add_argument("--system", action="store_true", help="read PROMPT as a system message in the World chat template")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    _state_argument(p)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default fp32 on CPU, bf16 on GPU")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the folder's own code")
+
+
+def _state_run(args):
+    from pathlib import Path
+
+    from .cli import CliError
+
+    out = Path(args.out)
+    if out.exists() and not args.force:  # before loading the model: fail fast
+        raise CliError(f"{out} exists (use --force to replace it)")
+    if not args.prompt:
+        raise CliError("the prompt is empty")
+    _quiet_transformers()
+    tokenizer, model = _load_with_state(args)
+    text = args.prompt
+    if args.system:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": text}], tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    try:
+        model.save_state_file(out, input_ids=ids, force=args.force)
+    except KeyboardInterrupt:
+        raise _interrupted(f"{out} was not written") from None
+    print(f"wrote {out}: the state after {len(ids)} tokens, {model.config.num_hidden_layers} layers")
 
 
 # ------------------------------------------------------------------------------------------- demo
@@ -189,5 +241,7 @@ MODEL_COMMANDS = [
     ("export", "write a converted folder back as a BlinkDL .pth", _export_arguments, _export_run),
     ("generate", "generate from one or more prompts (one batch; streams for a single prompt)", _generate_arguments, _generate_run),
     ("chat", "chat in the terminal, keeping the recurrent state between turns", _chat_arguments, _chat_run),
+    ("state", "save the state after a prompt as a state file (prompt caching; loads with --state, RWKV-Runner, ChatRWKV)",
+     _state_arguments, _state_run),
     ("demo", "convert, load and check a small random RWKV-7 (or CKPT) end to end, offline", _demo_arguments, _demo_run),
 ]

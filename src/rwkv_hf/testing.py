@@ -45,10 +45,12 @@ def make_state_dict(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     logit_scale: float = 4.0,
+    deep_embed: int = 0,
 ) -> Dict[str, torch.Tensor]:
     """A seeded random state dict with the keys and shapes of a BlinkDL RWKV checkpoint.
 
-    `logit_scale` sets the spread of the logits (their std is about this many nats).
+    `logit_scale` sets the spread of the logits (their std is about this many nats). `deep_embed`
+    D > 0 (RWKV-7 only): a DeepEmbed checkpoint of rank D (the reference hard-codes D = 32).
     """
     version = str(version)
     if version not in VERSIONS:
@@ -134,6 +136,16 @@ def make_state_dict(
         else:
             sd[f + "time_mix_k"] = mix()
             sd[f + "time_mix_r"] = mix()
+        if deep_embed:
+            if version != "7":
+                raise ValueError("DeepEmbed checkpoints are RWKV-7")
+            D = deep_embed
+            # scaled so that the gate is s0 in (0.5, 1.5) plus a per-token part of std ~0.5
+            sd[f + "s_emb.weight"] = torch.randn(vocab_size, D * D, generator=g) * 0.5
+            sd[f + "s_emb_x.weight"] = linear(D * D, C, gain=0.5)
+            sd[f + "s0"] = uniform(1, 1, ffn_dim, lo=0.5, hi=1.5)
+            sd[f + "s1"] = torch.randn(C, D, generator=g) / C**0.5
+            sd[f + "s2"] = torch.randn(D, ffn_dim, generator=g) * (0.7 / D)
         sd[f + "key.weight"] = linear(ffn_dim, C)
         if version != "7":
             sd[f + "receptance.weight"] = linear(C, C)
@@ -151,6 +163,13 @@ def save_checkpoint(path, version: str, **kwargs) -> Path:
     return path
 
 
+def make_state_file_dict(n_layer: int = 2, n_embd: int = 128, head_size: int = 64, seed: int = 0, scale: float = 1.0):
+    """A seeded random state file in RWKV-PEFT's layout: `blocks.{i}.att.time_state` [H, N, N] fp32."""
+    g = torch.Generator().manual_seed(seed)
+    H = n_embd // head_size
+    return {f"blocks.{i}.att.time_state": torch.randn(H, head_size, head_size, generator=g) * scale for i in range(n_layer)}
+
+
 # ------------------------------------------------------------------------------ the reference runner
 _REFERENCE_SCRIPT = r"""
 import json, os, sys
@@ -161,6 +180,14 @@ from rwkv.model import RWKV
 kw = {} if os.environ.get("RWKV_V7_ON") == "1" else {"verbose": False}
 model = RWKV(model=args["ckpt"][:-4], strategy=args["strategy"], **kw)
 state = None
+if args.get("state_file"):  # a state file loaded as RWKV-Runner's load_rwkv_state does
+    raw = torch.load(args["state_file"], map_location="cpu", weights_only=True)
+    state = []
+    for i in range(len(raw)):
+        s = raw[f"blocks.{i}.att.time_state"].float()
+        s = s if os.environ.get("RWKV_V7_ON") == "1" else s.transpose(1, 2)  # v5/v6: transposed
+        zeros = torch.zeros(s.shape[0] * s.shape[1])  # token shifts start at zero
+        state += [zeros, s.contiguous(), zeros.clone()]
 outs = []
 for chunk in args["chunks"]:
     out, state = model.forward(chunk, state, full_output=True)
@@ -169,6 +196,12 @@ for chunk in args["chunks"]:
     outs.append(out.float())
 torch.save({"logits": torch.cat(outs), "state": [s.float().clone() for s in state]}, args["out"])
 """
+
+
+def is_deep_embed(ckpt) -> bool:
+    """Whether a BlinkDL checkpoint is a DeepEmbed RWKV-7 (the reference needs RWKV_DE_VERSION=1)."""
+    sd = torch.load(str(ckpt), map_location="cpu", weights_only=True, mmap=True)
+    return any(k.endswith("ffn.s_emb.weight") for k in sd)
 
 
 def reference_available() -> bool:
@@ -188,10 +221,13 @@ def run_reference(
     split_at: Sequence[int] = (),
     threads: int = 2,
     timeout: float = 900,
+    state_file: Optional[os.PathLike] = None,
 ) -> dict:
     """Run BlinkDL's `rwkv` package on `ckpt` over `tokens` in a fresh interpreter.
 
     The tokens are fed as consecutive chunks cut at `split_at`, carrying the reference's state.
+    `state_file`: start from a state file (`blocks.{i}.att.time_state`), put into the package's state
+    list the way RWKV-Runner does (v5/v6 transposed, v7 as is, token shifts zero).
     Returns {"logits": [T, V] fp32, "state": list of the reference's state tensors}.
     """
     ckpt = str(ckpt)
@@ -200,11 +236,13 @@ def run_reference(
     cuts = [0, *sorted(split_at), len(tokens)]
     chunks: List[List[int]] = [list(map(int, tokens[a:b])) for a, b in zip(cuts, cuts[1:]) if b > a]
     env = dict(os.environ)
-    env.update(RWKV_JIT_ON="1", RWKV_CUDA_ON="0", RWKV_V7_ON="1" if str(version) == "7" else "0")
+    env.update(RWKV_JIT_ON="1", RWKV_CUDA_ON="0", RWKV_V7_ON="1" if str(version) == "7" else "0",
+               RWKV_DE_VERSION="1" if is_deep_embed(ckpt) else "0")
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "args.json"
         out = Path(tmp) / "out.pt"
-        spec.write_text(json.dumps({"ckpt": ckpt, "strategy": strategy, "chunks": chunks, "out": str(out), "threads": threads}))
+        spec.write_text(json.dumps({"ckpt": ckpt, "strategy": strategy, "chunks": chunks, "out": str(out), "threads": threads,
+                                    "state_file": str(state_file) if state_file else None}))
         proc = subprocess.run(
             [sys.executable, "-c", _REFERENCE_SCRIPT, str(spec)], env=env, capture_output=True, text=True, timeout=timeout
         )

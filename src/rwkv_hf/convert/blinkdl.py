@@ -103,6 +103,8 @@ def _v7(sd) -> dict:
         a_lora=_shape(sd, "blocks.0.att.a1")[1],
         v_lora=_shape(sd, f"blocks.{v_layer}.att.v1")[1],
         gate_lora=_shape(sd, "blocks.0.att.g1")[1],
+        # DeepEmbed checkpoints (ffn.s_emb/s_emb_x/s0/s1/s2): the rank is the width of ffn.s1
+        deep_embed_size=_shape(sd, "blocks.0.ffn.s1")[1] if "blocks.0.ffn.s1" in sd else 0,
     )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 
+from ..testing import is_deep_embed
 from .lambada import DocResult
 
 WORKER = Path(__file__).resolve().with_name("reference_worker.py")
@@ -46,13 +47,14 @@ class ReferenceWorker:
             raise ValueError(f"the reference package loads BlinkDL .pth checkpoints only, got {ckpt}")
         if not Path(ckpt).is_file():
             raise FileNotFoundError(f"no such checkpoint: {ckpt}")
-        version = checkpoint_version(ckpt)
+        version, deep_embed = checkpoint_version(ckpt), is_deep_embed(ckpt)
         self._tmp = tempfile.TemporaryDirectory(prefix="rwkv_hf_ref_")
         spec_path = Path(self._tmp.name) / "spec.json"
         spec = dict(spec, ckpt=ckpt, threads=threads or default_threads(), strategy="cpu fp32")
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
         self._stderr = open(Path(self._tmp.name) / "stderr.txt", "w+", encoding="utf-8")
-        env = dict(os.environ, RWKV_JIT_ON="1", RWKV_CUDA_ON="0", RWKV_V7_ON="1" if version.startswith("7") else "0")
+        env = dict(os.environ, RWKV_JIT_ON="1", RWKV_CUDA_ON="0", RWKV_V7_ON="1" if version.startswith("7") else "0",
+                   RWKV_DE_VERSION="1" if deep_embed else "0")
         self.proc = subprocess.Popen(
             [sys.executable, str(WORKER), str(spec_path)],
             stdout=subprocess.PIPE, stderr=self._stderr, env=env, text=True, encoding="utf-8",

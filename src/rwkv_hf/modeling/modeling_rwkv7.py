@@ -11,7 +11,8 @@ Time mix, for each token, with xx = x_prev - x:
     S = S diag(w) + S (-kk)^T (kk * a) + v^T k;  y = S r    (per head, S is [value, key])
     y = GroupNorm_H(y) + sum_head(r * k * r_k) * v
     out = (y * g) O
-Channel mix: k = x + xx * x_k;  out = relu(k K)^2 V.
+Channel mix: k = x + xx * x_k;  out = relu(k K)^2 V   (DeepEmbed checkpoints gate relu(k K)^2 with a
+per-token embedding: rwkv7_deepembed).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from .configuration_rwkv7 import Rwkv7Config
 from .rwkv_common import DECAY_SCALE, RwkvForCausalLMBase, RwkvModelBase, relu_square, rescale, token_shift
+from .rwkv7_deepembed import add_deep_embed_params, deep_embed_gate, init_deep_embed_params
 from .rwkv_ops import wkv7
 
 # transformers 4.57 copies into its module cache only the files that a local folder's model file imports
@@ -33,6 +35,7 @@ from .rwkv_decode import graph_step  # noqa: F401,E402
 from .rwkv_step import model_step  # noqa: F401,E402
 from .rwkv_fla import HAVE_FLA  # noqa: F401,E402
 from .rwkv_peft import register_lora_targets  # noqa: F401,E402
+from .rwkv_state import RwkvStateMixin  # noqa: F401,E402
 
 
 
@@ -111,15 +114,19 @@ class Rwkv7ChannelMix(nn.Module):
         self.x_k = nn.Parameter(torch.empty(1, 1, C))
         self.key = nn.Linear(C, config.intermediate_size, bias=False)
         self.value = nn.Linear(config.intermediate_size, C, bias=False)
+        add_deep_embed_params(self, config)  # DeepEmbed checkpoints only (config deep_embed_size)
 
     def init_parameters(self):
         with torch.no_grad():
             self.x_k.fill_(0.5)
+        init_deep_embed_params(self)
 
-    def forward(self, x, shift, mask, scale=1.0):
+    def forward(self, x, shift, mask, scale=1.0, deep=None):
         prev, shift = token_shift(x, shift, mask)
         k = torch.addcmul(x, prev - x, self.x_k)  # x + (x_prev - x) * x_k
         k = relu_square(self.key(k))
+        if deep is not None:  # DeepEmbed: k * ((x s1) e s2 + s0), see rwkv7_deepembed
+            k = k * deep_embed_gate(self, x, deep)
         return self.value(rescale(k, scale)), shift
 
 

@@ -22,6 +22,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .rwkv_peft import register_lora_targets
+from .rwkv7_deepembed import deep_embed_inputs
+from .rwkv_state import RwkvStateMixin, initial_wkv
 
 Tensor = torch.Tensor
 register_lora_targets()  # LoraConfig() without target_modules works for our model types
@@ -209,18 +211,26 @@ class RwkvBlock(GradientCheckpointingLayer):
 
     def zero_state(self, batch_size: int, device, dtype) -> tuple:
         shift = torch.zeros(batch_size, self.ln1.normalized_shape[0], device=device, dtype=dtype)
-        return (shift, self.att.zero_wkv(batch_size, device), shift.clone())
+        wkv = initial_wkv(self.att, batch_size, device)  # a loaded or tuned state (rwkv_state), else zeros
+        return (shift, self.att.zero_wkv(batch_size, device) if wkv is None else wkv, shift.clone())
 
-    def forward(self, x: Tensor, state: tuple, mask: Optional[Tensor], v_first: Optional[Tensor], mode: Optional[str]):
-        if self.layer_id == 0:  # the reference normalises the embedding in fp32 before casting it
-            ln0 = self.ln0
-            x = F.layer_norm(x.float(), ln0.normalized_shape, ln0.weight.float(), ln0.bias.float(), ln0.eps).to(x.dtype)
+    def norm_embedding(self, x: Tensor) -> Tensor:
+        """Block 0's ln0 of the embedding: the reference normalises it in fp32 before casting it."""
+        ln0 = self.ln0
+        return F.layer_norm(x.float(), ln0.normalized_shape, ln0.weight.float(), ln0.bias.float(), ln0.eps).to(x.dtype)
+
+    def forward(self, x: Tensor, state: tuple, mask: Optional[Tensor], v_first: Optional[Tensor], mode: Optional[str], deep=None):
+        if self.layer_id == 0:
+            x = self.norm_embedding(x)
         rescale = self.rescale_every > 0 and x.dtype == torch.float16
         scale = 0.5 ** (self.layer_id // self.rescale_every) if rescale else 1.0
         att_shift, wkv, ffn_shift = state
         out, att_shift, wkv, v_first = self.att(self.ln1(x), att_shift, wkv, mask, v_first, mode, scale)
         x = x + out
-        out, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask, scale)
+        if deep is None:
+            out, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask, scale)
+        else:  # DeepEmbed RWKV-7 (rwkv7_deepembed)
+            out, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask, scale, deep)
         x = x + out
         if rescale and (self.layer_id + 1) % self.rescale_every == 0:
             x = x / 2
@@ -426,6 +436,9 @@ class RwkvModelBase(RwkvPreTrainedModel):
         def embed(part: slice) -> Tensor:
             return self.emb(input_ids[:, part]) if input_ids is not None else inputs_embeds[:, part]
 
+        def ids(part: slice) -> Optional[Tensor]:
+            return None if input_ids is None else input_ids[:, part]
+
         all_hidden = [] if output_hidden_states else None
         keep = keep_last if keep_last and keep_last < T and all_hidden is None else 0
         segment = getattr(self.config, "prefill_segment", 0) or T
@@ -436,13 +449,13 @@ class RwkvModelBase(RwkvPreTrainedModel):
             outs = []
             for t in range(0, T, segment):
                 part = slice(t, t + segment)
-                x = self._blocks(embed(part), None if mask is None else mask[:, part], state, mode)
+                x = self._blocks(embed(part), None if mask is None else mask[:, part], state, mode, input_ids=ids(part))
                 if keep:
                     x = x[:, max(0, T - keep - t) :]
                 outs.append(x)
             x = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
         else:
-            x = self._blocks(embed(slice(None)), mask, cache, mode, all_hidden)
+            x = self._blocks(embed(slice(None)), mask, cache, mode, all_hidden, input_ids=ids(slice(None)))
         if keep:
             x = x[:, -keep:]
         x = self.ln_out(x)
@@ -457,18 +470,19 @@ class RwkvModelBase(RwkvPreTrainedModel):
         )
         return out if return_dict is not False else out.to_tuple()
 
-    def _blocks(self, x: Tensor, mask: Optional[Tensor], cache: Optional[RwkvCache], mode, all_hidden=None) -> Tensor:
+    def _blocks(self, x: Tensor, mask: Optional[Tensor], cache: Optional[RwkvCache], mode, all_hidden=None, input_ids=None) -> Tensor:
         """x [B, T, C] through every block, from the state in `cache` (None: zeros), which it updates.
-        Appends each block's input to `all_hidden` if given."""
+        Appends each block's input to `all_hidden` if given. (`input_ids`: for DeepEmbed RWKV-7.)"""
         B = x.shape[0]
         v_first = None
+        deep = deep_embed_inputs(input_ids, lambda: self.blocks[0].norm_embedding(x)) if getattr(self.config, "deep_embed_size", 0) else None
         for i, block in enumerate(self.blocks):
             if all_hidden is not None:
                 all_hidden.append(x)
             state = cache.layers_state[i] if cache is not None else None
             if state is None:
                 state = block.zero_state(B, x.device, x.dtype)
-            x, new_state, v_first = block(x, state, mask, v_first, mode)
+            x, new_state, v_first = block(x, state, mask, v_first, mode) if deep is None else block(x, state, mask, v_first, mode, deep)
             if cache is not None:
                 cache.layers_state[i] = new_state
         return x
@@ -494,8 +508,9 @@ torch.nn.modules.module.register_module_module_registration_hook(_count_registra
 _PLAIN_CHECKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
-    """The language-model head over a version's model. Subclasses set `model_cls`."""
+class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
+    """The language-model head over a version's model. Subclasses set `model_cls`. State files and
+    state tuning: `RwkvStateMixin` (rwkv_state)."""
 
     model_cls: type = None
     _tied_weights_keys: List[str] = []
@@ -588,6 +603,7 @@ class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
             and len(set((getattr(self, "hf_device_map", None) or {0: 0}).values())) == 1
+            and not getattr(self.config, "deep_embed_size", 0)  # the step functions have no DeepEmbed
         ):
             return None
         if input_ids.is_cuda:
