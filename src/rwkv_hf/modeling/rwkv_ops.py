@@ -27,12 +27,46 @@ Tensor = torch.Tensor
 MODES = ("auto", "recurrent", "chunk", "fla")
 
 
-def _keep(mask: Optional[Tensor], t: int, new: Tensor, old: Tensor) -> Tensor:
-    """The new state where position t exists, else the old one."""
-    if mask is None:
+def _keep(exists: Optional[Tensor], new: Tensor, old: Tensor) -> Tensor:
+    """The new state where the position exists (exists: [B] bool, or None: everywhere), else the old one."""
+    if exists is None:
         return new
-    m = mask[:, t].view(-1, *([1] * (new.dim() - 1)))
-    return torch.where(m, new, old)
+    return torch.where(exists.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+def exporting() -> bool:
+    """True while torch.onnx.export, torch.export or torch.jit.trace record the model.
+
+    A recorded graph must hold for every input, not only for the example it was recorded with, so
+    then: the WKV runs as the plain recurrence with its time loop kept in the graph (`_over_time`),
+    and nothing branches on tensor values (see rwkv_common's `check_ids`, `normalize_mask`)."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _over_time(step, state, xs: Tuple[Optional[Tensor], ...]):
+    """Run `step(state, x_t) -> (state, out_t)` over the time axis (dim 1 of each tensor of xs; the last
+    one is the mask, None when every position exists). Returns (out [B, T, ...], the final state).
+
+    Eager, a Python loop; when exporting, one graph loop whose length is the input's (torch.export:
+    torch's `scan`, which torch.onnx writes as an ONNX Scan), where a Python loop would be unrolled
+    for the example's length."""
+    if exporting():
+        return _exported_loop(step, state, xs)
+    outs = []
+    for t in range(xs[0].shape[1]):
+        state, out = step(state, tuple(None if x is None else x[:, t] for x in xs))
+        outs.append(out)
+    return torch.stack(outs, 1), state
+
+
+def _exported_loop(step, state, xs):
+    from torch._higher_order_ops import scan  # (imported here: only exporting needs it)
+
+    *xs, mask = xs
+    if mask is None:
+        mask = torch.ones(xs[0].shape[:2], dtype=torch.bool, device=xs[0].device)
+    state, outs = scan(lambda s, x: step(s, tuple(x)), state, (*xs, mask), dim=1)
+    return outs, state
 
 
 # ----------------------------------------------------------------------------------------------- v4
@@ -44,22 +78,22 @@ def wkv4_recurrent(
     log_w = -exp(time_decay) [C]; u = time_first [C]; k, v [B, T, C]; state = (aa, bb, pp), each [B, C].
     wkv_t = (e^{pp} aa + e^{u+k_t} v_t) / (e^{pp} bb + e^{u+k_t}), all divided by the largest exponent.
     """
-    aa, bb, pp = state
     k, v = k.float(), v.float()
-    out = torch.empty_like(k)
-    for t in range(k.shape[1]):
-        kt, vt = k[:, t], v[:, t]
-        ww = u + kt
-        p = torch.maximum(pp, ww)
-        e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
-        out[:, t] = (e1 * aa + e2 * vt) / (e1 * bb + e2)
-        ww = log_w + pp
-        p = torch.maximum(ww, kt)
-        e1, e2 = torch.exp(ww - p), torch.exp(kt - p)
-        aa = _keep(mask, t, e1 * aa + e2 * vt, aa)
-        bb = _keep(mask, t, e1 * bb + e2, bb)
-        pp = _keep(mask, t, p, pp)
-    return out, (aa, bb, pp)
+    return _over_time(lambda s, x: _wkv4_token(log_w, u, s, x), state, (k, v, mask))
+
+
+def _wkv4_token(log_w, u, state, x):
+    """One step of `wkv4_recurrent`: x = (k_t, v_t [B, C], exists [B] bool or None)."""
+    kt, vt, mt = x
+    aa, bb, pp = state
+    ww = u + kt
+    p = torch.maximum(pp, ww)
+    e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
+    out = (e1 * aa + e2 * vt) / (e1 * bb + e2)
+    ww = log_w + pp
+    p = torch.maximum(ww, kt)
+    e1, e2 = torch.exp(ww - p), torch.exp(kt - p)
+    return (_keep(mt, e1 * aa + e2 * vt, aa), _keep(mt, e1 * bb + e2, bb), _keep(mt, p, pp)), out
 
 
 # ------------------------------------------------------------------------------------- v5.x and v6
@@ -75,13 +109,15 @@ def wkv5_recurrent(
     r, k, v = r.float(), k.float(), v.float()
     w = torch.exp(log_w.float()).expand_as(k)
     u = u.float().unsqueeze(-1)  # [H, N, 1]
-    S = state
-    out = torch.empty_like(v)
-    for t in range(k.shape[1]):
-        a = k[:, t].unsqueeze(-1) @ v[:, t].unsqueeze(-2)  # [B, H, N, N]
-        out[:, t] = (r[:, t].unsqueeze(-2) @ (u * a + S)).squeeze(-2)
-        S = _keep(mask, t, a + w[:, t].unsqueeze(-1) * S, S)
-    return out, S
+    return _over_time(lambda S, x: _wkv5_token(u, S, x), state, (r, k, v, w, mask))
+
+
+def _wkv5_token(u, S, x):
+    """One step of `wkv5_recurrent`: x = (r_t, k_t, v_t, w_t [B, H, N], exists [B] bool or None)."""
+    rt, kt, vt, wt, mt = x
+    a = kt.unsqueeze(-1) @ vt.unsqueeze(-2)  # [B, H, N, N]
+    out = (rt.unsqueeze(-2) @ (u * a + S)).squeeze(-2)
+    return _keep(mt, a + wt.unsqueeze(-1) * S, S), out
 
 
 # ----------------------------------------------------------------------------------------------- v7
@@ -95,31 +131,31 @@ def wkv7_recurrent(
     """
     r, k, v, a, b = r.float(), k.float(), v.float(), a.float(), b.float()
     w = torch.exp(log_w.float())
-    S = state
-    out = torch.empty_like(v)
-    for t in range(k.shape[1]):
-        new = (
-            S * w[:, t].unsqueeze(-2)
-            + (S @ a[:, t].unsqueeze(-1)) @ b[:, t].unsqueeze(-2)
-            + v[:, t].unsqueeze(-1) @ k[:, t].unsqueeze(-2)
-        )
-        S = _keep(mask, t, new, S)
-        out[:, t] = (new @ r[:, t].unsqueeze(-1)).squeeze(-1)
-    return out, S
+    return _over_time(_wkv7_token, state, (r, w, k, v, a, b, mask))
+
+
+def _wkv7_token(S, x):
+    """One step of `wkv7_recurrent`: x = (r_t, w_t, k_t, v_t, a_t, b_t [B, H, N], exists [B] bool or None)."""
+    rt, wt, kt, vt, at, bt, mt = x
+    new = S * wt.unsqueeze(-2) + (S @ at.unsqueeze(-1)) @ bt.unsqueeze(-2) + vt.unsqueeze(-1) @ kt.unsqueeze(-2)
+    return _keep(mt, new, S), (new @ rt.unsqueeze(-1)).squeeze(-1)
 
 
 # ------------------------------------------------------------------------------------------ dispatch
 def fla_available(x: Tensor) -> bool:
-    if not x.is_cuda:
+    if not x.is_cuda or exporting():
         return False
     return HAVE_FLA
 
 
 def pick_mode(mode: Optional[str], x: Tensor, seq_len: int, has_fla: bool = True) -> str:
-    """'auto' picks: one token -> recurrent; CUDA with fla installed -> fla; else the chunked form."""
+    """'auto' picks: one token -> recurrent; CUDA with fla installed -> fla; else the chunked form.
+    Exporting (any mode): recurrent, the one form an exported graph can hold for every length."""
     mode = mode or "auto"
     if mode not in MODES:
         raise ValueError(f"unknown WKV mode {mode!r}; expected one of {MODES}")
+    if exporting():
+        return "recurrent"
     if mode != "auto":
         return mode
     if seq_len == 1:
