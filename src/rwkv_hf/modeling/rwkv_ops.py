@@ -14,7 +14,7 @@ Conventions shared by every op:
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -27,13 +27,6 @@ Tensor = torch.Tensor
 MODES = ("auto", "recurrent", "chunk", "fla")
 
 
-def _keep(exists: Optional[Tensor], new: Tensor, old: Tensor) -> Tensor:
-    """The new state where the position exists (exists: [B] bool, or None: everywhere), else the old one."""
-    if exists is None:
-        return new
-    return torch.where(exists.view(-1, *([1] * (new.dim() - 1))), new, old)
-
-
 def exporting() -> bool:
     """True while torch.onnx.export, torch.export or torch.jit.trace record the model.
 
@@ -43,31 +36,50 @@ def exporting() -> bool:
     return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
-def _over_time(step, state, xs: Tuple[Optional[Tensor], ...]):
-    """Run `step(state, x_t) -> (state, out_t)` over the time axis (dim 1 of each tensor of xs; the last
-    one is the mask, None when every position exists). Returns (out [B, T, ...], the final state).
-
-    Eager, a Python loop; when exporting, one graph loop whose length is the input's (torch.export:
-    torch's `scan`, which torch.onnx writes as an ONNX Scan), where a Python loop would be unrolled
-    for the example's length."""
-    if exporting():
-        return _exported_loop(step, state, xs)
-    outs = []
-    for t in range(xs[0].shape[1]):
-        state, out = step(state, tuple(None if x is None else x[:, t] for x in xs))
-        outs.append(out)
-    return torch.stack(outs, 1), state
+def _keep(exists: Optional[Tensor], new: Tensor, old: Tensor) -> Tensor:
+    """The new state where the position exists (exists: the mask's column, shaped to broadcast against
+    the state; None: everywhere), else the old one."""
+    return new if exists is None else torch.where(exists, new, old)
 
 
-def _exported_loop(step, state, xs):
+def _over_time(loop, step, consts: tuple, xs: tuple, state, mask: Optional[Tensor]):
+    """Run a version's recurrence over the time axis (dim 1 of xs and of mask [B, T, 1, ...]).
+
+    `step(*consts, state, *x_t, mask_t) -> (state, out_t)` is one token; `loop(*consts, *xs, state, mask)`
+    runs it over every position. Eager, the loop runs as Python. When exporting, a Python loop would be
+    unrolled for the example's length, so the graph gets a loop of its own, with a mask of ones when
+    none is given: torch.export (torch.onnx's default exporter) records `step` in torch's `scan`
+    (an ONNX Scan); torch.jit.trace (torch.onnx's TorchScript exporter) records `loop` scripted (an
+    ONNX Loop)."""
+    if not exporting():
+        return loop(*consts, *xs, state, mask)
+    if mask is None:
+        like = state[0] if isinstance(state, tuple) else state
+        mask = torch.ones(*xs[0].shape[:2], *[1] * (like.dim() - 1), dtype=torch.bool, device=like.device)
+    if torch.jit.is_tracing():
+        return _scripted(loop)(*consts, *xs, state, mask)
     from torch._higher_order_ops import scan  # (imported here: only exporting needs it)
 
-    *xs, mask = xs
-    if mask is None:
-        mask = torch.ones(xs[0].shape[:2], dtype=torch.bool, device=xs[0].device)
-    state, outs = scan(lambda s, x: step(s, tuple(x)), state, (*xs, mask), dim=1)
-    return outs, state
+    state, out = scan(lambda s, x: step(*consts, s, *x), state, (*xs, mask), dim=1)
+    return out, state
 
+
+_SCRIPTED = {}
+
+
+def _scripted(fn):
+    if fn not in _SCRIPTED:
+        _SCRIPTED[fn] = torch.jit.script(fn)
+    return _SCRIPTED[fn]
+
+
+def _exists(mask: Optional[Tensor], state_dims: int) -> Optional[Tensor]:
+    """mask [B, T] as [B, T, 1, ...], to broadcast against a state of `state_dims` dims at each position."""
+    return None if mask is None else mask.view(*mask.shape, *[1] * (state_dims - 1))
+
+
+# The loops below are scripted when exporting with torch.jit.trace, where an argument without a type is
+# a Tensor: their mask is a tensor there (eager it is None when every position exists).
 
 # ----------------------------------------------------------------------------------------------- v4
 def wkv4_recurrent(
@@ -78,13 +90,12 @@ def wkv4_recurrent(
     log_w = -exp(time_decay) [C]; u = time_first [C]; k, v [B, T, C]; state = (aa, bb, pp), each [B, C].
     wkv_t = (e^{pp} aa + e^{u+k_t} v_t) / (e^{pp} bb + e^{u+k_t}), all divided by the largest exponent.
     """
-    k, v = k.float(), v.float()
-    return _over_time(lambda s, x: _wkv4_token(log_w, u, s, x), state, (k, v, mask))
+    return _over_time(_wkv4_loop, _wkv4_token, (log_w, u), (k.float(), v.float()), state, _exists(mask, 2))
 
 
-def _wkv4_token(log_w, u, state, x):
-    """One step of `wkv4_recurrent`: x = (k_t, v_t [B, C], exists [B] bool or None)."""
-    kt, vt, mt = x
+def _wkv4_token(
+    log_w: Tensor, u: Tensor, state: Tuple[Tensor, Tensor, Tensor], kt: Tensor, vt: Tensor, mt: Optional[Tensor]
+) -> Tuple[Tuple[Tensor, Tensor, Tensor], Tensor]:
     aa, bb, pp = state
     ww = u + kt
     p = torch.maximum(pp, ww)
@@ -94,6 +105,14 @@ def _wkv4_token(log_w, u, state, x):
     p = torch.maximum(ww, kt)
     e1, e2 = torch.exp(ww - p), torch.exp(kt - p)
     return (_keep(mt, e1 * aa + e2 * vt, aa), _keep(mt, e1 * bb + e2, bb), _keep(mt, p, pp)), out
+
+
+def _wkv4_loop(log_w, u, k, v, state: Tuple[Tensor, Tensor, Tensor], mask):
+    outs: List[Tensor] = []
+    for t in range(k.shape[1]):
+        state, out = _wkv4_token(log_w, u, state, k[:, t], v[:, t], None if mask is None else mask[:, t])
+        outs.append(out)
+    return torch.stack(outs, 1), state
 
 
 # ------------------------------------------------------------------------------------- v5.x and v6
@@ -109,15 +128,21 @@ def wkv5_recurrent(
     r, k, v = r.float(), k.float(), v.float()
     w = torch.exp(log_w.float()).expand_as(k)
     u = u.float().unsqueeze(-1)  # [H, N, 1]
-    return _over_time(lambda S, x: _wkv5_token(u, S, x), state, (r, k, v, w, mask))
+    return _over_time(_wkv5_loop, _wkv5_token, (u,), (r, k, v, w), state, _exists(mask, 4))
 
 
-def _wkv5_token(u, S, x):
-    """One step of `wkv5_recurrent`: x = (r_t, k_t, v_t, w_t [B, H, N], exists [B] bool or None)."""
-    rt, kt, vt, wt, mt = x
+def _wkv5_token(u: Tensor, S: Tensor, rt: Tensor, kt: Tensor, vt: Tensor, wt: Tensor, mt: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     a = kt.unsqueeze(-1) @ vt.unsqueeze(-2)  # [B, H, N, N]
     out = (rt.unsqueeze(-2) @ (u * a + S)).squeeze(-2)
     return _keep(mt, a + wt.unsqueeze(-1) * S, S), out
+
+
+def _wkv5_loop(u, r, k, v, w, S, mask):
+    outs: List[Tensor] = []
+    for t in range(k.shape[1]):
+        S, out = _wkv5_token(u, S, r[:, t], k[:, t], v[:, t], w[:, t], None if mask is None else mask[:, t])
+        outs.append(out)
+    return torch.stack(outs, 1), S
 
 
 # ----------------------------------------------------------------------------------------------- v7
@@ -129,16 +154,24 @@ def wkv7_recurrent(
     All inputs [B, T, H, N]; state [B, H, N, N]. In the reference, a = -kk and b = kk * a.
         S <- S diag(w_t) + (S a_t) b_t^T + v_t k_t^T;   out_t = S r_t
     """
-    r, k, v, a, b = r.float(), k.float(), v.float(), a.float(), b.float()
-    w = torch.exp(log_w.float())
-    return _over_time(_wkv7_token, state, (r, w, k, v, a, b, mask))
+    xs = (r.float(), torch.exp(log_w.float()), k.float(), v.float(), a.float(), b.float())
+    return _over_time(_wkv7_loop, _wkv7_token, (), xs, state, _exists(mask, 4))
 
 
-def _wkv7_token(S, x):
-    """One step of `wkv7_recurrent`: x = (r_t, w_t, k_t, v_t, a_t, b_t [B, H, N], exists [B] bool or None)."""
-    rt, wt, kt, vt, at, bt, mt = x
+def _wkv7_token(
+    S: Tensor, rt: Tensor, wt: Tensor, kt: Tensor, vt: Tensor, at: Tensor, bt: Tensor, mt: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
     new = S * wt.unsqueeze(-2) + (S @ at.unsqueeze(-1)) @ bt.unsqueeze(-2) + vt.unsqueeze(-1) @ kt.unsqueeze(-2)
     return _keep(mt, new, S), (new @ rt.unsqueeze(-1)).squeeze(-1)
+
+
+def _wkv7_loop(r, w, k, v, a, b, S, mask):
+    outs: List[Tensor] = []
+    for t in range(k.shape[1]):
+        m = None if mask is None else mask[:, t]
+        S, out = _wkv7_token(S, r[:, t], w[:, t], k[:, t], v[:, t], a[:, t], b[:, t], m)
+        outs.append(out)
+    return torch.stack(outs, 1), S
 
 
 # ------------------------------------------------------------------------------------------ dispatch
