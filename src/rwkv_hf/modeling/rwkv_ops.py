@@ -60,6 +60,9 @@ def _over_time(loop, step, consts: tuple, xs: tuple, state, mask: Optional[Tenso
         return _scripted(loop)(*consts, *xs, state, mask)
     from torch._higher_order_ops import scan  # (imported here: only exporting needs it)
 
+    # (detached: torch 2.13 fails to decompose for ONNX a scan whose inputs require gradients)
+    consts, xs = tuple(c.detach() for c in consts), tuple(x.detach() for x in xs)
+    state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
     state, out = scan(lambda s, x: step(*consts, s, *x), state, (*xs, mask), dim=1)
     return out, state
 
