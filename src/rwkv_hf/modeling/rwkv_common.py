@@ -486,6 +486,7 @@ class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
             and not output_hidden_states
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
+            and not exporting()
             and len(set((getattr(self, "hf_device_map", None) or {0: 0}).values())) == 1
         ):
             return None
