@@ -83,7 +83,9 @@ def export_onnx(model: nn.Module, path, with_state: bool = False, dynamo: bool =
     names_out = ["logits"] + (lm.state_names("new_state") if with_state else [])
     if dynamo:
         batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
-        shapes = ({0: batch, 1: length}, {0: batch, 1: length}, tuple({0: batch} for _ in state))  # (*state: one tuple)
+        shapes = ({0: batch, 1: length}, {0: batch, 1: length})
+        if with_state:
+            shapes += (tuple({0: batch} for _ in state),)  # (*state: one tuple)
         dyn = {"dynamic_shapes": shapes}
     else:
         axes = {n: {0: "batch", 1: "length"} for n in ("input_ids", "attention_mask", "logits")}
