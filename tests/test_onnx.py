@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort  # (pyproject's `test` extra: missing, these tests fail rather than skip)
 import pytest
 import torch
 
@@ -25,7 +26,7 @@ from rwkv_hf.modeling import FAMILIES
 from rwkv_hf.modeling.rwkv_common import CACHE_FIELD
 from rwkv_hf.testing import make_state_dict
 
-ort = pytest.importorskip("onnxruntime")  # (a test dependency: pyproject's `test` extra)
+XX
 
 VERSIONS = ["4", "5.2", "6", "7"]
 VOCAB = 256
