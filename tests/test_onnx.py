@@ -140,3 +140,14 @@ def test_readme_onnx_example_runs(tmp_path, monkeypatch):
     scope: dict = {}
     exec(compile(code, "README.md (ONNX)", "exec"), scope)
     assert scope["logits"].shape[:2] == (2, 1) and len(scope["state"]) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_export_from_cuda_avoids_fla_and_cuda_graphs(dynamo, tmp_path):
+    """On CUDA (with fla installed, 'auto' would take fla's kernels and the captured decode graph) the
+    export still records the plain recurrence; the graph runs on onnxruntime's CPU provider."""
+    model = build("7").cuda()
+    export_onnx(model, tmp_path / "step.onnx", with_state=True, dynamo=dynamo)
+    _check_prompt_then_steps(model.cpu(), tmp_path / "step.onnx")
