@@ -26,8 +26,6 @@ from rwkv_hf.modeling import FAMILIES
 from rwkv_hf.modeling.rwkv_common import CACHE_FIELD
 from rwkv_hf.testing import make_state_dict
 
-XX
-
 VERSIONS = ["4", "5.2", "6", "7"]
 VOCAB = 256
 TOL = 1e-5  # max |onnx - torch| / max |logit|, over real positions; fp32 round-off is ~1e-6

@@ -1,7 +1,8 @@
 """The WKV recurrences of every RWKV version, as plain per-token loops, and the dispatch to faster forms.
 
 The loops here are the truth: each is a line-by-line transcription of the reference package's
-`rwkv/model.py` one-token update. The chunked matrix forms (`rwkv_chunk.py`, `rwkv7_chunk.py`) and the
+`rwkv/model.py` one-token update (one `_wkvN_token` function per version, run by `_wkvN_loop`, or, when
+the model is being exported, by a loop recorded in the graph: see `exporting` and `_over_time`). The chunked matrix forms (`rwkv_chunk.py`, `rwkv7_chunk.py`) and the
 flash-linear-attention kernels (`rwkv_fla.py`) are tested against them.
 
 Conventions shared by every op:
