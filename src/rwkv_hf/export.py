@@ -42,7 +42,8 @@ class OnnxLM(nn.Module):
         self.per_layer = len(_flat(self.model.model.blocks[0].zero_state(1, "cpu", torch.float32)))
 
     def zero_state(self, batch_size: int) -> Tuple[Tensor, ...]:
-        """The state before any token (per layer: token shift of the time mix, WKV state, token shift of the channel mix)."""
+        """The state before any token, flat: per layer the time mix's token shift, the WKV state (v4: its
+        aa, bb, pp) and the channel mix's token shift."""
         p = next(self.model.parameters())
         return tuple(t for b in self.model.model.blocks for t in _flat(b.zero_state(batch_size, p.device, p.dtype)))
 

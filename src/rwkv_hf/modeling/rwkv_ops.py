@@ -2,8 +2,9 @@
 
 The loops here are the truth: each is a line-by-line transcription of the reference package's
 `rwkv/model.py` one-token update (one `_wkvN_token` function per version, run by `_wkvN_loop`, or, when
-the model is being exported, by a loop recorded in the graph: see `exporting` and `_over_time`). The chunked matrix forms (`rwkv_chunk.py`, `rwkv7_chunk.py`) and the
-flash-linear-attention kernels (`rwkv_fla.py`) are tested against them.
+the model is being exported, by a loop recorded in the graph: see `exporting` and `_over_time`).
+The chunked matrix forms (`rwkv_chunk.py`, `rwkv7_chunk.py`) and the flash-linear-attention kernels
+(`rwkv_fla.py`) are tested against them.
 
 Conventions shared by every op:
 - inputs are batch-first, ``[B, T, H, N]`` (v4: ``[B, T, C]``), computed in fp32, outputs fp32;
@@ -135,7 +136,9 @@ def wkv5_recurrent(
     return _over_time(_wkv5_loop, _wkv5_token, (u,), (r, k, v, w), state, _exists(mask, 4))
 
 
-def _wkv5_token(u: Tensor, S: Tensor, rt: Tensor, kt: Tensor, vt: Tensor, wt: Tensor, mt: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def _wkv5_token(
+    u: Tensor, S: Tensor, rt: Tensor, kt: Tensor, vt: Tensor, wt: Tensor, mt: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
     a = kt.unsqueeze(-1) @ vt.unsqueeze(-2)  # [B, H, N, N]
     out = (rt.unsqueeze(-2) @ (u * a + S)).squeeze(-2)
     return _keep(mt, a + wt.unsqueeze(-1) * S, S), out
