@@ -5,7 +5,8 @@ torch's scan -> ONNX Scan; TorchScript: a scripted loop -> ONNX Loop), so one gr
 and length. Each graph is recorded with an all-ones mask and run with padding on the left and a hole
 in the middle, and at other batch sizes and lengths than the example's (T = 1 included): a graph that
 baked in the example (an unrolled loop, a mask dropped because the example had no padding) fails.
-The default exporter (torch.export) takes ~5 s a model on 2 cores, the TorchScript one ~1 s.
+Cost (2 busy cores): the default exporter (torch.export + onnxscript) 9-21 s a model, TorchScript 2-6 s;
+~130 s for the file.
 """
 
 from __future__ import annotations
