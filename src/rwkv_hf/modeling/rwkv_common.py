@@ -24,6 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .rwkv_peft import register_lora_targets
 from .rwkv7_deepembed import deep_embed_inputs
 from .rwkv_state import RwkvStateMixin, initial_wkv
+from .rwkv_ops import exporting
 
 Tensor = torch.Tensor
 register_lora_targets()  # LoraConfig() without target_modules works for our model types
@@ -135,8 +136,14 @@ def token_shift(x: Tensor, prev: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor
         return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1), x[:, -1]
     B, T, C = x.shape
     pos = torch.arange(1, T + 1, device=x.device).expand(B, T)
-    last_incl = torch.cummax(torch.where(mask, pos, torch.zeros_like(pos)), dim=1).values  # 0 = from state
-    last_excl = F.pad(last_incl[:, :-1], (1, 0))
+    if exporting():  # ONNX has no cummax: the position of the n-th real token, n = real tokens up to t
+        real = mask.long()
+        n = real.cumsum(1)
+        nth = torch.zeros(B, T + 1, dtype=pos.dtype, device=x.device).scatter(1, n * real, pos * real)
+        last_incl, last_excl = torch.gather(nth, 1, n), torch.gather(nth, 1, n - real)
+    else:
+        last_incl = torch.cummax(torch.where(mask, pos, torch.zeros_like(pos)), dim=1).values  # 0 = from state
+        last_excl = F.pad(last_incl[:, :-1], (1, 0))
     ext = torch.cat([prev.unsqueeze(1), x], dim=1)  # index 0 is the state's vector
     shifted = torch.gather(ext, 1, last_excl.unsqueeze(-1).expand(B, T, C))
     new_prev = torch.gather(ext, 1, last_incl[:, -1:].unsqueeze(-1).expand(B, 1, C)).squeeze(1)
@@ -168,8 +175,9 @@ def relu_square(x: Tensor) -> Tensor:
 
 
 def check_ids(input_ids: Tensor, vocab_size: int) -> None:
-    """A clear error for ids outside the vocabulary (else: an index error deep inside the embedding)."""
-    if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
+    """A clear error for ids outside the vocabulary (else: an index error deep inside the embedding).
+    Not in an exported graph, which cannot raise."""
+    if not exporting() and input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
         raise ValueError(
             f"input_ids must be in [0, {vocab_size}); got values in [{int(input_ids.min())}, {int(input_ids.max())}]"
         )
@@ -185,7 +193,7 @@ def normalize_mask(attention_mask: Optional[Tensor], shape: Tuple[int, int], dev
             f"got shape {list(attention_mask.shape)}"
         )
     mask = attention_mask.to(device=device, dtype=torch.bool)
-    return None if bool(mask.all()) else mask
+    return None if not exporting() and bool(mask.all()) else mask  # (an exported graph keeps the mask)
 
 
 # -------------------------------------------------------------------------------------------- block
@@ -442,7 +450,7 @@ class RwkvModelBase(RwkvPreTrainedModel):
         all_hidden = [] if output_hidden_states else None
         keep = keep_last if keep_last and keep_last < T and all_hidden is None else 0
         segment = getattr(self.config, "prefill_segment", 0) or T
-        if T > segment and all_hidden is None:
+        if not exporting() and T > segment and all_hidden is None:  # (an exported graph takes any length at once)
             # a long input in segments: the state carries over, activations exist for one segment at a
             # time, and only the segments' outputs that are asked for are kept
             state = cache if cache is not None else RwkvCache(len(self.blocks))
@@ -602,6 +610,7 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
             and not output_hidden_states
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
+            and not exporting()
             and len(set((getattr(self, "hf_device_map", None) or {0: 0}).values())) == 1
             and not getattr(self.config, "deep_embed_size", 0)  # the step functions have no DeepEmbed
         ):
