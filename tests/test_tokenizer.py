@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -452,6 +453,72 @@ def test_hypothesis_lazy_rows(fast, reference, texts):
     _assert_same_rows(lazy, full, offsets, texts)
     for row, mask, text in zip(lazy["input_ids"], lazy["attention_mask"], texts):
         assert [x for x, keep in zip(row, mask) if keep] == reference.encode(text)
+
+
+def test_plain_call_skips_transformers_call(fast, reference, monkeypatch):
+    """fast(text) with no padding, truncation or max_length goes straight to the no-offsets path;
+    anything else, and a subclass that overrides a method on the way, still takes transformers'."""
+    from transformers import PreTrainedTokenizerBase
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("transformers' strategies")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "_get_padding_truncation_strategies", refuse)
+    texts = ["héllo 😀", "中文 abc"]
+    assert fast(texts[0])["input_ids"] == reference.encode(texts[0])
+    assert fast(texts, return_length=True)["length"] == [len(reference.encode(t)) for t in texts]
+    assert fast(tuple(texts), truncation=False, padding=False)["input_ids"] == [reference.encode(t) for t in texts]
+    for kwargs in ({"padding": True}, {"truncation": True}, {"max_length": 3}, {"text_target": "x"}):
+        with pytest.raises(RuntimeError, match="strategies"):
+            fast(texts, **kwargs)
+
+    class Custom(RwkvWorldTokenizerFast):
+        def _encode_plus(self, *args, **kwargs):
+            return super()._encode_plus(*args, **kwargs)
+
+    with pytest.raises(RuntimeError, match="strategies"):
+        Custom()(texts[0])
+
+
+def _deep_list(value):  # numpy object arrays (ragged rows) hold arrays
+    value = _as_list(value)
+    return [_deep_list(v) for v in value] if isinstance(value, list) else value
+
+
+CALL_OPTIONS = [
+    {},
+    {"add_special_tokens": False},
+    {"return_tensors": "pt"},
+    {"return_tensors": "np", "return_special_tokens_mask": True},
+    {"return_token_type_ids": True, "return_attention_mask": False, "return_length": True},
+    {"pad_to_multiple_of": 8, "padding_side": "left", "stride": 3},
+    {"padding": False, "truncation": False, "verbose": False},
+    {"split_special_tokens": False},
+]
+
+
+@pytest.mark.parametrize("options", CALL_OPTIONS)
+@pytest.mark.parametrize("bos", [False, True])
+def test_plain_call_matches_transformers_call(fast, fast_bos, options, bos):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = fast_bos if bos else fast
+    for text in [LAZY_TEXTS, LAZY_TEXTS[0], tuple(LAZY_TEXTS[:2]), [""], ["ab", "cd"]]:
+        try:
+            theirs = PreTrainedTokenizerFast.__call__(tok, text, **options)
+        except ValueError as e:  # tensors of rows of different lengths: the same error
+            with pytest.raises(type(e), match=re.escape(str(e))):
+                tok(text, **options)
+            continue
+        ours = tok(text, **options)
+        assert list(ours.keys()) == list(theirs.keys())
+        for key in theirs:
+            assert type(ours[key]) is type(theirs[key]), key
+            assert getattr(ours[key], "dtype", None) == getattr(theirs[key], "dtype", None), key
+            assert _deep_list(ours[key]) == _deep_list(theirs[key]), key
+        assert ours.n_sequences == theirs.n_sequences
+        assert [e.ids for e in ours.encodings] == [e.ids for e in theirs.encodings]
+        assert [e.tokens for e in ours.encodings] == [e.tokens for e in theirs.encodings]
 
 
 def test_lazy_rows_keep_their_call_settings(reference):
