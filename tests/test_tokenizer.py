@@ -503,7 +503,10 @@ def test_plain_call_matches_transformers_call(fast, fast_bos, options, bos):
     from transformers import PreTrainedTokenizerFast
 
     tok = fast_bos if bos else fast
-    for text in [LAZY_TEXTS, LAZY_TEXTS[0], tuple(LAZY_TEXTS[:2]), [""], ["ab", "cd"]]:
+    class Text(str):
+        pass
+
+    for text in [LAZY_TEXTS, LAZY_TEXTS[0], tuple(LAZY_TEXTS[:2]), [""], ["ab", "cd"], Text("héllo")]:
         try:
             theirs = PreTrainedTokenizerFast.__call__(tok, text, **options)
         except ValueError as e:  # tensors of rows of different lengths: the same error

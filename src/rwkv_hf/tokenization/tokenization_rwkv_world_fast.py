@@ -243,7 +243,8 @@ def _plain_call_path(cls) -> bool:
     ok = _call_path_classes.get(cls)
     if ok is None:
         base = RwkvWorldTokenizerFast
-        ok = _call_path_classes[cls] = all(getattr(cls, n, None) is getattr(base, n, None) for n in _CALL_PATH_METHODS)
+        ok = all(getattr(cls, n, None) is getattr(base, n, None) for n in _CALL_PATH_METHODS)
+        _call_path_classes[cls] = ok
     return ok
 
 
@@ -376,7 +377,7 @@ class RwkvWorldTokenizerFast(PreTrainedTokenizerFast):
             texts = _fast_path_texts(text, None, kw)
             if texts is not None:
                 try:
-                    return self._encode_fast(texts, type(text) is not str, **kw)
+                    return self._encode_fast(texts, isinstance(text, (list, tuple)), **kw)
                 except Exception:
                     _check_text(text)
                     raise
