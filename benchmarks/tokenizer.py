@@ -9,15 +9,22 @@ list at once (the fast tokenizer and pyrwkv-tokenizer use threads there). RwkvWo
 __call__ asks for no offsets here, so it takes its encode_batch_fast path (offsets are computed when
 a row's tokens/offsets/char_to_token are first used). "exact" says whether every
 document's ids equal the reference TRIE_TOKENIZER's.
+
+A second table ("kinds of text", ``--only kinds``) times the reference and the fast tokenizer (one
+document at a time, and batched) on five kinds of text, ~0.4 MB each, every row best of
+``--kinds-repeat``; see ``KINDS`` for where each text comes from.
 """
 
 import argparse
+import gettext
+import glob
 import importlib.resources
 import json
 import os
 import platform
 import random
 import time
+import unicodedata
 from pathlib import Path
 
 CHINESE = [
@@ -56,6 +63,107 @@ def corpus():
     return docs
 
 
+# ------------------------------------------------------------------------------ kinds of text
+# One corpus per kind of text, each ~KIND_BYTES of UTF-8 in documents of ~1-3 KB, built
+# deterministically from what is on disk: gettext catalogs (/usr/share/locale/*/LC_MESSAGES/*.mo:
+# translated program messages, read with the standard library), LAMBADA and transformers' sources,
+# and seeded draws from the Unicode database of this Python.
+
+KIND_BYTES = 400_000
+CJK_LANGS = ["zh_CN", "zh_TW", "ja", "ko"]
+OTHER_LANGS = ["ru", "uk", "bg", "el", "ar", "fa", "he", "hi", "th", "ka", "hy"]
+CHAT_WORDS = (
+    "great job see you tomorrow thanks so much lol that was amazing can't wait for the weekend "
+    "happy birthday love this omg did you see the game last night good morning everyone "
+    "congrats on the new job who is coming to the party I'm on my way be there in 5 haha"
+).split()
+
+
+def _cap(docs, limit):
+    out, total = [], 0
+    for doc in docs:
+        if total >= limit:
+            break
+        out.append(doc)
+        total += len(doc.encode())
+    return out
+
+
+def catalog_docs(langs, limit=KIND_BYTES, lines_per_doc=30):
+    """Translated messages of the gettext catalogs of ``langs``, ~limit/len(langs) bytes per language."""
+    docs = []
+    for lang in langs:
+        mine = []
+        for path in sorted(glob.glob(f"/usr/share/locale/{lang}/LC_MESSAGES/*.mo")):
+            try:
+                with open(path, "rb") as f:
+                    catalog = gettext.GNUTranslations(f)._catalog
+            except (OSError, ValueError, UnicodeDecodeError):
+                continue
+            pairs = sorted(catalog.items(), key=lambda kv: str(kv[0]))
+            lines = [v for k, v in pairs if k and isinstance(v, str) and v]
+            mine += ["\n".join(lines[i : i + lines_per_doc]) for i in range(0, len(lines), lines_per_doc)]
+        docs += _cap(mine, limit // len(langs))
+    if not docs:
+        raise SystemExit(f"no gettext catalogs for {langs} under /usr/share/locale")
+    return docs
+
+
+def english_docs(limit=KIND_BYTES):
+    """Two LAMBADA texts, then one of transformers' .py sources (500 B-20 KB), in turn, in a fixed order."""
+    data = importlib.resources.files("rwkv_hf.evaluation").joinpath("lambada_test.jsonl").read_text("utf-8")
+    prose = [json.loads(line)["text"] for line in data.splitlines() if line.strip()]
+    import transformers
+
+    paths = sorted(Path(transformers.__file__).parent.rglob("*.py"))[:400]
+    code = [p.read_text("utf-8", errors="replace") for p in paths]
+    code = [c for c in code if 500 < len(c) < 20_000]
+    mixed = [doc for pair in zip(prose[::2], prose[1::2], code) for doc in pair]
+    return _cap(mixed, limit)
+
+
+def _emoji():
+    return [chr(c) for c in range(0x1F300, 0x1FAFF) if unicodedata.category(chr(c)) == "So"]
+
+
+def chat_docs(limit=KIND_BYTES, seed=0):
+    """Chat logs: 20 lines of 3-12 words and 1-4 emoji each (seeded)."""
+    rnd, emoji, docs, total = random.Random(seed), _emoji(), [], 0
+    while total < limit:
+        lines = []
+        for _ in range(20):
+            words = " ".join(rnd.choice(CHAT_WORDS) for _ in range(rnd.randint(3, 12)))
+            marks = "".join(rnd.choice(emoji) for _ in range(rnd.randint(1, 4)))
+            cut = rnd.randint(0, len(words))
+            lines.append(f"user{rnd.randint(1, 50)}: {words[:cut]} {marks} {words[cut:]}".strip())
+        docs.append("\n".join(lines))
+        total += len(docs[-1].encode())
+    return docs
+
+
+def random_code_point_docs(limit=KIND_BYTES, seed=0):
+    """Seeded draws of assigned code points above U+07FF (symbols, rare scripts), with some spaces."""
+    rnd, docs, total = random.Random(seed), [], 0
+    while total < limit:
+        chars = []
+        while len(chars) < 600:
+            c = chr(rnd.randrange(0x800, 0x110000))
+            if unicodedata.category(c) not in ("Cn", "Cs", "Co"):
+                chars.append(c if rnd.random() > 0.1 else " ")
+        docs.append("".join(chars))
+        total += len(docs[-1].encode())
+    return docs
+
+
+KINDS = [
+    ("English prose and code", english_docs),
+    ("Chinese/Japanese/Korean prose", lambda: catalog_docs(CJK_LANGS)),
+    ("other scripts", lambda: catalog_docs(OTHER_LANGS)),
+    ("chat lines with a few emoji each", chat_docs),
+    ("random code points (symbols, rare scripts)", random_code_point_docs),
+]
+
+
 def timed(fn, repeat):
     best, out = float("inf"), None
     for _ in range(repeat):
@@ -63,6 +171,16 @@ def timed(fn, repeat):
         out = fn()
         best = min(best, time.perf_counter() - t0)
     return best, out
+
+
+def timed_cpu(fn, repeat):
+    """Best wall-clock and best process CPU seconds over ``repeat`` runs, and the last output."""
+    best, best_cpu, out = float("inf"), float("inf"), None
+    for _ in range(repeat):
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = fn()
+        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
+    return best, best_cpu, out
 
 
 def cpu_model():
@@ -78,6 +196,8 @@ def cpu_model():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--kinds-repeat", type=int, default=5, help="best of N for every row of the kinds table")
+    ap.add_argument("--only", choices=["mixed", "kinds"], help="print only that table")
     args = ap.parse_args()
 
     import tokenizers
@@ -86,11 +206,47 @@ def main():
     import rwkv
     from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
+    print(f"machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {cpu_model()}")
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__},"
+        f" tokenizers {tokenizers.__version__}\n"
+    )
+    ref = TRIE_TOKENIZER(os.path.join(os.path.dirname(rwkv.__file__), "rwkv_vocab_v20230424.txt"))
+    if args.only != "kinds":
+        mixed_table(args, ref)
+    if args.only != "mixed":
+        kinds_table(args.kinds_repeat, ref)
+
+
+def kinds_table(repeat, ref):
+    """One row per kind of text: reference, fast __call__ one document at a time, and batched; all best of
+    ``repeat`` (load from other processes only ever adds time), with process CPU time beside."""
+    from rwkv_hf.tokenization import RwkvWorldTokenizerFast
+
+    fast = RwkvWorldTokenizerFast()
+    print(f"kinds of text: best of {repeat} wall-clock seconds per row (CPU seconds of the process in brackets)\n")
+    print("| text | documents | MB | tokens | reference s | fast s | x ref | batched s | x ref | exact |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for name, make in KINDS:
+        docs = make()
+        nbytes = sum(len(d.encode()) for d in docs)
+        t_ref, cpu_ref, expected = timed_cpu(lambda: [ref.encode(d) for d in docs], repeat)
+        t_one, cpu_one, one = timed_cpu(lambda: [fast(d)["input_ids"] for d in docs], repeat)
+        t_all, cpu_all, batch = timed_cpu(lambda: fast(docs)["input_ids"], repeat)
+        exact = one == expected and batch == expected
+        print(
+            f"| {name} | {len(docs)} | {nbytes / 1e6:.2f} | {sum(map(len, expected))} | {t_ref:.3f} ({cpu_ref:.3f}) |"
+            f" {t_one:.3f} ({cpu_one:.3f}) | {t_ref / t_one:.2f} | {t_all:.3f} ({cpu_all:.3f}) | {t_ref / t_all:.2f} |"
+            f" {'yes' if exact else 'NO'} |",
+            flush=True,
+        )
+
+
+def mixed_table(args, ref):
     from rwkv_hf.tokenization import RwkvWorldTokenizer, RwkvWorldTokenizerFast
 
     docs = corpus()
     nbytes = sum(len(d.encode()) for d in docs)
-    ref = TRIE_TOKENIZER(os.path.join(os.path.dirname(rwkv.__file__), "rwkv_vocab_v20230424.txt"))
     t_ref, expected = timed(lambda: [ref.encode(d) for d in docs], 1)
     ntok = sum(map(len, expected))
     slow, fast = RwkvWorldTokenizer(), RwkvWorldTokenizerFast()
@@ -135,11 +291,6 @@ def main():
     except ImportError:
         rows.append(("pyrwkv-tokenizer (Rust): not installed", "-", float("nan"), None))
 
-    print(f"machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {cpu_model()}")
-    print(
-        f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__},"
-        f" tokenizers {tokenizers.__version__}"
-    )
     print(f"corpus: {len(docs)} documents, {nbytes / 1e6:.2f} MB UTF-8, {ntok} tokens\n")
     print("| tokenizer | mode | seconds | MB/s | Mtokens/s | x reference | exact |")
     print("|---|---|---:|---:|---:|---:|---|")
@@ -149,6 +300,7 @@ def main():
             f"| {name} | {mode} | {t:.2f} | {mb:.2f} | {ntok / 1e6 / t:.3f} | {t_ref / t:.2f} |"
             f" {'n/a' if exact is None else ('yes' if exact else 'NO')} |"
         )
+    print()
 
 
 if __name__ == "__main__":

@@ -8,12 +8,22 @@ The reference encodes by greedy longest match over UTF-8 bytes. The pipeline rep
    partial-byte token starting at a boundary is shorter than the character it lies in, and so shorter
    than any valid token starting there. Leftmost-longest takes the same token at the same place.
 2. What no added token covers are whole characters that start no valid token. The 486 tokens that
-   are not valid UTF-8 (single bytes 0x80-0xFF; a lead byte plus one continuation byte; two
-   continuation bytes) never cross a character boundary, so greedy matching inside each character
-   is all that is left. The normalizer spells each byte of those characters as ``<0xHH>``
-   (ByteLevel, then one Replace per high byte), the pre-tokenizer isolates one character per word, and
-   a WordPiece model with an empty continuing prefix takes the longest prefix in its vocab, which is
-   greedy longest match inside the character.
+   are not valid UTF-8 are single bytes 0x80-0xFF, a lead byte plus one continuation byte, or two
+   continuation bytes: none crosses a character boundary, so greedy matching inside each character
+   is all that is left. The model does it with no normalizer and no pre-tokenizer: a BPE model whose
+   byte fallback spells each byte of such a character as its single-byte token ``<0xHH>``, with one
+   merge per two-byte token. Greedy and BPE agree inside a character when every lead+continuation
+   merge ranks before every continuation+continuation merge (a character has one lead byte, at its
+   start) and, of two continuation merges that overlap in a 4-byte character (xy and yz of Lxyz),
+   the left one ranks first (``_merge_order``). No merge joins bytes of two characters (a character
+   starts with a lead byte, and no merge ends with one). ``build_tokenizer_json`` raises for a
+   vocabulary where these do not hold.
+
+   Each byte of the text maps back to its whole character, so every partial token's offsets are the
+   character's, as with the ByteLevel normalizer this once took. This replaces a normalizer with 129
+   steps (ByteLevel, then one regex Replace per high byte) plus a regex pre-tokenizer and WordPiece,
+   which ran for every stretch of such characters: 5-10x slower than the reference on emoji chat and
+   rare code points.
 3. The decoder maps ``<0xHH>`` back to bytes through the ByteLevel decoder. Text tokens whose
    characters all lie in the ByteLevel alphabet (like ``é``) would be misread as bytes, so a private
    use character is put in front of every such character first (making the token "not byte-level",
@@ -61,11 +71,45 @@ def escape_bytes(token: bytes) -> str:
     return "".join(f"<0x{b:02X}>" for b in token)
 
 
+def _is_continuation(b):
+    return 0x80 <= b <= 0xBF
+
+
+def _merge_order(pairs):
+    """The two-byte partial tokens in BPE merge order (see the module docstring), or ValueError.
+
+    ``pairs``: (first byte, second byte) in id order. Lead+continuation pairs first (in id order),
+    then the continuation pairs so that xy comes before yz (a topological order, by byte value among
+    those free to go next).
+    """
+    lead = [t for t in pairs if not _is_continuation(t[0])]
+    cont = sorted(t for t in pairs if _is_continuation(t[0]))
+    before = {t: [u for u in cont if u[0] == t[1]] for t in cont}  # t must rank before each u
+    waiting = {t: 0 for t in cont}
+    for t in cont:
+        for u in before[t]:
+            waiting[u] += 1
+    order, free = [], [t for t in cont if waiting[t] == 0]
+    while free:
+        free.sort(reverse=True)
+        t = free.pop()
+        order.append(t)
+        for u in before[t]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                free.append(u)
+    if len(order) != len(cont):
+        stuck = sorted(escape_bytes(t) for t in cont if waiting[t])
+        raise ValueError(f"continuation-byte tokens {stuck} overlap in a cycle; no BPE merge order matches greedy")
+    return lead + order
+
+
 def build_tokenizer_json(id_to_token, id_to_bytes) -> str:
     """``id_to_token``: the 65536 display strings; ``id_to_bytes``: bytes or None per id."""
     byte_char = bytes_to_unicode()
     vocab = {}
     added = []
+    pairs = []
     for index, name in enumerate(id_to_token):
         if name in vocab:
             raise ValueError(f"token string {name!r} used by ids {vocab[name]} and {index}")
@@ -78,6 +122,14 @@ def build_tokenizer_json(id_to_token, id_to_bytes) -> str:
         except UnicodeDecodeError:
             if name != escape_bytes(token):
                 raise ValueError(f"id {index}: partial-byte token must be named {escape_bytes(token)!r}")
+            if len(token) == 2 and token[0] >= 0x80 and _is_continuation(token[1]):
+                pairs.append((token[0], token[1], index))
+            elif len(token) != 1:
+                raise ValueError(
+                    f"id {index}: partial-byte token {name} is not a single byte, a lead byte plus a"
+                    " continuation byte or two continuation bytes; greedy matching inside a character"
+                    " is built for those only"
+                )
             continue
         if text != name:
             raise ValueError(f"id {index}: text token must be named by its text")
@@ -98,24 +150,21 @@ def build_tokenizer_json(id_to_token, id_to_bytes) -> str:
         )
 
     high = range(0x80, 0x100)
-    normalizer = {
-        "type": "Sequence",
-        "normalizers": [{"type": "ByteLevel"}]
-        + [{"type": "Replace", "pattern": {"String": byte_char[b]}, "content": f"<0x{b:02X}>"} for b in high],
-    }
-    # One character = a lead byte (0xC0-0xFF) and its continuation bytes (0x80-0xBF).
-    pre_tokenizer = {
-        "type": "Split",
-        "pattern": {"Regex": "<0x[C-F][0-9A-F]>(?:<0x[89AB][0-9A-F]>)*"},
-        "behavior": "Isolated",
-        "invert": False,
-    }
+    missing = [escape_bytes(bytes([b])) for b in high if escape_bytes(bytes([b])) not in vocab]
+    if missing:
+        raise ValueError(f"single-byte tokens {missing} are missing; every byte 0x80-0xFF must be a token")
+    order = _merge_order([(a, b) for a, b, _ in sorted(pairs, key=lambda p: p[2])])
     model = {
-        "type": "WordPiece",
-        "unk_token": id_to_token[0],
-        "continuing_subword_prefix": "",
-        "max_input_chars_per_word": 100,
+        "type": "BPE",
+        "dropout": None,
+        "unk_token": None,
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "fuse_unk": False,
+        "byte_fallback": True,
+        "ignore_merges": False,
         "vocab": vocab,
+        "merges": [[escape_bytes(bytes([a])), escape_bytes(bytes([b]))] for a, b in order],
     }
     alphabet = _char_class(c for c in byte_char.values() if ord(c) >= 0x80)
     decoder = {
@@ -135,8 +184,8 @@ def build_tokenizer_json(id_to_token, id_to_bytes) -> str:
         "truncation": None,
         "padding": None,
         "added_tokens": added,
-        "normalizer": normalizer,
-        "pre_tokenizer": pre_tokenizer,
+        "normalizer": None,
+        "pre_tokenizer": None,
         "post_processor": None,
         "decoder": decoder,
         "model": model,
