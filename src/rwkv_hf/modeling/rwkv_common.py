@@ -39,6 +39,13 @@ def _map_tensors(fn: Callable[[Tensor], Tensor], obj: Any) -> Any:
     return obj
 
 
+def _zip_tensors(fn: Callable[[Tensor, Tensor], Tensor], a: Any, b: Any) -> Any:
+    """fn over the tensors of two states of the same structure."""
+    if isinstance(a, Tensor):
+        return fn(a, b)
+    return type(a)(_zip_tensors(fn, x, y) for x, y in zip(a, b))
+
+
 class RwkvCache(Cache):
     """The recurrent state of an RWKV model, as a transformers `Cache`.
 
@@ -194,6 +201,37 @@ def normalize_mask(attention_mask: Optional[Tensor], shape: Tuple[int, int], dev
         )
     mask = attention_mask.to(device=device, dtype=torch.bool)
     return None if not exporting() and bool(mask.all()) else mask  # (an exported graph keeps the mask)
+
+
+def document_starts(
+    position_ids: Optional[Tensor], cu_seq_lens: Optional[Tensor], shape: Tuple[int, int], mask: Optional[Tensor]
+) -> Optional[Tensor]:
+    """Packed sequences (transformers' `DataCollatorWithFlattening`): a [B, T] bool tensor, True where a
+    new document begins inside a row, or None when no row holds more than one.
+
+    A document begins where `position_ids` restart at 0, or at the offsets of `cu_seq_lens` (the
+    flash-attention form, one flattened row), after a real token of its row (so left padding, where the
+    first real token has position 0, starts nothing). There the state starts afresh: each document's
+    outputs are those of the document run alone; a row's first document continues from the row's state.
+    """
+    B, T = shape
+    if cu_seq_lens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seq_lens describes one flattened row; the input has {B} rows")
+        offsets = cu_seq_lens.to(dtype=torch.long)
+        if offsets.dim() != 1 or int(offsets[0]) != 0 or int(offsets[-1]) != T or bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError(f"cu_seq_lens must rise from 0 to the sequence length {T}; got {offsets.tolist()}")
+        starts = torch.zeros(1, T, dtype=torch.bool, device=offsets.device)
+        starts[0, offsets[(offsets > 0) & (offsets < T)]] = True
+        return starts if bool(starts.any()) else None
+    if position_ids is None or T < 2:
+        return None
+    if tuple(position_ids.shape[-2:]) != (B, T) and tuple(position_ids.shape) != (T,):
+        raise ValueError(f"position_ids must be [batch, seq_len] = {[B, T]}; got shape {list(position_ids.shape)}")
+    starts = position_ids.expand(B, T) == 0
+    real = torch.ones(B, T, dtype=torch.bool, device=starts.device) if mask is None else mask.to(starts.device)
+    starts = starts & (F.pad(real.long().cumsum(1)[:, :-1], (1, 0)) > 0)  # a real token before it
+    return starts if bool(starts.any()) else None
 
 
 # -------------------------------------------------------------------------------------------- block
@@ -418,10 +456,15 @@ class RwkvModelBase(RwkvPreTrainedModel):
         return_dict: Optional[bool] = None,
         wkv_mode: Optional[str] = None,
         keep_last: int = 0,
+        position_ids: Optional[Tensor] = None,
+        cu_seq_lens_q: Optional[Tensor] = None,
         **kwargs,
     ) -> Union[BaseModelOutputWithPast, tuple]:
         """`keep_last` k > 0: `last_hidden_state` holds only the last k positions (all the causal LM's
-        `logits_to_keep` needs; with long inputs, the others are never all in memory at once)."""
+        `logits_to_keep` needs; with long inputs, the others are never all in memory at once).
+
+        `position_ids` play no part in the equations, except that a restart at 0 inside a row (or the
+        offsets of `cu_seq_lens_q`) marks packed documents: each starts from a fresh state."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
@@ -450,7 +493,10 @@ class RwkvModelBase(RwkvPreTrainedModel):
         all_hidden = [] if output_hidden_states else None
         keep = keep_last if keep_last and keep_last < T and all_hidden is None else 0
         segment = getattr(self.config, "prefill_segment", 0) or T
-        if not exporting() and T > segment and all_hidden is None:  # (an exported graph takes any length at once)
+        starts = None if exporting() else document_starts(position_ids, cu_seq_lens_q, (B, T), mask)
+        if starts is not None:
+            x = self._packed(embed(slice(None)), mask, starts.to(device), cache, mode, all_hidden, ids(slice(None)))
+        elif not exporting() and T > segment and all_hidden is None:  # (an exported graph takes any length at once)
             # a long input in segments: the state carries over, activations exist for one segment at a
             # time, and only the segments' outputs that are asked for are kept
             state = cache if cache is not None else RwkvCache(len(self.blocks))
@@ -477,6 +523,47 @@ class RwkvModelBase(RwkvPreTrainedModel):
             **{CACHE_FIELD: cache},
         )
         return out if return_dict is not False else out.to_tuple()
+
+    def _packed(
+        self, x: Tensor, mask: Optional[Tensor], starts: Tensor, cache: Optional[RwkvCache], mode, all_hidden=None, input_ids=None
+    ) -> Tensor:
+        """Packed rows (see `document_starts`): every document becomes a row of a right-padded batch
+        (padding changes nothing, see `normalize_mask`), runs through the blocks from a fresh state (a
+        row's first document: from the row's state in `cache`), and its outputs go back in place. The
+        cache ends with each row's last document's state."""
+        B, T, C = x.shape
+        pos = torch.arange(T, device=x.device).expand(B, T)
+        doc = starts.long().cumsum(1)  # document number within the row
+        count = doc[:, -1] + 1
+        first = F.pad(count.cumsum(0)[:-1], (1, 0))  # the number of each row's first document overall
+        rows = (doc + first[:, None]).reshape(-1)  # each column's document, overall
+        begin = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=1).values
+        cols = (pos - begin).reshape(-1)  # each column's place in its document
+        D, L = int(count.sum()), int(cols.max()) + 1
+
+        def unpack(t: Tensor) -> Tensor:  # [B, T, ...] -> [D, L, ...], zeros past a document's end
+            return t.new_zeros(D, L, *t.shape[2:]).index_put((rows, cols), t.reshape(B * T, *t.shape[2:]))
+
+        def repack(t: Tensor) -> Tensor:
+            return t[rows, cols].reshape(B, T, *t.shape[2:])
+
+        real = unpack(torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask)
+        docs = None
+        if cache is not None:
+            docs = RwkvCache(len(self.blocks))
+            for i, block in enumerate(self.blocks):
+                if cache.layers_state[i] is not None:
+                    zero = block.zero_state(D, x.device, x.dtype)
+                    docs.layers_state[i] = _zip_tensors(lambda z, s: z.index_put((first,), s.to(z.dtype)), zero, cache.layers_state[i])
+        hidden = [] if all_hidden is not None else None
+        ids = None if input_ids is None else unpack(input_ids[..., None])[..., 0]
+        y = self._blocks(unpack(x), None if bool(real.all()) else real, docs, mode, hidden, input_ids=ids)
+        if all_hidden is not None:
+            all_hidden.extend(repack(h) for h in hidden)
+        if cache is not None:
+            last = first + count - 1
+            cache.layers_state = [_map_tensors(lambda t: t[last], s) for s in docs.layers_state]
+        return repack(y)
 
     def _blocks(self, x: Tensor, mask: Optional[Tensor], cache: Optional[RwkvCache], mode, all_hidden=None, input_ids=None) -> Tensor:
         """x [B, T, C] through every block, from the state in `cache` (None: zeros), which it updates.
@@ -554,6 +641,7 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
         return_dict: Optional[bool] = None,
         logits_to_keep: Union[int, Tensor] = 0,
         wkv_mode: Optional[str] = None,
+        position_ids: Optional[Tensor] = None,
         **kwargs,
     ) -> Union[CausalLMOutputWithPast, tuple]:
         """`logits_to_keep`: 0 computes logits everywhere; k > 0 only for the last k positions; a tensor
@@ -576,6 +664,8 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             wkv_mode=wkv_mode,
             keep_last=logits_to_keep if isinstance(logits_to_keep, int) and labels is None else 0,
+            position_ids=position_ids,
+            cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
         )
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -1,0 +1,118 @@
+"""One process of a multi-GPU check (started by tests/test_distributed.py through torchrun).
+
+Every rank builds the same seeded synthetic model and batch, computes the single-GPU reference on the
+whole batch itself, then trains on its share through an existing engine: torch's DDP (default
+`find_unused_parameters=False`, two steps, so a parameter that gets no gradient would fail the second),
+FSDP2 (`fully_shard` per block), or transformers' Trainer launched by torchrun (one SGD step; the new
+weights equal the reference step). Prints one line per check; exits non-zero on a mismatch.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
+from rwkv_hf.modeling import FAMILIES
+from rwkv_hf.testing import make_state_dict
+
+ENGINE, VERSION = sys.argv[1], sys.argv[2]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: gloo, the same engines
+B, T, VOCAB, LR = 4, 64, 1024, 0.5
+
+
+def build():
+    sd = make_state_dict(VERSION, n_layer=2, n_embd=256, vocab_size=VOCAB, seed=3)
+    spec, cfg = config_from_state_dict(sd)
+    model = FAMILIES[spec.family][2](cfg)
+    model.load_state_dict({to_hf_key(k): v for k, v in sd.items()})
+    return model.to(DEVICE).train()
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def main():
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if DEVICE == "cuda":
+        torch.cuda.set_device(local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = False
+    ids = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ref = build()
+    ref_loss = ref(ids, labels=ids).loss
+    ref_loss.backward()
+    ref_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters() if p.grad is not None}
+    worst, bad = 0.0, []
+
+    if ENGINE == "trainer":
+        from datasets import Dataset
+        from transformers import Trainer, TrainingArguments
+
+        model = build()
+        data = Dataset.from_dict({"input_ids": ids.cpu().tolist(), "labels": ids.cpu().tolist()})
+        args = TrainingArguments(
+            output_dir=sys.argv[3], per_device_train_batch_size=B // int(os.environ["WORLD_SIZE"]), max_steps=1,
+            learning_rate=LR, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+            report_to=[], save_strategy="no", logging_strategy="no", dataloader_drop_last=True, seed=0,
+        )
+        Trainer(model=model, args=args, train_dataset=data).train()
+        before = dict(ref.named_parameters())
+        for n, p in model.named_parameters():
+            if n in ref_grads:  # one SGD step: new - old = -lr * gradient
+                err = rel(p.detach() - before[n].detach(), -LR * ref_grads[n])
+                worst = max(worst, err)
+                if err > 1e-3:
+                    bad.append((n, err))
+    else:
+        dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        model = build()
+        if ENGINE == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapped = DistributedDataParallel(model, device_ids=[local_rank] if DEVICE == "cuda" else None)
+        elif ENGINE == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.model.blocks:
+                fully_shard(block)
+            wrapped = fully_shard(model)
+        else:
+            raise SystemExit(f"unknown engine {ENGINE}")
+        part = ids.chunk(world)[rank]
+        for step in range(2 if ENGINE == "ddp" else 1):
+            wrapped.zero_grad(set_to_none=True)
+            loss = wrapped(part, labels=part).loss
+            loss.backward()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        mean /= world
+        loss_err = abs(float(mean) - float(ref_loss)) / abs(float(ref_loss))
+        if loss_err > 1e-5:
+            bad.append(("loss", loss_err))
+        for n, p in model.named_parameters():
+            if n not in ref_grads:
+                continue
+            g = p.grad
+            if g is None:
+                bad.append((n, "no gradient"))
+                continue
+            if hasattr(g, "full_tensor"):
+                g = g.full_tensor()
+            err = rel(g, ref_grads[n])
+            worst = max(worst, err)
+            if err > 1e-3:
+                bad.append((n, err))
+        dist.destroy_process_group()
+    rank = int(os.environ.get("RANK", 0))
+    print(f"rank {rank} {ENGINE} v{VERSION}: worst gradient rel err {worst:.2e}; mismatches {bad[:5]}", flush=True)
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The chunked LM-head + cross-entropy against transformers' own causal-LM loss on full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from rwkv_hf.modeling.rwkv_loss import linear_cross_entropy, shifted_targets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["labels", "shift_labels", "num_items"])
+def test_chunked_loss_and_gradients_equal_transformers_loss(dtype, case):
+    g = torch.Generator().manual_seed(0)
+    B, T, C, V = 3, 11, 32, 97
+    hidden = (torch.randn(B, T, C, generator=g) * 2).to(dtype).requires_grad_()
+    weight = torch.randn(V, C, generator=g).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :4] = -100
+    labels[2, 7] = -100
+    kw = {}
+    if case == "shift_labels":
+        kw["shift_labels"] = torch.roll(labels, 1, 1)
+    if case == "num_items":
+        kw["num_items_in_batch"] = torch.tensor(41)
+
+    want = ForCausalLMLoss(hidden @ weight.T, labels, vocab_size=V, **kw)
+    gh, gw = torch.autograd.grad(want, (hidden, weight))
+    targets = shifted_targets(labels, kw.get("shift_labels"))
+    got = linear_cross_entropy(hidden.reshape(-1, C), weight, targets, kw.get("num_items_in_batch"), chunk=4)
+    h2, w2 = torch.autograd.grad(got * 3, (hidden, weight))  # a non-unit upstream gradient
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(got, want.float(), **tol)
+    torch.testing.assert_close(h2.float(), 3 * gh.float(), **tol)
+    torch.testing.assert_close(w2.float(), 3 * gw.float(), **tol)
+    assert h2.dtype == dtype and w2.dtype == dtype
+
+
+def test_every_target_ignored_is_nan_like_cross_entropy():
+    h, w = torch.randn(4, 8), torch.randn(5, 8)
+    t = torch.full((4,), -100)
+    assert torch.isnan(linear_cross_entropy(h, w, t)) and torch.isnan(torch.nn.functional.cross_entropy(h @ w.T, t))
