@@ -18,11 +18,12 @@ from rwkv_hf.testing import make_state_dict
 VOCAB = 1024
 LENGTHS = [5, 9, 1, 4]
 DOCS = [torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in LENGTHS]
-VERSIONS = ["4", "5.2", "6", "7"]
+VERSIONS = ["4", "5.2", "6", "7", "7-deepembed"]
 
 
 def build(version, seed=0):
-    sd = make_state_dict(version, n_layer=2, n_embd=128, vocab_size=VOCAB, seed=seed)
+    deep = version.endswith("-deepembed")  # RWKV-7 with a per-token embedding in every channel mix
+    sd = make_state_dict(version.split("-")[0], n_layer=2, n_embd=128, vocab_size=VOCAB, seed=seed, deep_embed=32 if deep else 0)
     spec, cfg = config_from_state_dict(sd)
     model = FAMILIES[spec.family][2](cfg).eval()
     model.load_state_dict({to_hf_key(k): v for k, v in sd.items()})
