@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from transformers import GenerationMixin
 import torch.nn.functional as F
 
 from .configuration_rwkv6 import Rwkv6Config
@@ -119,7 +120,7 @@ class Rwkv6Model(RwkvModelBase):
     channel_mix_cls = Rwkv6ChannelMix
 
 
-class Rwkv6ForCausalLM(RwkvForCausalLMBase):
+class Rwkv6ForCausalLM(RwkvForCausalLMBase, GenerationMixin):
     config_class = Rwkv6Config
     _keep_in_fp32_modules_strict = FP32_PARAMS
     model_cls = Rwkv6Model
