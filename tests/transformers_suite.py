@@ -14,6 +14,7 @@ A failure to get the sources is an error, never a skip: the judge must not vanis
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import os
 import subprocess
@@ -37,10 +38,18 @@ def _from_sdist(version: str) -> Path:
     if done.exists():
         return root
     root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:  # pytest-xdist workers: one downloads, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            _download_and_extract(version, root, done)
+    return root
+
+
+def _download_and_extract(version: str, root: Path, done: Path) -> None:
     archive = next(root.glob("transformers-*.tar.gz"), None)
     if archive is None:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               "--no-build-isolation", f"transformers=={version}", "-d", str(root)]
+               f"transformers=={version}", "-d", str(root)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         archive = next(root.glob("transformers-*.tar.gz"), None)
         if archive is None:
@@ -56,7 +65,6 @@ def _from_sdist(version: str) -> Path:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(tar.extractfile(m).read())
     done.touch()
-    return root
 
 
 def _link_checkout(tests_dir: Path, version: str) -> Path:

@@ -507,12 +507,16 @@ class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
             and len(set((getattr(self, "hf_device_map", None) or {0: 0}).values())) == 1
         ):
             return None
+        # only in mode "auto" (argument, else config): any other mode, "recurrent" included, runs the
+        # modules with that WKV form (the graph's step would take fla's kernel, the fused one rwkv_step's)
+        if (wkv_mode or self.config.wkv_mode) != "auto":
+            return None
         if input_ids.is_cuda:
-            path = "graph" if getattr(self.config, "cuda_graph_decode", False) and wkv_mode in (None, "auto", "recurrent") else None
-        else:  # an explicit wkv_mode="recurrent" keeps the modules' path: it is the reference the step is tested on
+            path = "graph" if getattr(self.config, "cuda_graph_decode", False) else None
+        else:
             from .rwkv_step import layer_step_for  # (here: rwkv_step imports this module)
 
-            path = "fused" if wkv_mode in (None, "auto") and layer_step_for(self) is not None else None
+            path = "fused" if layer_step_for(self) is not None else None
         if path is None or not self._plain_modules():
             return None
         return path if attention_mask is None or bool(attention_mask.all()) else None
