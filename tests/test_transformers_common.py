@@ -73,11 +73,9 @@ class RwkvWorldModelTester:
 class _RwkvCommonTests(ModelTesterMixin, GenerationTesterMixin):
     version: str = None
     has_attentions = False
-    test_pruning = False
-    test_head_masking = False
-    test_torchscript = False
-    test_missing_keys = False
-    test_torch_exportable = False  # the cache is a custom Python object carried between calls
+    # the only switches off (4.57's tests of attention heads; transformers 5 has none):
+    test_pruning = False  # no attention heads to prune
+    test_head_masking = False  # no attention heads to mask
     is_encoder_decoder = False
 
     def setUp(self):
@@ -107,3 +105,10 @@ for _version in ("4", "5.0", "5.2", "6", "7"):
     _classes = {"version": _version, "all_model_classes": FAMILIES[int(_version[0])][1:]}
     globals()[_name] = type(_name, (_RwkvCommonTests, unittest.TestCase), _classes)
 del _name, _version, _classes
+
+
+@pytest.mark.skipif(transformers_suite.GENERATION_TESTS_SHIPPED, reason="GenerationTesterMixin ran above")
+def test_generation_tester_mixin_needs_a_checkout():
+    pytest.skip("transformers' PyPI sdist has no tests/generation/test_utils.py: GenerationTesterMixin did not run "
+                "(set RWKV_HF_TRANSFORMERS_TESTS to the tests/ folder of a transformers checkout at the installed "
+                "version to run it); test_conformance.py checks generation's points of issue 11")
