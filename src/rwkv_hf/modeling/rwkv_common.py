@@ -445,7 +445,8 @@ class RwkvForCausalLMBase(RwkvPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> Union[CausalLMOutputWithPast, tuple]:
         """`logits_to_keep`: 0 computes logits everywhere; k > 0 only for the last k positions; a tensor
-        of indices only there. `labels` give the mean shifted cross-entropy, ignoring -100."""
+        of indices only there. `labels` give the mean shifted cross-entropy, ignoring -100 (or keyword
+        `shift_labels`, already shifted; with keyword `num_items_in_batch`, the sum divided by it)."""
         cache = cache if cache is not None else past_key_values
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
