@@ -250,8 +250,8 @@ class RwkvPreTrainedModel(PreTrainedModel):
             names = {part for name, _ in self.named_parameters() for part in name.split(".")}
             fp32 = [m for m in fp32 if m in names]
             # transformers 4.57 matches these as whole dotted names; 5.x searches them as patterns
-            # anywhere in a name ("time_decay" would also take "time_decay_w1"): anchor them there
-            self._keep_in_fp32_modules_strict = [rf"(^|\.){m}($|\.)" for m in fp32] if TRANSFORMERS_5 else fp32
+            # anywhere in a name ("time_decay" would also take "time_decay_w1"): there, whole words only
+            self._keep_in_fp32_modules_strict = [rf"(?<!\w){m}(?!\w)" for m in fp32] if TRANSFORMERS_5 else fp32
         super().post_init()
         # built from a config in half precision (`from_config(dtype=...)`, a default dtype): same rule
         for name, param in self.named_parameters():
