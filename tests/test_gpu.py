@@ -470,3 +470,26 @@ def test_long_prompt_prefill_memory():
     print(f"\n131072-token prefill: weights {weights / 2**30:.2f} GiB, peak above them {extra / 2**30:.2f} GiB")
     assert out.logits.shape == (1, 1, 65536) and torch.isfinite(out.logits).all()
     assert extra < 2e9  # 2 GB
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", ["5.2", "7"])
+@pytest.mark.parametrize("where", ["argument", "config"])
+def test_recurrent_mode_is_honoured_on_cuda_decode(version, where, monkeypatch):
+    """wkv_mode="recurrent" decodes on CUDA through the modules with the recurrence: not the captured
+    graph, not fla's one-token kernel; its greedy tokens equal the fp32 CPU recurrence's."""
+    from rwkv_hf.modeling import rwkv_decode, rwkv_ops
+
+    fail = lambda *a, **k: pytest.fail("a decode step left the recurrence")  # noqa: E731
+    for name in ("wkv5_fla_step", "wkv7_fla_step", "wkv5_fla", "wkv7_fla"):
+        monkeypatch.setattr(rwkv_ops, name, fail)
+    monkeypatch.setattr(rwkv_decode, "graph_step", fail)
+    m = build(version, torch.float32, n_layer=2)
+    kw = {"wkv_mode": "recurrent"}
+    if where == "config":
+        m.config.wkv_mode, kw = "recurrent", {}
+    ids = torch.randint(0, 65536, (2, 9), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        gpu = m.generate(ids.to(DEV), max_new_tokens=8, do_sample=False, pad_token_id=0, **kw)
+        cpu = m.to("cpu").generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, wkv_mode="recurrent")
+    assert gpu.cpu().tolist() == cpu.tolist()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from transformers import GenerationMixin
 
 from .configuration_rwkv4 import Rwkv4Config
 from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, mix, relu_square, rescale, token_shift
@@ -98,7 +99,7 @@ class Rwkv4Model(RwkvModelBase):
     channel_mix_cls = Rwkv4ChannelMix
 
 
-class Rwkv4ForCausalLM(RwkvForCausalLMBase):
+class Rwkv4ForCausalLM(RwkvForCausalLMBase, GenerationMixin):
     config_class = Rwkv4Config
     _keep_in_fp32_modules_strict = FP32_PARAMS
     model_cls = Rwkv4Model

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from transformers import GenerationMixin
 import torch.nn.functional as F
 
 from .configuration_rwkv5 import Rwkv5Config
@@ -104,7 +105,7 @@ class Rwkv5Model(RwkvModelBase):
     channel_mix_cls = Rwkv4ChannelMix
 
 
-class Rwkv5ForCausalLM(RwkvForCausalLMBase):
+class Rwkv5ForCausalLM(RwkvForCausalLMBase, GenerationMixin):
     config_class = Rwkv5Config
     _keep_in_fp32_modules_strict = FP32_PARAMS
     model_cls = Rwkv5Model

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from transformers import GenerationMixin
 import torch.nn.functional as F
 
 from .configuration_rwkv6 import Rwkv6Config
@@ -81,7 +82,8 @@ class Rwkv6TimeMix(nn.Module):
 
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         g = F.silu(self.gate(xg))
-        # the decay LoRA may be kept in fp32 with time_decay (FP32_PARAMS matches its name): run it there
+        # the decay LoRA is in the model's dtype, as in the reference (FP32_PARAMS takes whole names only);
+        # the cast keeps a LoRA that a user upcast working
         lora_w = self.time_decay_w1
         w = self.time_decay + (torch.tanh(xw.to(lora_w.dtype) @ lora_w) @ self.time_decay_w2)
         log_w = -torch.exp(w.float())
@@ -122,7 +124,7 @@ class Rwkv6Model(RwkvModelBase):
     channel_mix_cls = Rwkv6ChannelMix
 
 
-class Rwkv6ForCausalLM(RwkvForCausalLMBase):
+class Rwkv6ForCausalLM(RwkvForCausalLMBase, GenerationMixin):
     config_class = Rwkv6Config
     _keep_in_fp32_modules_strict = FP32_PARAMS
     model_cls = Rwkv6Model

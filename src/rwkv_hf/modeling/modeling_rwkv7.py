@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from transformers import GenerationMixin
 import torch.nn.functional as F
 
 from .configuration_rwkv7 import Rwkv7Config
@@ -45,12 +46,18 @@ class Rwkv7TimeMix(nn.Module):
         self.layer_id = layer_id
         C, N = config.hidden_size, config.head_size
         self.n_head, self.head_size = C // N, N
-        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a"):
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
             setattr(self, name, nn.Parameter(torch.empty(1, 1, C)))
         self.w1, self.w2 = nn.Parameter(torch.empty(C, config.decay_lora)), nn.Parameter(torch.empty(config.decay_lora, C))
         self.a1, self.a2 = nn.Parameter(torch.empty(C, config.a_lora)), nn.Parameter(torch.empty(config.a_lora, C))
-        # layer 0 computes v_first and never uses v0/v1/v2, but checkpoints carry them: keep them for export
-        self.v1, self.v2 = nn.Parameter(torch.empty(C, config.v_lora)), nn.Parameter(torch.empty(config.v_lora, C))
+        # layer 0 computes v_first and never uses v0/v1/v2, but checkpoints carry them: there they are
+        # (saved) buffers, kept for export, not parameters that never get a gradient (DDP would need
+        # find_unused_parameters=True)
+        for name, shape in (("v0", (1, 1, C)), ("v1", (C, config.v_lora)), ("v2", (config.v_lora, C))):
+            if layer_id == 0:
+                self.register_buffer(name, torch.zeros(shape))  # (a constant start: not trained, not used)
+            else:
+                setattr(self, name, nn.Parameter(torch.empty(shape)))
         self.g1, self.g2 = nn.Parameter(torch.empty(C, config.gate_lora)), nn.Parameter(torch.empty(config.gate_lora, C))
         self.r_k = nn.Parameter(torch.empty(self.n_head, N))
         self.receptance = nn.Linear(C, C, bias=False)
@@ -65,10 +72,16 @@ class Rwkv7TimeMix(nn.Module):
                 getattr(self, name).fill_(0.5)
             self.w0.fill_(-1.0)
             self.a0.zero_()
-            self.v0.fill_(1.0)
             self.k_k.fill_(0.85)
-            for p in (self.w1, self.a1, self.v1, self.g1, self.w2, self.a2, self.v2, self.g2, self.r_k):
+            for p in (self.w1, self.a1, self.g1, self.w2, self.a2, self.g2, self.r_k):
                 nn.init.normal_(p, std=0.02)
+            if self.layer_id > 0:
+                self.v0.fill_(1.0)
+                nn.init.normal_(self.v1, std=0.02)
+                nn.init.normal_(self.v2, std=0.02)
+            else:  # layer 0's buffers
+                for t in (self.v0, self.v1, self.v2):
+                    t.zero_()
 
     def zero_wkv(self, batch_size: int, device) -> torch.Tensor:
         return torch.zeros(batch_size, self.n_head, self.head_size, self.head_size, device=device, dtype=torch.float32)
@@ -136,6 +149,6 @@ class Rwkv7Model(RwkvModelBase):
     channel_mix_cls = Rwkv7ChannelMix
 
 
-class Rwkv7ForCausalLM(RwkvForCausalLMBase):
+class Rwkv7ForCausalLM(RwkvForCausalLMBase, GenerationMixin):
     config_class = Rwkv7Config
     model_cls = Rwkv7Model

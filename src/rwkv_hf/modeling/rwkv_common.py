@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -125,8 +126,15 @@ class RwkvCache(Cache):
 
 
 # v4-v6: the reference keeps the decay, the bonus and ln_x in fp32 whatever the model's dtype; loading
-# with dtype=fp16/bf16 does the same here (transformers' `_keep_in_fp32_modules_strict`).
+# with dtype=fp16/bf16 does the same here (transformers' `_keep_in_fp32_modules_strict`), and so does
+# building from a config in any dtype (`RwkvPreTrainedModel.post_init`). Whole names only: v6's decay
+# LoRA `time_decay_w1/w2` stays in the model's dtype, as in the reference.
 FP32_PARAMS = ["time_decay", "time_first", "time_faaaa", "ln_x"]
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def _is_fp32_param(name: str, fp32_names) -> bool:
+    return any(part in fp32_names for part in name.split("."))
 
 
 # -------------------------------------------------------------------------------------------- masks
@@ -325,10 +333,18 @@ class RwkvPreTrainedModel(PreTrainedModel):
 
     def post_init(self):
         # keep only the fp32 names this model has (transformers 4.57 rejects names that are not there)
-        if self._keep_in_fp32_modules_strict:
+        fp32 = self._keep_in_fp32_modules_strict
+        if fp32:
             names = {part for name, _ in self.named_parameters() for part in name.split(".")}
-            self._keep_in_fp32_modules_strict = [m for m in self._keep_in_fp32_modules_strict if m in names]
+            fp32 = [m for m in fp32 if m in names]
+            # transformers 4.57 matches these as whole dotted names; 5.x searches them as patterns
+            # anywhere in a name ("time_decay" would also take "time_decay_w1"): there, whole words only
+            self._keep_in_fp32_modules_strict = [rf"(?<!\w){m}(?!\w)" for m in fp32] if TRANSFORMERS_5 else fp32
         super().post_init()
+        # built from a config in half precision (`from_config(dtype=...)`, a default dtype): same rule
+        for name, param in self.named_parameters():
+            if fp32 and _is_fp32_param(name, fp32) and param.dtype != torch.float32:
+                param.data = param.data.float()
 
     def _init_weights(self, module: nn.Module) -> None:
         """For models built from a config (training from scratch, tests); conversion loads every tensor."""
@@ -473,6 +489,8 @@ class RwkvModelBase(RwkvPreTrainedModel):
         if T == 0:
             raise ValueError("the input has no tokens")
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, RwkvCache):
             raise TypeError(f"an RWKV model's cache must be an RwkvCache, got {type(cache).__name__}")
@@ -604,11 +622,14 @@ _PLAIN_CHECKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
-    """The language-model head over a version's model. Subclasses set `model_cls`. State files and
-    state tuning: `RwkvStateMixin` (rwkv_state)."""
+    """The language-model head over a version's model. Subclasses set `model_cls` (and list
+    `GenerationMixin` among their own bases: transformers' `can_generate` looks at the direct ones).
+    State files and state tuning: `RwkvStateMixin` (rwkv_state)."""
 
     model_cls: type = None
-    _tied_weights_keys: List[str] = []
+    # with config.tie_word_embeddings, lm_head.weight is the embedding matrix (transformers ties them;
+    # 5.x names the source of each tied weight, 4.57 only the tied ones)
+    _tied_weights_keys = {"lm_head.weight": "model.emb.weight"} if TRANSFORMERS_5 else ["lm_head.weight"]
 
     def __init__(self, config):
         super().__init__(config)
@@ -645,9 +666,15 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> Union[CausalLMOutputWithPast, tuple]:
         """`logits_to_keep`: 0 computes logits everywhere; k > 0 only for the last k positions; a tensor
-        of indices only there. `labels` give the mean shifted cross-entropy, ignoring -100."""
+        of indices only there. `labels` give the mean shifted cross-entropy, ignoring -100 (or keyword
+        `shift_labels`, already shifted; with keyword `num_items_in_batch`, the sum divided by it)."""
         cache = cache if cache is not None else past_key_values
-        path = self._one_token_path(input_ids, attention_mask, cache, labels, output_hidden_states, wkv_mode)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        shift_labels = kwargs.get("shift_labels")
+        with_loss = labels is not None or shift_labels is not None
+        targets = labels if labels is not None else shift_labels
+        path = self._one_token_path(input_ids, attention_mask, cache, targets, output_hidden_states, wkv_mode)
         if path is not None:
             from .rwkv_decode import fused_step, graph_step
 
@@ -663,7 +690,7 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             wkv_mode=wkv_mode,
-            keep_last=logits_to_keep if isinstance(logits_to_keep, int) and labels is None else 0,
+            keep_last=logits_to_keep if isinstance(logits_to_keep, int) and not with_loss else 0,
             position_ids=position_ids,
             cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
         )
@@ -671,13 +698,14 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep])
         loss = None
-        if labels is not None:
+        if with_loss:
             if isinstance(logits_to_keep, int) and logits_to_keep != 0:
                 raise ValueError("labels need logits at every position: leave logits_to_keep at 0")
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=-100,
+            # transformers' causal-LM loss: shifts `labels` (or takes `shift_labels` as they are), ignores
+            # -100, and with `num_items_in_batch` (Trainer's gradient accumulation) sums and divides by it
+            loss = self.loss_function(
+                logits, labels, vocab_size=self.config.vocab_size, shift_labels=shift_labels,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
             )
         result = CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: getattr(out, CACHE_FIELD)}
@@ -705,12 +733,16 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
             and not getattr(self.config, "deep_embed_size", 0)  # the step functions have no DeepEmbed
         ):
             return None
+        # only in mode "auto" (argument, else config): any other mode, "recurrent" included, runs the
+        # modules with that WKV form (the graph's step would take fla's kernel, the fused one rwkv_step's)
+        if (wkv_mode or self.config.wkv_mode) != "auto":
+            return None
         if input_ids.is_cuda:
-            path = "graph" if getattr(self.config, "cuda_graph_decode", False) and wkv_mode in (None, "auto", "recurrent") else None
-        else:  # an explicit wkv_mode="recurrent" keeps the modules' path: it is the reference the step is tested on
+            path = "graph" if getattr(self.config, "cuda_graph_decode", False) else None
+        else:
             from .rwkv_step import layer_step_for  # (here: rwkv_step imports this module)
 
-            path = "fused" if wkv_mode in (None, "auto") and layer_step_for(self) is not None else None
+            path = "fused" if layer_step_for(self) is not None else None
         if path is None or not self._plain_modules():
             return None
         return path if attention_mask is None or bool(attention_mask.all()) else None
@@ -738,33 +770,49 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
         inputs_embeds: Optional[Tensor] = None,
         cache: Optional[RwkvCache] = None,
         use_cache: Optional[bool] = None,
+        next_sequence_length: Optional[int] = None,
+        cache_position: Optional[Tensor] = None,
+        logits_to_keep: Optional[Union[int, Tensor]] = None,
         **kwargs,
     ) -> dict:
         """Feed only the columns the state has not consumed yet (works for transformers 4.57 and 5.x).
 
-        The cache counts consumed columns, so a cache handed back from an earlier `generate()` call
-        continues exactly where it stopped: the new tokens are those past `cache.seen_tokens`.
+        How many are new: what generate() says (5.x: `next_sequence_length`; 4.57: `cache_position`, one
+        position per new column), else every column past the cache's count (`cache.seen_tokens`), so that
+        a cache handed back from an earlier `generate()` call continues exactly where it stopped. A prompt
+        given as `inputs_embeds` is fed from there (`input_ids` then holds only the generated tokens),
+        also when it continues a cache. Keyword arguments not named here go on to `forward`.
         """
         cache = cache if cache is not None else past_key_values
         seen = cache.get_seq_length() if isinstance(cache, RwkvCache) else 0
+        new = next_sequence_length if next_sequence_length is not None else (
+            cache_position.shape[0] if cache_position is not None else None
+        )
+        first = kwargs.pop("is_first_iteration", None)
+        if first is None:  # 4.57: the prompt's embeddings are used until a token was generated
+            first = seen == 0 or input_ids is None or input_ids.shape[1] == 0
         inputs = {}
-        if inputs_embeds is not None and seen == 0:
-            inputs["inputs_embeds"] = inputs_embeds
+        if inputs_embeds is not None and first:
+            inputs["inputs_embeds"] = inputs_embeds[:, -new:] if new else inputs_embeds[:, seen:]
         else:
-            if seen >= input_ids.shape[1]:
+            if new is None:
+                new = input_ids.shape[1] - seen
+            if new <= 0 or new > input_ids.shape[1]:
                 raise ValueError(
                     f"the cache has already consumed {seen} columns but input_ids has only {input_ids.shape[1]}: "
                     "pass the whole conversation (old tokens and new) together with the cache"
                 )
-            inputs["input_ids"] = input_ids[:, seen:]
+            inputs["input_ids"] = input_ids[:, -new:]
+        width = next(iter(inputs.values())).shape[1]
         if attention_mask is not None:
-            inputs["attention_mask"] = attention_mask[:, seen:]
+            inputs["attention_mask"] = attention_mask[:, -width:]
         inputs["cache"] = cache
         inputs["use_cache"] = True if use_cache is None else use_cache
         # generation only needs the last position: never build [T, vocab] logits for a prompt
-        inputs["logits_to_keep"] = kwargs.get("logits_to_keep") or 1
-        if "wkv_mode" in kwargs:
-            inputs["wkv_mode"] = kwargs["wkv_mode"]
+        inputs["logits_to_keep"] = logits_to_keep if isinstance(logits_to_keep, Tensor) or logits_to_keep else 1
+        for name in ("position_ids", "token_type_ids"):  # positions mean nothing to a recurrent model
+            kwargs.pop(name, None)
+        inputs.update(kwargs)
         return inputs
 
     def _reorder_cache(self, cache: RwkvCache, beam_idx: torch.LongTensor) -> RwkvCache:
