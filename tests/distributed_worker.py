@@ -59,8 +59,11 @@ def main():
             output_dir=sys.argv[3], per_device_train_batch_size=B // int(os.environ["WORLD_SIZE"]), max_steps=1,
             learning_rate=LR, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
             report_to=[], save_strategy="no", logging_strategy="no", dataloader_drop_last=True, seed=0,
+            **({} if DEVICE == "cuda" else {"use_cpu": True, "ddp_backend": "gloo"}),
         )
-        Trainer(model=model, args=args, train_dataset=data).train()
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        assert trainer.args.world_size == int(os.environ["WORLD_SIZE"]), "the Trainer did not see the other process"
+        trainer.train()
         before = dict(ref.named_parameters())
         for n, p in model.named_parameters():
             if n in ref_grads:  # one SGD step: new - old = -lr * gradient

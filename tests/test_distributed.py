@@ -10,6 +10,7 @@ script, or their own loop with DDP / fully_shard; nothing RWKV-specific, and DDP
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,11 @@ def launch(engine, version, out, gpus: bool):
     env = dict(os.environ, **ENV)
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), engine, version, str(out)]
+    with socket.socket() as s:  # a free port of our own (two launches at once under pytest-xdist)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), str(WORKER), engine, version, str(out)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     lines = [line for line in res.stdout.splitlines() if line.startswith("rank ")]
     print("\n".join(lines))

@@ -41,3 +41,38 @@ def test_every_target_ignored_is_nan_like_cross_entropy():
     h, w = torch.randn(4, 8), torch.randn(5, 8)
     t = torch.full((4,), -100)
     assert torch.isnan(linear_cross_entropy(h, w, t)) and torch.isnan(torch.nn.functional.cross_entropy(h @ w.T, t))
+
+
+@pytest.mark.parametrize("version", ["4", "7"])
+def test_training_loss_without_logits_equals_the_loss_on_logits(version):
+    """In training mode with labels the model fuses the LM head into the loss (no logits returned); the
+    loss and every gradient are those of transformers' loss on the full logits (fuse_cross_entropy off)."""
+    from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
+    from rwkv_hf.modeling import FAMILIES
+    from rwkv_hf.testing import make_state_dict
+
+    sd = make_state_dict(version, n_layer=2, n_embd=128, vocab_size=512, seed=5)
+    spec, cfg = config_from_state_dict(sd)
+    model = FAMILIES[spec.family][2](cfg)
+    model.load_state_dict({to_hf_key(k): v for k, v in sd.items()})
+    model.train()
+    ids = torch.randint(0, 512, (2, 19), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[1, :5] = -100
+
+    def run(fused):
+        model.config.fuse_cross_entropy = fused
+        model.zero_grad()
+        out = model(ids, labels=labels, num_items_in_batch=torch.tensor(29))
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fused, g_fused = run(True)
+    plain, g_plain = run(False)
+    assert fused.logits is None and plain.logits is not None
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    assert g_fused.keys() == g_plain.keys()
+    for n in g_plain:
+        assert (g_fused[n] - g_plain[n]).norm() <= 1e-5 * g_plain[n].norm() + 1e-9, n
+    model.eval()
+    assert model(ids, labels=labels).logits is not None  # evaluation keeps its logits

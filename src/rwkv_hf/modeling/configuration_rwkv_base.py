@@ -30,6 +30,10 @@ class RwkvWorldConfigBase(PretrainedConfig):
             C++ compiler; without one, a warning and the plain step). The first step compiles for some
             seconds. Fused kernels round differently from the eager ops: in bf16 the logits differ from
             the eager path's by bf16 noise; in fp32 they agree to ~1e-6.
+        fuse_cross_entropy: in training mode with `labels`, compute the loss together with the LM head
+            in chunks of tokens (`rwkv_loss`), so that no [tokens, vocab] logits (and no fp32 copy or
+            gradient of them) exist; `logits` is then None in the output. Off: the logits are
+            computed and returned, and the loss taken from them (transformers' causal-LM loss).
     """
 
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
@@ -48,6 +52,7 @@ class RwkvWorldConfigBase(PretrainedConfig):
         prefill_segment: int = 4096,
         cuda_graph_decode: bool = True,
         compile_decode: bool = False,
+        fuse_cross_entropy: bool = True,
         bos_token_id: int = 0,
         eos_token_id: int = 0,
         pad_token_id: int = 0,
@@ -68,6 +73,7 @@ class RwkvWorldConfigBase(PretrainedConfig):
         self.prefill_segment = prefill_segment
         self.cuda_graph_decode = cuda_graph_decode
         self.compile_decode = compile_decode
+        self.fuse_cross_entropy = fuse_cross_entropy
         self.use_cache = use_cache
         super().__init__(
             bos_token_id=bos_token_id,

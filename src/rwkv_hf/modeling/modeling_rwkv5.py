@@ -30,6 +30,7 @@ from .rwkv_chunk import wkv5_chunk  # noqa: F401,E402
 from .rwkv_decode import graph_step  # noqa: F401,E402
 from .rwkv_step import model_step  # noqa: F401,E402
 from .rwkv_fla import HAVE_FLA  # noqa: F401,E402
+from .rwkv_loss import linear_cross_entropy  # noqa: F401,E402
 from .rwkv_peft import register_lora_targets  # noqa: F401,E402
 from .rwkv_state import RwkvStateMixin  # noqa: F401,E402
 from .rwkv7_deepembed import deep_embed_gate  # noqa: F401,E402

@@ -24,6 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .rwkv_peft import register_lora_targets
 from .rwkv7_deepembed import deep_embed_inputs
+from .rwkv_loss import linear_cross_entropy, shifted_targets
 from .rwkv_state import RwkvStateMixin, initial_wkv
 from .rwkv_ops import exporting
 
@@ -696,21 +697,44 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
         )
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep])
+        fused = with_loss and self._fused_loss()
+        logits = None if fused else self.lm_head(hidden[:, keep])
         loss = None
         if with_loss:
             if isinstance(logits_to_keep, int) and logits_to_keep != 0:
                 raise ValueError("labels need logits at every position: leave logits_to_keep at 0")
             # transformers' causal-LM loss: shifts `labels` (or takes `shift_labels` as they are), ignores
-            # -100, and with `num_items_in_batch` (Trainer's gradient accumulation) sums and divides by it
-            loss = self.loss_function(
-                logits, labels, vocab_size=self.config.vocab_size, shift_labels=shift_labels,
-                num_items_in_batch=kwargs.get("num_items_in_batch"),
-            )
+            # -100, and with `num_items_in_batch` (Trainer's gradient accumulation) sums and divides by it;
+            # training: the same loss with the LM head, chunk by chunk of tokens (rwkv_loss)
+            if fused:
+                targets = shifted_targets(labels, shift_labels)
+                loss = linear_cross_entropy(
+                    hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets, kwargs.get("num_items_in_batch")
+                )
+            else:
+                loss = self.loss_function(
+                    logits, labels, vocab_size=self.config.vocab_size, shift_labels=shift_labels,
+                    num_items_in_batch=kwargs.get("num_items_in_batch"),
+                )
         result = CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: getattr(out, CACHE_FIELD)}
         )
         return result if return_dict is not False else result.to_tuple()
+
+    def _fused_loss(self) -> bool:
+        """Training with labels (config `fuse_cross_entropy`, on by default): the loss without the
+        [tokens, vocab] logits, which are then not returned. Only for a plain `nn.Linear` head without
+        hooks (a PEFT adapter or a quantized head computes its logits the usual way)."""
+        head = self.lm_head
+        return bool(
+            getattr(self.config, "fuse_cross_entropy", True)
+            and self.training
+            and torch.is_grad_enabled()
+            and type(head) is nn.Linear
+            and head.bias is None
+            and not (head._forward_hooks or head._forward_pre_hooks)
+            and not (torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
+        )
 
     def _one_token_path(self, input_ids, attention_mask, cache, labels, output_hidden_states, wkv_mode) -> Optional[str]:
         """How to run a decode step (one token per row, a full state, no gradients, nothing but the
