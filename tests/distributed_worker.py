@@ -95,7 +95,7 @@ def main():
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         mean /= world
-        loss_err = abs(float(mean) - float(ref_loss)) / abs(float(ref_loss))
+        loss_err = abs(float(mean) - float(ref_loss.detach())) / abs(float(ref_loss.detach()))
         if loss_err > 1e-5:
             bad.append(("loss", loss_err))
         for n, p in model.named_parameters():
@@ -113,7 +113,9 @@ def main():
                 bad.append((n, err))
         dist.destroy_process_group()
     rank = int(os.environ.get("RANK", 0))
-    print(f"rank {rank} {ENGINE} v{VERSION}: worst gradient rel err {worst:.2e}; mismatches {bad[:5]}", flush=True)
+    line = f"rank {rank} {ENGINE} v{VERSION}: worst gradient rel err {worst:.2e}; mismatches {bad[:5]}"
+    with open(os.path.join(sys.argv[3], f"rank{rank}.txt"), "w") as f:  # (stdout lines of two ranks can interleave)
+        f.write(line)
     sys.exit(1 if bad else 0)
 
 

@@ -32,7 +32,7 @@ def launch(engine, version, out, gpus: bool):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(port), str(WORKER), engine, version, str(out)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    lines = [line for line in res.stdout.splitlines() if line.startswith("rank ")]
+    lines = [(Path(out) / f"rank{r}.txt").read_text() for r in (0, 1) if (Path(out) / f"rank{r}.txt").exists()]
     print("\n".join(lines))
     assert res.returncode == 0 and len(lines) == 2, res.stdout[-3000:] + res.stderr[-3000:]
 
