@@ -34,7 +34,7 @@ def launch(engine, version, out, gpus: bool):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     lines = [(Path(out) / f"rank{r}.txt").read_text() for r in (0, 1) if (Path(out) / f"rank{r}.txt").exists()]
     print("\n".join(lines))
-    assert res.returncode == 0 and len(lines) == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0 and len(lines) == 2, "\n".join(lines) + res.stdout[-3000:] + res.stderr[-3000:]
 
 
 @pytest.mark.parametrize("version", ["6", "7"])
