@@ -22,6 +22,9 @@ from rwkv_hf.testing import make_state_dict
 
 ENGINE, VERSION = sys.argv[1], sys.argv[2]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: gloo, the same engines
+# gradients of two processes vs one: fp32 on the CPU agrees to ~3e-7; on CUDA fla's kernels run their
+# products in tf32 and sum over the batch in another order (RWKV-6's bonus gradient: 1.2e-3 on an H200)
+TOL = 1e-3 if DEVICE == "cpu" else 1e-2
 B, T, VOCAB, LR = 4, 64, 1024, 0.5
 
 
@@ -69,7 +72,7 @@ def main():
             if n in ref_grads:  # one SGD step: new - old = -lr * gradient
                 err = rel(p.detach() - before[n].detach(), -LR * ref_grads[n])
                 worst = max(worst, err)
-                if err > 1e-3:
+                if err > TOL:
                     bad.append((n, err))
     else:
         dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
@@ -109,7 +112,7 @@ def main():
                 g = g.full_tensor()
             err = rel(g, ref_grads[n])
             worst = max(worst, err)
-            if err > 1e-3:
+            if err > TOL:
                 bad.append((n, err))
         dist.destroy_process_group()
     rank = int(os.environ.get("RANK", 0))

@@ -137,7 +137,16 @@ def test_packed_on_cuda_matches_documents_alone(version):
     model = build(version).cuda()
     batch = DataCollatorWithFlattening()([{"input_ids": d} for d in DOCS])
     batch = {k: v.cuda() for k, v in batch.items()}
-    out = model(**batch)  # "auto": fla's kernels for v5-v7, the chunked form for v4
-    logits, loss = one_by_one(model, "recurrent")
-    torch.testing.assert_close(out.logits[0], logits, rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(out.loss, loss, rtol=2e-3, atol=2e-3)
+    with torch.no_grad():
+        out = model(**batch)  # "auto": fla's kernels for v5-v7, the chunked form for v4
+        same_path, _ = one_by_one(model, None)
+        logits, loss = one_by_one(model, "recurrent")
+
+    def rel(a, b):
+        return float((a.double() - b.double()).norm() / b.double().norm())
+
+    # against the documents alone on the same kernels: the packing itself adds nothing but rounding;
+    # against the fp32 recurrence: fla's products run in tf32 (test_gpu.py's 1e-2 bound)
+    assert rel(out.logits[0], same_path) <= 1e-3, rel(out.logits[0], same_path)
+    assert rel(out.logits[0], logits) <= 1e-2, rel(out.logits[0], logits)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-2, atol=1e-3)
