@@ -10,24 +10,14 @@ import torch
 
 import rwkv_hf  # noqa: F401
 from rwkv_hf.convert import convert_checkpoint, export_checkpoint
-from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
-from rwkv_hf.modeling import FAMILIES
-from rwkv_hf.testing import make_state_dict, run_reference, run_without_rwkv_hf
+from rwkv_hf.testing import build_model as build, logits_rel_err as rel_err, make_state_dict, run_reference, run_without_rwkv_hf
 
 SEQ = torch.randint(1, 65536, (40,), generator=torch.Generator().manual_seed(21)).tolist()
 REL_TOL = 1e-4
 
 
-def rel_err(ours, ref) -> float:
-    ours, ref = ours.float(), ref.float()
-    return ((ours - ref).abs().amax(-1) / ref.abs().amax(-1)).max().item()
 
 
-def build(sd):
-    spec, cfg = config_from_state_dict(sd)
-    model = FAMILIES[spec.family][2](cfg).eval()
-    model.load_state_dict({to_hf_key(k): v for k, v in sd.items()})
-    return model
 
 
 @pytest.fixture(scope="module")

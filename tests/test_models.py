@@ -11,10 +11,9 @@ import torch
 
 import rwkv_hf  # noqa: F401  (registers the Auto classes)
 from rwkv_hf.convert import convert_checkpoint
-from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
-from rwkv_hf.modeling import FAMILIES, RwkvCache
+from rwkv_hf.modeling import RwkvCache
 from rwkv_hf.modeling.rwkv_common import CACHE_FIELD
-from rwkv_hf.testing import VERSIONS, make_state_dict, run_reference
+from rwkv_hf.testing import build_model as build, logits_rel_err as rel_err, VERSIONS, make_state_dict, run_reference
 
 needs_reference = pytest.mark.usefixtures("reference_package")  # missing: the tests fail (conftest)
 
@@ -22,17 +21,8 @@ SEQ = torch.randint(1, 65536, (72,), generator=torch.Generator().manual_seed(7))
 REL_TOL = 1e-4  # the issue's bound: max |diff| <= 1e-4 x max |logit| at every position
 
 
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """max over positions of max|diff| / max|logit| at that position."""
-    ours, ref = ours.float(), ref.float()
-    return ((ours - ref).abs().amax(-1) / ref.abs().amax(-1)).max().item()
 
 
-def build(sd):
-    spec, cfg = config_from_state_dict(sd)
-    model = FAMILIES[spec.family][2](cfg).eval()
-    model.load_state_dict({to_hf_key(k): v for k, v in sd.items()})
-    return model
 
 
 @pytest.fixture(scope="module")

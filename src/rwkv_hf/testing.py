@@ -156,6 +156,23 @@ def make_state_dict(
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
 
 
+def build_model(sd: Dict[str, torch.Tensor]):
+    """Our model (eval mode) for a BlinkDL state dict, built straight from it (no folder)."""
+    from .convert.blinkdl import config_from_state_dict, to_hf_key
+    from .modeling import FAMILIES
+
+    spec, cfg = config_from_state_dict(sd)
+    model = FAMILIES[spec.family][2](cfg).eval()
+    model.load_state_dict({to_hf_key(k): v for k, v in sd.items()})
+    return model
+
+
+def logits_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max over positions of max|diff| / max|logit| at that position (the bound the parity tests use)."""
+    ours, ref = ours.float(), ref.float()
+    return ((ours - ref).abs().amax(-1) / ref.abs().amax(-1)).max().item()
+
+
 def save_checkpoint(path, version: str, **kwargs) -> Path:
     """Write `make_state_dict(version, **kwargs)` to `path` (a `.pth`), as BlinkDL's trainer does."""
     path = Path(path)

@@ -312,13 +312,7 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
     def __call__(self, text=None, *args, **kwargs):
         # The commonest call (no padding, no truncation, no pair, no target) skips transformers'
         # `__call__` too: its strategies are then "do not pad", "do not truncate", no max_length.
-        if (
-            not args
-            and _CALL_KEYS.issuperset(kwargs)
-            and kwargs.get("padding", False) is False
-            and (kwargs.get("truncation") is None or kwargs.get("truncation") is False)
-            and kwargs.get("max_length") is None
-        ):
+        if not args and _plain_call(kwargs):
             if type(text) is str:
                 out = self._encode_lean((text,), False, kwargs, _CALL_KEYS)
             elif _str_batch(text):
@@ -604,6 +598,17 @@ _LEAN_KEYS = frozenset(
 # The arguments of `__call__` that its own lean path takes (with padding, truncation and max_length
 # at their defaults); `_encode_lean` checks the rest as it does for `_encode_plus`.
 _CALL_KEYS = (_LEAN_KEYS - {"padding_strategy", "truncation_strategy"}) | {"padding", "truncation"}
+
+
+def _plain_call(kwargs) -> bool:
+    """`__call__` arguments that only say "do not pad, do not truncate, no max_length" (and _CALL_KEYS'
+    others): the calls both tokenizers' `__call__` shortcuts take."""
+    return (
+        _CALL_KEYS.issuperset(kwargs)
+        and kwargs.get("padding", False) is False
+        and (kwargs.get("truncation") is None or kwargs.get("truncation") is False)
+        and kwargs.get("max_length") is None
+    )
 _DO_NOT_PAD = PaddingStrategy.DO_NOT_PAD
 _DO_NOT_TRUNCATE = TruncationStrategy.DO_NOT_TRUNCATE
 # transformers 5 has no _batch_encode_plus: its _encode_plus takes batches

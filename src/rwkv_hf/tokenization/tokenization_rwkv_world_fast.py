@@ -16,7 +16,7 @@ from transformers import BatchEncoding, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
 
 from .tokenization_rwkv_world import (
-    _CALL_KEYS,
+    _plain_call,
     _LEAN_KEYS,
     EOS_TOKEN,
     FIRST_UNUSED_ID,
@@ -367,10 +367,7 @@ class RwkvWorldTokenizerFast(PreTrainedTokenizerFast):
         # `_batch_encode_plus` "do not pad", "do not truncate", no max_length, and these arguments.
         if (
             not args
-            and _CALL_KEYS.issuperset(kwargs)
-            and kwargs.get("padding", False) is False
-            and (kwargs.get("truncation") is None or kwargs.get("truncation") is False)
-            and kwargs.get("max_length") is None
+            and _plain_call(kwargs)
             and kwargs.get("return_tensors") in (None, "pt", "np")
             and _plain_call_path(type(self))
         ):
