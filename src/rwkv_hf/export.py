@@ -15,7 +15,6 @@ inputs and outputs and marks those dimensions dynamic.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 from typing import List, Tuple
@@ -80,10 +79,6 @@ def export_onnx(model: nn.Module, path, with_state: bool = False, dynamo: bool =
     outputs `logits` (fp32 [batch, length, vocab]) and, with_state, `new_state.<layer>.<part>`.
     `dynamo`: torch.onnx's default exporter (torch.export) or, False, the TorchScript one.
     """
-    if next(model.parameters()).device.type != "cpu":
-        # the file holds the weights and runs wherever onnxruntime runs, so the device of the export does
-        # not matter; torch.export of a CUDA model gave a wrong graph (H200, torch 2.11), so export a CPU copy
-        model = copy.deepcopy(model).cpu()
     lm = OnnxLM(model, with_state).eval()
     ids = torch.zeros(2, example_length, dtype=torch.long, device=next(model.parameters()).device)
     state = lm.zero_state(2) if with_state else ()
