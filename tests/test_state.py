@@ -15,7 +15,7 @@ import rwkv_hf  # noqa: F401
 from rwkv_hf.modeling.rwkv_state import StateFileError
 from rwkv_hf.testing import build_model as build, logits_rel_err as rel_err, make_state_dict, make_state_file_dict, run_reference
 
-VERSIONS = ["5.2", "6", "7"]  # 5.0/5.1 share 5.2's state path
+VERSIONS = ["5.2", "6", "7", "5.0", "5.1"]  # every version with a WKV state
 SEQ = torch.randint(1, 65536, (24,), generator=torch.Generator().manual_seed(11)).tolist()
 REL_TOL = 1e-4
 
