@@ -9,16 +9,13 @@ weights equal the reference step). Prints one line per check; exits non-zero on 
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 
 import torch
 import torch.distributed as dist
 
-from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
-from rwkv_hf.modeling import FAMILIES
-from rwkv_hf.testing import make_state_dict
+from rwkv_hf.testing import build_model, make_state_dict
 
 ENGINE, VERSION = sys.argv[1], sys.argv[2]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: gloo, the same engines
@@ -30,10 +27,7 @@ B, T, VOCAB, LR = 4, 64, 1024, 0.5
 
 def build():
     sd = make_state_dict(VERSION, n_layer=2, n_embd=256, vocab_size=VOCAB, seed=3)
-    spec, cfg = config_from_state_dict(sd)
-    model = FAMILIES[spec.family][2](cfg)
-    model.load_state_dict({to_hf_key(k): v for k, v in sd.items()})
-    return model.to(DEVICE).train()
+    return build_model(sd).to(DEVICE).train()
 
 
 def rel(a, b):

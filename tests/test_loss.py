@@ -47,15 +47,10 @@ def test_every_target_ignored_is_nan_like_cross_entropy():
 def test_training_loss_without_logits_equals_the_loss_on_logits(version):
     """In training mode with labels the model fuses the LM head into the loss (no logits returned); the
     loss and every gradient are those of transformers' loss on the full logits (fuse_cross_entropy off)."""
-    from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
-    from rwkv_hf.modeling import FAMILIES
-    from rwkv_hf.testing import make_state_dict
+    from rwkv_hf.testing import build_model, make_state_dict
 
     sd = make_state_dict(version, n_layer=2, n_embd=128, vocab_size=512, seed=5)
-    spec, cfg = config_from_state_dict(sd)
-    model = FAMILIES[spec.family][2](cfg)
-    model.load_state_dict({to_hf_key(k): v for k, v in sd.items()})
-    model.train()
+    model = build_model(sd).train()
     ids = torch.randint(0, 512, (2, 19), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[1, :5] = -100

@@ -11,9 +11,7 @@ import pytest
 import torch
 from transformers import DataCollatorWithFlattening
 
-from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
-from rwkv_hf.modeling import FAMILIES, RwkvCache
-from rwkv_hf.testing import make_state_dict
+from rwkv_hf.testing import build_model, make_state_dict
 
 VOCAB = 1024
 LENGTHS = [5, 9, 1, 4]
@@ -24,10 +22,7 @@ VERSIONS = ["4", "5.2", "6", "7", "7-deepembed"]
 def build(version, seed=0):
     deep = version.endswith("-deepembed")  # RWKV-7 with a per-token embedding in every channel mix
     sd = make_state_dict(version.split("-")[0], n_layer=2, n_embd=128, vocab_size=VOCAB, seed=seed, deep_embed=32 if deep else 0)
-    spec, cfg = config_from_state_dict(sd)
-    model = FAMILIES[spec.family][2](cfg).eval()
-    model.load_state_dict({to_hf_key(k): v for k, v in sd.items()})
-    return model
+    return build_model(sd)
 
 
 @pytest.fixture(scope="module")

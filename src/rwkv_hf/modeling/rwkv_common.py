@@ -622,6 +622,11 @@ torch.nn.modules.module.register_module_module_registration_hook(_count_registra
 _PLAIN_CHECKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _global_hooks() -> bool:
+    """Forward hooks registered for every module (torch's global ones)."""
+    return bool(torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
+
+
 class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
     """The language-model head over a version's model. Subclasses set `model_cls` (and list
     `GenerationMixin` among their own bases: transformers' `can_generate` looks at the direct ones).
@@ -733,7 +738,7 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
             and type(head) is nn.Linear
             and head.bias is None
             and not (head._forward_hooks or head._forward_pre_hooks)
-            and not (torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
+            and not _global_hooks()
         )
 
     def _one_token_path(self, input_ids, attention_mask, cache, labels, output_hidden_states, wkv_mode) -> Optional[str]:
@@ -776,7 +781,7 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
         modules as they were at capture, so anything that can change what a module does between steps
         (PEFT adapters switched on and off, forward hooks) keeps the step eager. (Cached: see
         `_MODULE_REGISTRATIONS`.)"""
-        if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        if _global_hooks():
             return False
         seen = _PLAIN_CHECKS.get(self)
         if seen is None or seen[0] != _MODULE_REGISTRATIONS[0]:
