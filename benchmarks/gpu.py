@@ -93,7 +93,7 @@ def state_dict(dtype=torch.bfloat16):
 def bench_ours(sd, args, res):
     import rwkv_hf.modeling as M
     from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
-    from rwkv_hf.modeling.rwkv_common import CACHE_FIELD
+    from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD
     from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
 
     spec, cfg = config_from_state_dict(sd)
@@ -149,7 +149,7 @@ def bench_ours(sd, args, res):
             out[f"decode_{B}_graph_fused"] = decode_rate(dec.step, B, args.steps * 4)
             print(f"ours decode b{B} fused graph: {out[f'decode_{B}_graph_fused']:,.1f} tok/s", flush=True)
             if args.profile:
-                out[f"decode_{B}_fused_kernels"] = kernel_profile(dec._step_fn)
+                out[f"decode_{B}_fused_kernels"] = kernel_profile(dec._step)
                 print(f"ours fused step b{B} kernels: {out[f'decode_{B}_fused_kernels']}", flush=True)
             del dec
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9

@@ -218,17 +218,18 @@ def test_rwkv7_layer0_value_residual_is_saved_but_not_trained():
 
 # ----------------------------------------------------------------------------- wkv_mode="recurrent"
 @pytest.mark.parametrize("where", ["argument", "config"])
-def test_recurrent_mode_decodes_through_the_modules(where, monkeypatch):
-    """wkv_mode="recurrent" (forward argument or config) is honoured on decode steps too: no step function
-    (which is what "auto" takes off CUDA, and the CUDA graph with fla's kernel on CUDA)."""
-    from rwkv_hf.modeling import rwkv_ops, rwkv_step
+def test_recurrent_mode_is_honoured_on_every_step(where, monkeypatch):
+    """wkv_mode="recurrent" (forward argument or config) is honoured on the prompt and on every decode
+    step (which "auto" gives the chunked form, and on CUDA fla's kernels, in a captured graph too)."""
+    from rwkv_hf.modeling import modeling_rwkv7
 
     model = small_model("7", **({"wkv_mode": "recurrent"} if where == "config" else {}))
     kw = {"wkv_mode": "recurrent"} if where == "argument" else {}
-    monkeypatch.setattr(rwkv_step, "model_step", lambda *a, **k: pytest.fail("the step function ran"))
+    for form in ("chunk", "fla"):
+        monkeypatch.setitem(modeling_rwkv7.WKV_FORMS, form, lambda *a, _f=form: pytest.fail(f"the {_f} form ran"))
     calls = []
-    real = rwkv_ops.wkv7_recurrent
-    monkeypatch.setattr(rwkv_ops, "wkv7_recurrent", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k))
+    real = modeling_rwkv7.WKV_FORMS["recurrent"]
+    monkeypatch.setitem(modeling_rwkv7.WKV_FORMS, "recurrent", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k))
     with torch.no_grad():
         model.generate(IDS, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None, **kw)
     assert calls == [7, 7, 1, 1, 1, 1]  # 2 layers: the prompt, then 2 one-token steps

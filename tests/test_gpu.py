@@ -271,7 +271,7 @@ def test_graph_decoder_gives_eager_greedy_tokens(version, batch):
 def _teacher_forced(m, decoders, ids, feed=None, steps=16):
     """Logits [steps, B, V] of each decoder from ids' state, all fed the same tokens: `feed` [steps, B]
     if given, else the first decoder's greedy tokens. Returns (logits per decoder, the tokens fed)."""
-    from rwkv_hf.modeling.rwkv_common import CACHE_FIELD
+    from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD
 
     with torch.no_grad():
         out = m(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -290,7 +290,7 @@ def _teacher_forced(m, decoders, ids, feed=None, steps=16):
 @pytest.mark.parametrize("batch", [1, 5])  # x W^T as a reduction (batch <= 4) and as a matmul
 @pytest.mark.parametrize("version", ["4", "5.2", "6", "7"])
 def test_fused_decoder_matches_eager(version, batch):
-    """The compiled step functions (rwkv_step) against the eager graph step, 16 teacher-forced steps.
+    """The compiled decode step (rwkv_decode, compile_decode) against the eager graph step, 16 teacher-forced steps.
     fp32: the same function, so within 1e-5 x max|logit| and the same greedy tokens. bf16 (fed the
     fp32 run's tokens): its error against the fp32 run may be at most twice the eager bf16 step's own
     (plus 1% of the logit range): fusing may not add more noise than bf16 arithmetic already brings."""
@@ -361,7 +361,7 @@ def test_generate_with_compile_decode_gives_eager_tokens(version, batch):
 def test_graph_state_moves_between_caches_without_sharing():
     """Two conversations stepped in turn through one batch-1 decoder, a generate() cache continued
     eagerly, a cloned cache: each must follow its own eager twin exactly."""
-    from rwkv_hf.modeling.rwkv_common import CACHE_FIELD
+    from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD
 
     m = build("7", torch.bfloat16, n_layer=3)
     g = torch.Generator().manual_seed(7)
@@ -391,7 +391,7 @@ def test_graph_state_moves_between_caches_without_sharing():
 
 def test_graphs_under_inference_mode_then_no_grad():
     """Steps under torch.inference_mode() and later under no_grad (generate()) each get working buffers."""
-    from rwkv_hf.modeling.rwkv_common import CACHE_FIELD
+    from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD
 
     m = build("5.2", torch.bfloat16, n_layer=2)
     ids = torch.randint(0, 65536, (1, 8), generator=torch.Generator().manual_seed(9)).to(DEV)
@@ -476,14 +476,14 @@ def test_long_prompt_prefill_memory():
 @pytest.mark.parametrize("version", ["5.2", "7"])
 @pytest.mark.parametrize("where", ["argument", "config"])
 def test_recurrent_mode_is_honoured_on_cuda_decode(version, where, monkeypatch):
-    """wkv_mode="recurrent" decodes on CUDA through the modules with the recurrence: not the captured
-    graph, not fla's one-token kernel; its greedy tokens equal the fp32 CPU recurrence's."""
-    from rwkv_hf.modeling import rwkv_decode, rwkv_ops
+    """wkv_mode="recurrent" decodes on CUDA with the recurrence, in the captured graph too (never fla's
+    kernels); its greedy tokens equal the fp32 CPU recurrence's."""
+    from rwkv_hf.modeling import modeling_rwkv5, modeling_rwkv7, rwkv_decode
 
     fail = lambda *a, **k: pytest.fail("a decode step left the recurrence")  # noqa: E731
-    for name in ("wkv5_fla_step", "wkv7_fla_step", "wkv5_fla", "wkv7_fla"):
-        monkeypatch.setattr(rwkv_ops, name, fail)
-    monkeypatch.setattr(rwkv_decode, "graph_step", fail)
+    for module in (modeling_rwkv5, modeling_rwkv7):
+        monkeypatch.setitem(module.WKV_FORMS, "fla", fail)
+        monkeypatch.setitem(module.WKV_FORMS, "chunk", fail)
     m = build(version, torch.float32, n_layer=2)
     kw = {"wkv_mode": "recurrent"}
     if where == "config":
@@ -491,5 +491,7 @@ def test_recurrent_mode_is_honoured_on_cuda_decode(version, where, monkeypatch):
     ids = torch.randint(0, 65536, (2, 9), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         gpu = m.generate(ids.to(DEV), max_new_tokens=8, do_sample=False, pad_token_id=0, **kw)
+        paths = [d.path for d in rwkv_decode._DECODERS[m].values()]
         cpu = m.to("cpu").generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, wkv_mode="recurrent")
+    assert [(p.runner, p.wkv) for p in paths] == [("graph", "recurrent")], paths
     assert gpu.cpu().tolist() == cpu.tolist()

@@ -12,7 +12,7 @@ import torch
 import rwkv_hf  # noqa: F401  (registers the Auto classes)
 from rwkv_hf.convert import convert_checkpoint
 from rwkv_hf.modeling import RwkvCache
-from rwkv_hf.modeling.rwkv_common import CACHE_FIELD
+from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD
 from rwkv_hf.testing import build_model as build, logits_rel_err as rel_err, VERSIONS, make_state_dict, run_reference
 
 needs_reference = pytest.mark.usefixtures("reference_package")  # missing: the tests fail (conftest)
@@ -204,48 +204,62 @@ def test_batched_greedy_generation_equals_unbatched(version, models):
 
 
 # ------------------------------------------------------------------------- the decode step functions
-@pytest.mark.parametrize("reduce", [True, False])
+@pytest.mark.parametrize("calls", ["direct", "reduce"])
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("version", VERSIONS)
-def test_step_functions_compute_the_recurrent_step(version, reduce, models):
-    """`rwkv_step` (what decoding runs off CUDA, and compiles with config `compile_decode`) is the
-    modules' one-token forward: run uncompiled here in fp32, both ways of computing x W^T, from a
-    left-padded prompt's state, 4 steps; logits and every state tensor."""
-    from rwkv_hf.modeling.rwkv_step import model_step
+def test_step_computes_the_modules_step(version, calls, in_place, models):
+    """A decode step (`rwkv_decode.model_step`: the mixes' functions called on the weights, without
+    the modules) is the modules' one-token forward: fp32, both ways of computing x W^T (a matmul, and
+    the multiply-and-sum the compiled CUDA step uses), with the state returned new or written into the
+    caller's tensors (a captured graph's buffers), from a left-padded prompt's state, 4 steps; logits
+    and every state tensor."""
+    from rwkv_hf.modeling import rwkv_decode
+    from rwkv_hf.modeling.rwkv_helpers import DirectCalls, ReduceCalls
+    from rwkv_hf.modeling.rwkv_paths import Path
 
     model = models[version]
     ids, mask = _pad_left([SEQ[:9], SEQ[30:41], SEQ[60:66]])
+    block_fn = rwkv_decode._block_forward_in_place if in_place else None
     with torch.no_grad():
         cache = getattr(model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1), CACHE_FIELD)
-        fused_cache = cache.clone()
+        step_cache = cache.clone()
+        buffers = list(step_cache.layers_state)
         for t in range(4):
             nxt = torch.tensor(SEQ[t * 7 : t * 7 + 3]).view(3, 1)
             eager = model(nxt, cache=cache, use_cache=True, wkv_mode="recurrent").logits[:, -1]
-            fused = model_step(model, nxt, fused_cache.layers_state, reduce=reduce)
-            assert rel_err(fused, eager) <= 1e-5, t
+            step = rwkv_decode.model_step(model, nxt, step_cache, Path("step", "recurrent"), block_fn,
+                                          calls=ReduceCalls if calls == "reduce" else DirectCalls)
+            assert rel_err(step, eager) <= 1e-5, t
+    if in_place:  # the caller's tensors hold the new state
+        assert all(a is b for a, b in zip(step_cache.layers_state, buffers))
     flat = lambda c: [t for s in c.layers_state for t in torch.utils._pytree.tree_leaves(s)]  # noqa: E731
-    for x, y in zip(flat(fused_cache), flat(cache)):
+    for x, y in zip(flat(step_cache), flat(cache)):
         assert (x - y).abs().max() <= 1e-5 * y.abs().max().clamp_min(1.0)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_cpu_decode_takes_the_step_function(version, models, monkeypatch):
-    """Off CUDA, decode steps run `rwkv_step` (not the modules): greedy tokens of a left-padded batch
-    equal the modules' path (wkv_mode="recurrent" forces it), the state tensors a caller held are left
-    as they were, and a compiled step that fails falls back to the plain one with a warning."""
-    from rwkv_hf.modeling import rwkv_decode, rwkv_step
+def test_cpu_decode_takes_the_step(version, models, monkeypatch):
+    """Off CUDA, decode steps run `model_step` (not the modules): greedy tokens of a left-padded batch
+    equal the modules' path (a forward hook keeps the step in the modules), the state tensors a
+    caller held are left as they were, and a compiled step that fails falls back to the plain one
+    with a warning."""
+    from rwkv_hf.modeling import rwkv_decode
 
     model = models[version]
     calls = []
-    real = rwkv_step.model_step
-    monkeypatch.setattr(rwkv_step, "model_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = rwkv_decode.model_step
+    monkeypatch.setattr(rwkv_decode, "model_step", lambda *a, **k: calls.append(1) or real(*a, **k))
     ids, mask = _pad_left([SEQ[:9], SEQ[30:41], SEQ[60:66]])
     with torch.no_grad():
-        fused = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        stepped = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
         assert len(calls) == 11
-        modules = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                                 wkv_mode="recurrent")
+        handle = model.model.blocks[0].register_forward_hook(lambda *a: None)
+        try:
+            modules = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        finally:
+            handle.remove()
         assert len(calls) == 11
-        assert torch.equal(fused, modules)
+        assert torch.equal(stepped, modules)
 
         cache = getattr(model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1), CACHE_FIELD)
         base = cache.clone()
@@ -259,25 +273,54 @@ def test_cpu_decode_takes_the_step_function(version, models, monkeypatch):
                 raise RuntimeError("no C++ compiler")
             return fail
 
-        monkeypatch.setattr(rwkv_decode, "_compiled_layer_step", broken)
+        monkeypatch.setattr(rwkv_decode, "_compiled", broken)
         model.config.compile_decode = True
         try:
             with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
                 fallback = model(ids[:, -1:], cache=base, use_cache=True).logits
         finally:
             model.config.compile_decode = False
-            rwkv_decode._FUSED_FNS.pop(model, None)
+            rwkv_decode._COMPILED_STEPS.pop(model, None)
         assert torch.equal(fallback, plain)
 
 
-def test_fp16_v4_to_v6_decode_through_the_modules(checkpoints):
-    """v4-v6 in fp16 rescale their branches on the fly; the step functions leave that out, so those
-    models decode through the modules."""
-    from rwkv_hf.modeling.rwkv_step import layer_step_for
+def test_wkv_mode_is_honoured_by_the_step(models, monkeypatch):
+    """wkv_mode decides the WKV form of a decode step too: "chunk" runs the chunked form inside the
+    step (which stays a step), "auto" the recurrence."""
+    from rwkv_hf.modeling import modeling_rwkv7, rwkv_decode
 
+    model = models["7"]
+    forms, steps = [], []
+    for form in ("recurrent", "chunk"):
+        real = modeling_rwkv7.WKV_FORMS[form]
+        monkeypatch.setitem(modeling_rwkv7.WKV_FORMS, form, lambda *a, _f=form, _r=real: forms.append(_f) or _r(*a))
+    real_step = rwkv_decode.model_step
+    monkeypatch.setattr(rwkv_decode, "model_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    with torch.no_grad():
+        cache = getattr(model(torch.tensor([SEQ[:5]]), use_cache=True), CACHE_FIELD)
+        forms.clear()
+        model(torch.tensor([[7]]), cache=cache, use_cache=True, wkv_mode="chunk")
+        assert set(forms) == {"chunk"} and steps == [1]
+        forms.clear()
+        model(torch.tensor([[7]]), cache=cache, use_cache=True)
+        assert set(forms) == {"recurrent"} and steps == [1, 1]
+
+
+def test_fp16_v4_to_v6_decode_steps_rescale(checkpoints):
+    """v4-v6 in fp16 halve their branches every `rescale_every` layers on the fly; the decode step runs
+    the same block code, so its greedy tokens are the modules' (a forward hook keeps those in the
+    modules)."""
     model = build(checkpoints["6"][1]).to(torch.float16)
-    assert layer_step_for(model) is None
-    assert layer_step_for(build(checkpoints["7"][1]).to(torch.float16)) is not None
+    model.config.rescale_every = 1
+    ids = torch.tensor([SEQ[:9]])
+    with torch.no_grad():
+        stepped = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        handle = model.lm_head.register_forward_hook(lambda *a: None)
+        try:
+            modules = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        finally:
+            handle.remove()
+    assert torch.equal(stepped, modules)
 
 
 # --------------------------------------------------------------------------------- generation

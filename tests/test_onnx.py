@@ -24,7 +24,7 @@ from rwkv_hf.convert import convert_checkpoint
 from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
 from rwkv_hf.export import OnnxLM, export_onnx
 from rwkv_hf.modeling import FAMILIES
-from rwkv_hf.modeling.rwkv_common import CACHE_FIELD
+from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD
 from rwkv_hf.testing import make_state_dict
 
 VERSIONS = ["4", "5.2", "6", "7"]
@@ -120,11 +120,12 @@ def test_default_exporter_with_state(version, tmp_path):
 
 def test_normal_paths_are_untouched_outside_export():
     """The export choice only happens while exporting: eager 'auto' still takes the chunked prefill."""
-    from rwkv_hf.modeling.rwkv_ops import exporting, pick_mode
+    from rwkv_hf.modeling.rwkv_helpers import exporting
+    from rwkv_hf.modeling.rwkv_paths import pick_path
 
-    x = torch.zeros(1, 8, 1, 1)
+    model = build("7")
     assert not exporting()
-    assert pick_mode("auto", x, 8) == "chunk" and pick_mode("chunk", x, 8) == "chunk"
+    assert pick_path(model, "cpu", 8).wkv == "chunk" and pick_path(model, "cpu", 8, "chunk").wkv == "chunk"
 
 
 def test_readme_onnx_example_runs(tmp_path, monkeypatch):

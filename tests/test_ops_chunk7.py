@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from rwkv_hf.modeling.rwkv7_chunk import DEFAULT_CHUNK, wkv7_chunk
-from rwkv_hf.modeling.rwkv_ops import wkv7, wkv7_recurrent
+from rwkv_hf.modeling.modeling_rwkv7 import WKV_FORMS
+from rwkv_hf.modeling.rwkv_ops import wkv7_recurrent
 
 H, N = 2, 16
 CHUNK = 16  # small chunks in tests so every length below spans several chunks quickly
@@ -136,11 +137,13 @@ def test_batch_with_different_masks_per_row():
         assert rel_err(s[i], s_ref[0]) < FP32_TOL
 
 
-def test_dispatch_uses_chunk():
+def test_rwkv7_names_its_forms():
+    """RWKV-7's table of WKV forms (what `rwkv_paths` picks from) holds the chunked form, which computes the recurrence."""
     xs = make_inputs(1, 40, seed=13)
     state = torch.randn(1, H, N, N)
-    o, s = wkv7(*xs, state, mode="chunk")
+    o, s = WKV_FORMS["chunk"](*xs, state, None)
     o_ref, s_ref = wkv7_recurrent(*xs, state)
+    assert WKV_FORMS["recurrent"] is wkv7_recurrent
     assert rel_err(o, o_ref) < FP32_TOL and rel_err(s, s_ref) < FP32_TOL
 
 

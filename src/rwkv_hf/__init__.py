@@ -23,9 +23,9 @@ from .modeling import (
     Rwkv7Model,
     RwkvCache,
 )
-from .tokenization import RwkvWorldTokenizer, RwkvWorldTokenizerFast
-
-__version__ = "0.1.0"
+from .modeling import rwkv_saving as _saving
+from .tokenization import RwkvWorldTokenizer, RwkvWorldTokenizerFast, save_tokenizer_files
+from .version import __version__  # noqa: F401
 
 
 
@@ -40,6 +40,7 @@ def _register() -> None:
 
 
 _register()
+_saving.TOKENIZER_WRITER[:] = [save_tokenizer_files]  # save_pretrained writes our tokenizer files
 
 # the classes of every version (modeling's own list, less its FAMILIES table) and the tokenizers
 __all__ = [name for name in _modeling.__all__ if name != "FAMILIES"] + ["RwkvWorldTokenizer", "RwkvWorldTokenizerFast"]

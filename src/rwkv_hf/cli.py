@@ -13,9 +13,9 @@ import signal
 import sys
 import threading
 
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
+from rwkv_hf.cli_eval import EVAL_COMMANDS  # lambada, ppl
+from rwkv_hf.cli_model import MODEL_COMMANDS  # convert, export, generate, chat, demo, state
+from rwkv_hf.errors import CliError
 
 
 def _tokenizer_arguments(parser):
@@ -30,17 +30,9 @@ def _tokenizer_run(args):
     print(f"wrote the RWKV World tokenizer to {out}")
 
 
-COMMANDS = [
+COMMANDS = MODEL_COMMANDS + [
     ("tokenizer", "write a standalone RWKV World tokenizer folder", _tokenizer_arguments, _tokenizer_run),
-]
-
-from rwkv_hf.cli_model import MODEL_COMMANDS  # noqa: E402  convert, export, generate, chat, demo
-
-COMMANDS = MODEL_COMMANDS + COMMANDS
-
-from rwkv_hf.cli_eval import EVAL_COMMANDS  # noqa: E402  lambada, ppl
-
-COMMANDS = COMMANDS + EVAL_COMMANDS
+] + EVAL_COMMANDS
 
 
 def build_parser():

@@ -2,6 +2,8 @@
 
 import json
 
+from rwkv_hf.errors import CliError
+
 
 def _common(p):
     p.add_argument("--device", default="cpu", help="torch device for our model (default cpu)")
@@ -35,7 +37,6 @@ def _lambada_arguments(p):
 
 
 def _lambada_run(args):
-    from rwkv_hf.cli import CliError
     from rwkv_hf.evaluation import lm_eval_task_yaml, run_lambada
 
     if args.print_lm_eval_task:

@@ -1,9 +1,11 @@
-"""The model subcommands of `rwkv-hf` (convert, export, generate, chat, demo), in `cli.COMMANDS` form:
+"""The model subcommands of `rwkv-hf` (convert, export, generate, chat, state, demo), in `cli.COMMANDS` form:
 `(name, help, add_arguments(parser), run(args))`. Thin: parse, call the library, print."""
 
 from __future__ import annotations
 
 import sys
+
+from .errors import CliError
 
 
 def _quiet_transformers():
@@ -14,8 +16,6 @@ def _quiet_transformers():
 
 
 def _interrupted(what: str):
-    from .cli import CliError
-
     return CliError(f"interrupted; {what}")
 
 
@@ -88,7 +88,6 @@ def _load_with_state(args):
 
 
 def _sampling(args) -> dict:
-    from .cli import CliError
 
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise CliError(f"need --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0; got "
@@ -109,7 +108,6 @@ def _generate_arguments(p):
 
 def _read_prompt(source: str) -> str:
     """The text of a prompt file, or of stdin for `-`, without one trailing newline (as `echo` adds)."""
-    from .cli import CliError
 
     if source == "-":
         text = sys.stdin.read()
@@ -123,7 +121,6 @@ def _read_prompt(source: str) -> str:
 
 
 def _prompts(args) -> list:
-    from .cli import CliError
 
     sources = [("-" if p == "-" else None, p) for p in args.prompts] + [(f, None) for f in args.prompt_file]
     if sum(1 for f, _ in sources if f == "-") > 1:
@@ -200,7 +197,6 @@ def _state_arguments(p):
 def _state_run(args):
     from pathlib import Path
 
-    from .cli import CliError
 
     out = Path(args.out)
     if out.exists() and not args.force:  # before loading the model: fail fast

@@ -22,7 +22,7 @@ from typing import List, Tuple
 import torch
 import torch.nn as nn
 
-from .modeling.rwkv_common import RwkvCache
+from .modeling.rwkv_cache import RwkvCache
 
 Tensor = torch.Tensor
 STATE_PARTS = {3: ("att_shift", "wkv", "ffn_shift"), 5: ("att_shift", "wkv_aa", "wkv_bb", "wkv_pp", "ffn_shift")}

@@ -27,6 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
+from .version import __version__
+
 MANIFEST = "rwkv_hf_manifest.json"
 
 
@@ -80,8 +82,6 @@ def foreign_entries(folder: Path) -> List[str]:
 
 
 def write_manifest(folder: Path) -> None:
-    from . import __version__
-
     files = [e for e in _entries(folder) if e != MANIFEST]
     data = {"written_by": "rwkv-hf", "version": __version__, "files": files}
     (folder / MANIFEST).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")

@@ -215,12 +215,6 @@ torch.save({"logits": torch.cat(outs), "state": [s.float().clone() for s in stat
 """
 
 
-def is_deep_embed(ckpt) -> bool:
-    """Whether a BlinkDL checkpoint is a DeepEmbed RWKV-7 (the reference needs RWKV_DE_VERSION=1)."""
-    sd = torch.load(str(ckpt), map_location="cpu", weights_only=True, mmap=True)
-    return any(k.endswith("ffn.s_emb.weight") for k in sd)
-
-
 def reference_available() -> bool:
     try:
         import importlib.util
@@ -247,6 +241,8 @@ def run_reference(
     list the way RWKV-Runner does (v5/v6 transposed, v7 as is, token shifts zero).
     Returns {"logits": [T, V] fp32, "state": list of the reference's state tensors}.
     """
+    from .evaluation.reference import is_deep_embed
+
     ckpt = str(ckpt)
     if not ckpt.endswith(".pth"):
         raise ValueError(f"the reference package only loads .pth files, got {ckpt}")

@@ -29,22 +29,19 @@ import torch
 from transformers import GenerationConfig
 
 from ..modeling import FAMILIES
+from ..modeling.rwkv_saving import remote_code_files
 from ..safe_write import atomic_file, atomic_folder, guard_output
+from ..version import __version__
 from .blinkdl import SPECS, CheckpointError, config_from_state_dict, to_blinkdl_key, to_hf_key
 from .layouts import HF_LEGACY, LAYOUTS, to_blinkdl
 from .targets import TARGETS, check_target, target_state_dict, write_target_folder
 
-MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 PROGRESS_MIN_BYTES = 256 * 2**20  # show a progress bar above this much data
 OUTPUT_LAYOUTS = ("rwkv-hf", "transformers", *TARGETS)
-
-
-def remote_code_files() -> list:
-    """Every file a model needs to run as remote code: the flat `modeling/` folder, minus the package init."""
-    return sorted(p for p in MODELING_DIR.glob("*.py") if p.name != "__init__.py")
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -408,8 +405,6 @@ def _other_tools(spec) -> str:
 
 
 def model_card(src: Source, spec, config, n_params: int, dtype: str, layout: str, out_name: str) -> str:
-    from .. import __version__
-
     rows = [
         ("version", f"RWKV-{spec.version}"),
         ("layers", config.num_hidden_layers),

@@ -30,6 +30,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import torch
 import torch.nn.functional as F
 
+from .reference import ReferenceLambada
+
 PRINT_EVERY = 100
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -226,8 +228,6 @@ def run_lambada(
     document; lines are printed in pairs as both sides pass each hundred. Returns the numbers (what
     `--json` writes).
     """
-    from .reference import ReferenceLambada
-
     docs = load_docs(data, limit)
     if not docs:
         raise ValueError("no documents to score")
@@ -251,7 +251,7 @@ def run_lambada(
                     print_fn(format_line("hf", hf.n, hf.ppl, hf.acc))
                     if ref is not None:
                         while rf.n < hf.n:
-                            rf.add(ref.next_result())
+                            rf.add(DocResult(**ref.next_result()))
                         entry["reference"] = {"ppl": rf.ppl, "acc": rf.acc}
                         print_fn(format_line("reference", rf.n, rf.ppl, rf.acc))
                     lines.append(entry)

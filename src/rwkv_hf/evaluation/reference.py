@@ -19,9 +19,7 @@ import threading
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-
-from ..testing import is_deep_embed
-from .lambada import DocResult
+import torch
 
 WORKER = Path(__file__).resolve().with_name("reference_worker.py")
 
@@ -32,6 +30,12 @@ def checkpoint_version(ckpt) -> str:
     from ..convert import detect_version, load_checkpoint
 
     return str(detect_version(load_checkpoint(ckpt)))
+
+
+def is_deep_embed(ckpt) -> bool:
+    """Whether a BlinkDL checkpoint is a DeepEmbed RWKV-7 (the reference needs RWKV_DE_VERSION=1)."""
+    sd = torch.load(str(ckpt), map_location="cpu", weights_only=True, mmap=True)
+    return any(k.endswith("ffn.s_emb.weight") for k in sd)
 
 
 def default_threads() -> int:
@@ -115,9 +119,9 @@ class ReferenceLambada(ReferenceWorker):
     def __init__(self, ckpt, docs: Sequence[Tuple[str, str]], threads: Optional[int] = None):
         super().__init__(ckpt, {"mode": "lambada", "docs": [list(d) for d in docs]}, threads)
 
-    def next_result(self) -> DocResult:
+    def next_result(self) -> dict:
         item = self.next()
-        return DocResult(logprob=item["logprob"], correct=item["correct"], argmax=item["argmax"])
+        return {key: item[key] for key in ("logprob", "correct", "argmax")}  # a DocResult's fields
 
 
 def reference_perplexity(ckpt, text_file, chunk: int, threads: Optional[int] = None) -> Tuple[float, int, float]:

@@ -8,7 +8,7 @@ from .modeling_rwkv4 import Rwkv4ForCausalLM, Rwkv4Model
 from .modeling_rwkv5 import Rwkv5ForCausalLM, Rwkv5Model
 from .modeling_rwkv6 import Rwkv6ForCausalLM, Rwkv6Model
 from .modeling_rwkv7 import Rwkv7ForCausalLM, Rwkv7Model
-from .rwkv_common import RwkvCache
+from .rwkv_cache import RwkvCache
 
 FAMILIES = {
     4: (Rwkv4Config, Rwkv4Model, Rwkv4ForCausalLM),

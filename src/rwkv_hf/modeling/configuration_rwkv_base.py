@@ -24,7 +24,7 @@ class RwkvWorldConfigBase(PretrainedConfig):
         cuda_graph_decode: on CUDA, one-token forward passes without gradients (every step of
             `generate()` after the prompt) replay a captured CUDA graph with the state in static
             buffers, instead of launching the step's few hundred small kernels one by one.
-        compile_decode: decode steps run the version's step function (`rwkv_step`) compiled with
+        compile_decode: decode steps run each block's step (`rwkv_decode`) compiled with
             torch.compile: on CUDA inside the captured graph (RWKV-7: about twice as fast as the eager
             graph), on CPU instead of the plain step function that CPU decoding uses anyway (needs a
             C++ compiler; without one, a warning and the plain step). The first step compiles for some

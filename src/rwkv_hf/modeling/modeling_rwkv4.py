@@ -7,6 +7,10 @@ Time mix, for each token (x_prev: the previous token's ln1 output):
           / (the same with v = 1)                       per channel, kept overflow-free as (aa, bb, pp)
     out = (r * wkv) O
 Channel mix: r = sigmoid(xr R);  out = r * (relu(xk K)^2 V).
+
+`time_mix` and `channel_mix` below are these equations, written once: the modules' forward, every
+decode step and the compiled/captured step call them (`rwkv_paths` says which products and which WKV
+form they use). RWKV-5 uses this channel mix too.
 """
 
 from __future__ import annotations
@@ -16,21 +20,44 @@ import torch.nn as nn
 from transformers import GenerationMixin
 
 from .configuration_rwkv4 import Rwkv4Config
-from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, mix, relu_square, rescale, token_shift
-from .rwkv_ops import wkv4
+from .rwkv_chunk import wkv4_chunk
+from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase
+from .rwkv_helpers import ModuleCalls, mix, relu_square, rescale, token_shift
+from .rwkv_ops import wkv4_recurrent
+# transformers 4.57 copies into its module cache only the siblings that a local folder's model file
+# imports itself (5.x follows every import): the ones this file needs only through others, by name
+from .rwkv7_deepembed import deep_embed_gate  # noqa: F401
+from .rwkv_cache import RwkvCache  # noqa: F401
+from .rwkv_decode import RwkvGraphDecoder  # noqa: F401
+from .rwkv_fla import HAVE_FLA  # noqa: F401
+from .rwkv_inputs import check_ids  # noqa: F401
+from .rwkv_loss import linear_cross_entropy  # noqa: F401
+from .rwkv_paths import pick_path  # noqa: F401
+from .rwkv_peft import register_lora_targets  # noqa: F401
+from .rwkv_saving import auto_map  # noqa: F401
+from .rwkv_state import RwkvStateMixin  # noqa: F401
 
-# transformers 4.57 copies into its module cache only the files that a local folder's model file imports
-# directly, so every sibling this model needs (also through rwkv_ops) is imported here by name.
-from .configuration_rwkv_base import RwkvWorldConfigBase  # noqa: F401,E402
-from .rwkv7_chunk import wkv7_chunk  # noqa: F401,E402
-from .rwkv_chunk import wkv5_chunk  # noqa: F401,E402
-from .rwkv_decode import graph_step  # noqa: F401,E402
-from .rwkv_step import model_step  # noqa: F401,E402
-from .rwkv_fla import HAVE_FLA  # noqa: F401,E402
-from .rwkv_loss import linear_cross_entropy  # noqa: F401,E402
-from .rwkv_peft import register_lora_targets  # noqa: F401,E402
-from .rwkv_state import RwkvStateMixin  # noqa: F401,E402
-from .rwkv7_deepembed import deep_embed_gate  # noqa: F401,E402
+WKV_FORMS = {"recurrent": wkv4_recurrent, "chunk": wkv4_chunk}  # (fla has no RWKV-4 kernel)
+
+
+def time_mix(p, x, shift, wkv, v_first, mask, form: str, calls=ModuleCalls, scale: float = 1.0):
+    """x [B, T, C] (ln1's output); shift [B, C] the previous real token's x; wkv the (aa, bb, pp)
+    state. `p` holds the layer's parameters (`Rwkv4TimeMix`). Returns (out, shift, wkv, v_first)."""
+    prev, shift = token_shift(x, shift, mask)
+    r = torch.sigmoid(calls.linear(p.receptance, mix(x, prev, p.time_mix_r)))
+    k = calls.linear(p.key, mix(x, prev, p.time_mix_k)).float()
+    v = calls.linear(p.value, mix(x, prev, p.time_mix_v)).float()
+    log_w = -torch.exp(p.time_decay.float())
+    y, wkv = WKV_FORMS[form](log_w, p.time_first.float(), k, v, wkv, mask)
+    return calls.linear(p.output, rescale(r * y.to(x.dtype), scale)), shift, wkv, v_first
+
+
+def channel_mix(p, x, shift, mask, calls=ModuleCalls, scale: float = 1.0, deep=None):
+    """The channel mix of v4 and v5. x [B, T, C] (ln2's output); shift [B, C]. Returns (out, shift)."""
+    prev, shift = token_shift(x, shift, mask)
+    r = torch.sigmoid(calls.linear(p.receptance, mix(x, prev, p.time_mix_r)))
+    k = relu_square(calls.linear(p.key, mix(x, prev, p.time_mix_k)))
+    return r * calls.linear(p.value, rescale(k, scale)), shift
 
 
 class Rwkv4TimeMix(nn.Module):
@@ -59,14 +86,8 @@ class Rwkv4TimeMix(nn.Module):
         zeros = torch.zeros(batch_size, self.attention_size, device=device, dtype=torch.float32)
         return (zeros, zeros.clone(), torch.full_like(zeros, -1e30))  # aa, bb, pp
 
-    def forward(self, x, shift, wkv, mask, v_first, mode, scale=1.0):
-        prev, shift = token_shift(x, shift, mask)
-        r = torch.sigmoid(self.receptance(mix(x, prev, self.time_mix_r)))
-        k = self.key(mix(x, prev, self.time_mix_k)).float()
-        v = self.value(mix(x, prev, self.time_mix_v)).float()
-        log_w = -torch.exp(self.time_decay.float())
-        y, wkv = wkv4(log_w, self.time_first.float(), k, v, wkv, mask, mode)
-        return self.output(rescale(r * y.to(x.dtype), scale)), shift, wkv, v_first
+    def forward(self, x, shift, wkv, mask, v_first, form, scale=1.0, calls=ModuleCalls):
+        return time_mix(self, x, shift, wkv, v_first, mask, form, calls, scale)
 
 
 class Rwkv4ChannelMix(nn.Module):
@@ -86,11 +107,8 @@ class Rwkv4ChannelMix(nn.Module):
             self.time_mix_k.fill_(0.5)
             self.time_mix_r.fill_(0.5)
 
-    def forward(self, x, shift, mask, scale=1.0):
-        prev, shift = token_shift(x, shift, mask)
-        r = torch.sigmoid(self.receptance(mix(x, prev, self.time_mix_r)))
-        k = relu_square(self.key(mix(x, prev, self.time_mix_k)))
-        return r * self.value(rescale(k, scale)), shift
+    def forward(self, x, shift, mask, scale=1.0, deep=None, calls=ModuleCalls):
+        return channel_mix(self, x, shift, mask, calls, scale)
 
 
 class Rwkv4Model(RwkvModelBase):

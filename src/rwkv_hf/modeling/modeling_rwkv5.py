@@ -7,34 +7,62 @@ Time mix, for each token (x_prev: the previous token's ln1 output), per head of 
     u = exp(time_first) (5.0, 5.1) or time_faaaa (5.2)
     y = r (S + diag(u) k^T v);  S = diag(w) S + k^T v         (S is [key, value])
     out = (GroupNorm_H(y) [* g]) O
-Channel mix: as RWKV-4.
+Channel mix: as RWKV-4 (`modeling_rwkv4.channel_mix`).
+
+`time_mix` below is these equations, written once: the modules' forward, every decode step and the
+compiled/captured step call it (`rwkv_paths` says which products and which WKV form it uses).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from transformers import GenerationMixin
 import torch.nn.functional as F
+from transformers import GenerationMixin
 
 from .configuration_rwkv5 import Rwkv5Config
 from .modeling_rwkv4 import Rwkv4ChannelMix
-from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase, group_norm_fp32, mix, rescale, token_shift
-from .rwkv_ops import wkv5
+from .rwkv_chunk import wkv5_chunk
+from .rwkv_common import FP32_PARAMS, RwkvForCausalLMBase, RwkvModelBase
+from .rwkv_fla import wkv5_fla
+from .rwkv_helpers import ModuleCalls, group_norm_fp32, mix, rescale, token_shift
+from .rwkv_ops import wkv5_recurrent
+# transformers 4.57 copies into its module cache only the siblings that a local folder's model file
+# imports itself (5.x follows every import): the ones this file needs only through others, by name
+from .configuration_rwkv4 import Rwkv4Config  # noqa: F401
+from .rwkv7_deepembed import deep_embed_gate  # noqa: F401
+from .rwkv_cache import RwkvCache  # noqa: F401
+from .rwkv_decode import RwkvGraphDecoder  # noqa: F401
+from .rwkv_inputs import check_ids  # noqa: F401
+from .rwkv_loss import linear_cross_entropy  # noqa: F401
+from .rwkv_paths import pick_path  # noqa: F401
+from .rwkv_peft import register_lora_targets  # noqa: F401
+from .rwkv_saving import auto_map  # noqa: F401
+from .rwkv_state import RwkvStateMixin  # noqa: F401
 
-# transformers 4.57 copies into its module cache only the files that a local folder's model file imports
-# directly, so every sibling this model needs (also through rwkv_ops) is imported here by name.
-from .configuration_rwkv_base import RwkvWorldConfigBase  # noqa: F401,E402
-from .rwkv7_chunk import wkv7_chunk  # noqa: F401,E402
-from .rwkv_chunk import wkv5_chunk  # noqa: F401,E402
-from .rwkv_decode import graph_step  # noqa: F401,E402
-from .rwkv_step import model_step  # noqa: F401,E402
-from .rwkv_fla import HAVE_FLA  # noqa: F401,E402
-from .rwkv_loss import linear_cross_entropy  # noqa: F401,E402
-from .rwkv_peft import register_lora_targets  # noqa: F401,E402
-from .rwkv_state import RwkvStateMixin  # noqa: F401,E402
-from .rwkv7_deepembed import deep_embed_gate  # noqa: F401,E402
-from .configuration_rwkv4 import Rwkv4Config  # noqa: F401,E402
+WKV_FORMS = {"recurrent": wkv5_recurrent, "chunk": wkv5_chunk, "fla": wkv5_fla}
+
+
+def time_mix(p, x, shift, S, v_first, mask, form: str, calls=ModuleCalls, scale: float = 1.0):
+    """x [B, T, C] (ln1's output); shift [B, C] the previous real token's x; S [B, H, N, N] the WKV
+    state. `p` holds the layer's parameters (`Rwkv5TimeMix`). Returns (out, shift, S, v_first)."""
+    B, T, C = x.shape
+    H, N = p.n_head, p.head_size
+    prev, shift = token_shift(x, shift, mask)
+    r = calls.linear(p.receptance, mix(x, prev, p.time_mix_r))
+    k = calls.linear(p.key, mix(x, prev, p.time_mix_k))
+    v = calls.linear(p.value, mix(x, prev, p.time_mix_v))
+    log_w = -torch.exp(p.time_decay.float())
+    if p.version == "5.2":  # per channel; u = time_faaaa
+        u = p.time_faaaa.float()
+    else:  # one decay per head; u = exp(time_first)
+        log_w, u = log_w.view(H, 1), torch.exp(p.time_first.float()).view(H, 1).expand(H, N)
+    heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+    y, S = WKV_FORMS[form](heads(r), heads(k), heads(v), log_w, u, S, mask)
+    y = group_norm_fp32(p.ln_x, y.reshape(B, T, C)).to(x.dtype)
+    if p.gated:  # 5.1, 5.2
+        y = y * F.silu(calls.linear(p.gate, mix(x, prev, p.time_mix_g)))
+    return calls.linear(p.output, rescale(y, scale)), shift, S, v_first
 
 
 class Rwkv5TimeMix(nn.Module):
@@ -44,7 +72,7 @@ class Rwkv5TimeMix(nn.Module):
         H = C // N
         self.n_head, self.head_size = H, N
         self.version = config.rwkv_version
-        self.gated = self.version in ("5.1", "5.2")
+        self.gated = self.version in ("5.1", "5.2")  # 5.0 has no gate
         self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
         self.time_mix_v = nn.Parameter(torch.empty(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
@@ -74,29 +102,8 @@ class Rwkv5TimeMix(nn.Module):
     def zero_wkv(self, batch_size: int, device):
         return torch.zeros(batch_size, self.n_head, self.head_size, self.head_size, device=device, dtype=torch.float32)
 
-    def decay_and_bonus(self):
-        """log w and u, both broadcastable to [H, N]."""
-        H = self.n_head
-        log_w = -torch.exp(self.time_decay.float())
-        if self.version == "5.2":
-            return log_w, self.time_faaaa.float()
-        u = torch.exp(self.time_first.float()).view(H, 1).expand(H, self.head_size)
-        return log_w.view(H, 1), u
-
-    def forward(self, x, shift, wkv, mask, v_first, mode, scale=1.0):
-        B, T, C = x.shape
-        H, N = self.n_head, self.head_size
-        prev, shift = token_shift(x, shift, mask)
-        r = self.receptance(mix(x, prev, self.time_mix_r))
-        k = self.key(mix(x, prev, self.time_mix_k))
-        v = self.value(mix(x, prev, self.time_mix_v))
-        log_w, u = self.decay_and_bonus()
-        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
-        y, wkv = wkv5(heads(r), heads(k), heads(v), log_w, u, wkv, mask, mode)
-        y = group_norm_fp32(self.ln_x, y.reshape(B * T, C)).view(B, T, C).to(x.dtype)
-        if self.gated:
-            y = y * F.silu(self.gate(mix(x, prev, self.time_mix_g)))
-        return self.output(rescale(y, scale)), shift, wkv, v_first
+    def forward(self, x, shift, wkv, mask, v_first, form, scale=1.0, calls=ModuleCalls):
+        return time_mix(self, x, shift, wkv, v_first, mask, form, calls, scale)
 
 
 class Rwkv5Model(RwkvModelBase):

@@ -3,7 +3,7 @@
 Time mix, for each token, with xx = x_prev - x:
     xr, xw, xk, xv, xa, xg = x + xx * (x_r, x_w, x_k, x_v, x_a, x_g)
     r = xr R;  k = xk K;  v = xv V
-    w = exp(-0.606531 * sigmoid(w0 + tanh(xw w1) w2))        decay, in (0.545, 1)
+    w = exp(-0.606531 * sigmoid(w0 + tanh(xw w1) w2))        decay, in (0.545, 1) (see DECAY_SCALE)
     a = sigmoid(a0 + (xa a1) a2)                             in-context learning rate
     g = sigmoid(xg g1) g2                                    output gate
     kk = normalize_per_head(k * k_k);  k = k * (1 + (a - 1) * k_a)
@@ -13,32 +13,86 @@ Time mix, for each token, with xx = x_prev - x:
     out = (y * g) O
 Channel mix: k = x + xx * x_k;  out = relu(k K)^2 V   (DeepEmbed checkpoints gate relu(k K)^2 with a
 per-token embedding: rwkv7_deepembed).
+
+`time_mix` and `channel_mix` below are these equations, written once: the modules' forward, every
+decode step and the compiled/captured step call them (`rwkv_paths` says which products and which WKV
+form they use).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from transformers import GenerationMixin
 import torch.nn.functional as F
+from transformers import GenerationMixin
 
 from .configuration_rwkv7 import Rwkv7Config
-from .rwkv_common import DECAY_SCALE, RwkvForCausalLMBase, RwkvModelBase, relu_square, rescale, token_shift
+from .rwkv7_chunk import wkv7_chunk
 from .rwkv7_deepembed import add_deep_embed_params, deep_embed_gate, init_deep_embed_params
-from .rwkv_ops import wkv7
+from .rwkv_common import RwkvForCausalLMBase, RwkvModelBase
+from .rwkv_fla import wkv7_fla
+from .rwkv_helpers import DECAY_SCALE, ModuleCalls, relu_square, rescale, token_shift
+from .rwkv_ops import wkv7_recurrent
+# transformers 4.57 copies into its module cache only the siblings that a local folder's model file
+# imports itself (5.x follows every import): the ones this file needs only through others, by name
+from .rwkv_cache import RwkvCache  # noqa: F401
+from .rwkv_decode import RwkvGraphDecoder  # noqa: F401
+from .rwkv_inputs import check_ids  # noqa: F401
+from .rwkv_loss import linear_cross_entropy  # noqa: F401
+from .rwkv_paths import pick_path  # noqa: F401
+from .rwkv_peft import register_lora_targets  # noqa: F401
+from .rwkv_saving import auto_map  # noqa: F401
+from .rwkv_state import RwkvStateMixin  # noqa: F401
 
-# transformers 4.57 copies into its module cache only the files that a local folder's model file imports
-# directly, so every sibling this model needs (also through rwkv_ops) is imported here by name.
-from .configuration_rwkv_base import RwkvWorldConfigBase  # noqa: F401,E402
-from .rwkv7_chunk import wkv7_chunk  # noqa: F401,E402
-from .rwkv_chunk import wkv5_chunk  # noqa: F401,E402
-from .rwkv_decode import graph_step  # noqa: F401,E402
-from .rwkv_step import model_step  # noqa: F401,E402
-from .rwkv_fla import HAVE_FLA  # noqa: F401,E402
-from .rwkv_loss import linear_cross_entropy  # noqa: F401,E402
-from .rwkv_peft import register_lora_targets  # noqa: F401,E402
-from .rwkv_state import RwkvStateMixin  # noqa: F401,E402
+WKV_FORMS = {"recurrent": wkv7_recurrent, "chunk": wkv7_chunk, "fla": wkv7_fla}
 
+
+def time_mix(p, x, shift, S, v_first, mask, form: str, calls=ModuleCalls, scale: float = 1.0):
+    """x [B, T, C] (ln1's output); shift [B, C] the previous real token's x; S [B, H, N, N] the WKV
+    state; v_first: layer 0's v (None in layer 0, which makes it). `p` holds the layer's parameters
+    (`Rwkv7TimeMix`). Returns (out, shift, S, v_first), the state new."""
+    B, T, C = x.shape
+    H, N = p.r_k.shape
+    prev, shift = token_shift(x, shift, mask)
+    xx = prev - x
+    # x + xx * x_r, ...: addcmul makes one pass over memory instead of two
+    xr, xw, xk = torch.addcmul(x, xx, p.x_r), torch.addcmul(x, xx, p.x_w), torch.addcmul(x, xx, p.x_k)
+    xv, xa, xg = torch.addcmul(x, xx, p.x_v), torch.addcmul(x, xx, p.x_a), torch.addcmul(x, xx, p.x_g)
+
+    # (each mix is dropped once used: with long inputs these [B, T, C] temporaries set the peak memory)
+    r = calls.linear(p.receptance, xr)
+    w = calls.lora(torch.tanh(calls.lora(xw, p.w1)), p.w2)
+    k = calls.linear(p.key, xk)
+    v = calls.linear(p.value, xv)
+    a = torch.sigmoid(p.a0 + calls.lora(calls.lora(xa, p.a1), p.a2))
+    g = calls.lora(torch.sigmoid(calls.lora(xg, p.g1)), p.g2)
+    del xr, xw, xk, xa, xg, xx, prev
+
+    kk = F.normalize((k * p.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
+    k = k * (1 + (a - 1) * p.k_a)
+    if v_first is None:  # layer 0
+        v_first = v
+    else:
+        v = v + (v_first - v) * torch.sigmoid(p.v0 + calls.lora(calls.lora(xv, p.v1), p.v2))
+    del xv
+    log_w = -DECAY_SCALE * torch.sigmoid((p.w0 + w).float())
+    del w
+
+    heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+    y, S = WKV_FORMS[form](heads(r), heads(log_w), heads(k), heads(v), heads(-kk), heads(kk * a), S, mask)
+    y = calls.norm(p.ln_x, y.to(x.dtype).reshape(B * T, C)).view(B, T, C)
+    y = y + ((heads(r) * heads(k) * p.r_k).sum(dim=-1, keepdim=True) * heads(v)).view(B, T, C)
+    return calls.linear(p.output, rescale(y * g, scale)), shift, S, v_first
+
+
+def channel_mix(p, x, shift, mask, calls=ModuleCalls, scale: float = 1.0, deep=None):
+    """x [B, T, C] (ln2's output); shift [B, C]. `p`: `Rwkv7ChannelMix`. Returns (out, shift)."""
+    prev, shift = token_shift(x, shift, mask)
+    k = torch.addcmul(x, prev - x, p.x_k)  # x + (x_prev - x) * x_k
+    k = relu_square(calls.linear(p.key, k))
+    if deep is not None:  # DeepEmbed: k * ((x s1) e s2 + s0), see rwkv7_deepembed
+        k = k * deep_embed_gate(p, x, deep)
+    return calls.linear(p.value, rescale(k, scale)), shift
 
 
 class Rwkv7TimeMix(nn.Module):
@@ -87,38 +141,8 @@ class Rwkv7TimeMix(nn.Module):
     def zero_wkv(self, batch_size: int, device) -> torch.Tensor:
         return torch.zeros(batch_size, self.n_head, self.head_size, self.head_size, device=device, dtype=torch.float32)
 
-    def forward(self, x, shift, wkv, mask, v_first, mode, scale=1.0):
-        B, T, C = x.shape
-        H, N = self.n_head, self.head_size
-        prev, shift = token_shift(x, shift, mask)
-        xx = prev - x
-        # x + xx * x_r, ...: addcmul makes one pass over memory instead of two
-        xr, xw, xk, xv, xa, xg = (torch.addcmul(x, xx, m) for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
-
-        # (each mix is dropped once used: with long inputs these [B, T, C] temporaries set the peak memory)
-        r = self.receptance(xr)
-        w = torch.tanh(xw @ self.w1) @ self.w2
-        k = self.key(xk)
-        v = self.value(xv)
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
-        del xr, xw, xk, xa, xg, xx, prev
-
-        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
-        k = k * (1 + (a - 1) * self.k_a)
-        if self.layer_id == 0:
-            v_first = v
-        else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
-        del xv
-        log_w = -DECAY_SCALE * torch.sigmoid((self.w0 + w).float())
-        del w
-
-        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
-        y, wkv = wkv7(heads(r), heads(log_w), heads(k), heads(v), heads(-kk), heads(kk * a), wkv, mask, mode)
-        y = self.ln_x(y.to(x.dtype).reshape(B * T, C)).view(B, T, C)
-        y = y + ((heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)).view(B, T, C)
-        return self.output(rescale(y * g, scale)), shift, wkv, v_first
+    def forward(self, x, shift, wkv, mask, v_first, form, scale=1.0, calls=ModuleCalls):
+        return time_mix(self, x, shift, wkv, v_first, mask, form, calls, scale)
 
 
 class Rwkv7ChannelMix(nn.Module):
@@ -135,13 +159,8 @@ class Rwkv7ChannelMix(nn.Module):
             self.x_k.fill_(0.5)
         init_deep_embed_params(self)
 
-    def forward(self, x, shift, mask, scale=1.0, deep=None):
-        prev, shift = token_shift(x, shift, mask)
-        k = torch.addcmul(x, prev - x, self.x_k)  # x + (x_prev - x) * x_k
-        k = relu_square(self.key(k))
-        if deep is not None:  # DeepEmbed: k * ((x s1) e s2 + s0), see rwkv7_deepembed
-            k = k * deep_embed_gate(self, x, deep)
-        return self.value(rescale(k, scale)), shift
+    def forward(self, x, shift, mask, scale=1.0, deep=None, calls=ModuleCalls):
+        return channel_mix(self, x, shift, mask, calls, scale, deep)
 
 
 class Rwkv7Model(RwkvModelBase):

@@ -1,129 +1,35 @@
-"""What every RWKV version shares: the recurrent state as a transformers `Cache`, padding masks, the
-block skeleton, the model body and the causal-LM head with generation support.
-
-Each `modeling_rwkvN.py` only writes its time-mix and channel-mix (the equations of that version) and
-plugs them into the classes here.
+"""What every RWKV version shares: the block skeleton, the model body and the causal-LM head with
+generation support. Each `modeling_rwkvN.py` writes its time mix and channel mix (the equations of that
+version) and plugs them into the classes here; `rwkv_paths` decides how a forward pass runs them.
 """
 
 from __future__ import annotations
 
-import shutil
-import sys
-import weakref
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .rwkv_peft import register_lora_targets
 from .rwkv7_deepembed import deep_embed_inputs
+from .rwkv_cache import CACHE_FIELD, RwkvCache, map_tensors, zip_tensors
+from .rwkv_decode import step_logits
+from .rwkv_helpers import ModuleCalls, exporting, layer_norm_fp32
+from .rwkv_inputs import check_ids, document_starts, normalize_mask
 from .rwkv_loss import linear_cross_entropy, shifted_targets
+from .rwkv_paths import Path as RunPath
+from .rwkv_paths import global_hooks, pick_path
+from .rwkv_peft import register_lora_targets
+from .rwkv_saving import auto_map, write_self_contained
 from .rwkv_state import RwkvStateMixin, initial_wkv
-from .rwkv_ops import exporting
 
 Tensor = torch.Tensor
 register_lora_targets()  # LoraConfig() without target_modules works for our model types
-
-
-# -------------------------------------------------------------------------------------------- state
-def _map_tensors(fn: Callable[[Tensor], Tensor], obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return fn(obj)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_map_tensors(fn, o) for o in obj)
-    return obj
-
-
-def _zip_tensors(fn: Callable[[Tensor, Tensor], Tensor], a: Any, b: Any) -> Any:
-    """fn over the tensors of two states of the same structure."""
-    if isinstance(a, Tensor):
-        return fn(a, b)
-    return type(a)(_zip_tensors(fn, x, y) for x, y in zip(a, b))
-
-
-class RwkvCache(Cache):
-    """The recurrent state of an RWKV model, as a transformers `Cache`.
-
-    `layers_state[i]` is the state of layer i: `(att_shift [B, C], wkv, ffn_shift [B, C])`, where wkv is
-    the fp32 matrix state `[B, H, N, N]` (v5-v7) or the `(aa, bb, pp)` triple `[B, C]` each (v4).
-    `seen_tokens` counts the columns consumed so far (padding included), which is what `generate()`
-    needs to know which input ids are new. A state cannot be cropped: it holds no per-token history.
-    While CUDA-graph decoding (see rwkv_decode) the state tensors are the graph's buffers and change in
-    place from step to step: take snapshots with `clone()`, not by keeping references to them.
-    """
-
-    is_compileable = False
-    is_croppable = False
-
-    def __init__(self, num_layers: int):
-        super().__init__(layers=[])
-        self.num_layers = num_layers
-        self.layers_state: List[Optional[tuple]] = [None] * num_layers
-        self.seen_tokens = 0
-
-    def __repr__(self):
-        return f"RwkvCache(num_layers={self.num_layers}, seen_tokens={self.seen_tokens})"
-
-    def __len__(self):
-        return self.num_layers
-
-    @property
-    def is_linear(self) -> List[bool]:
-        return [True] * self.num_layers
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen_tokens
-
-    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return -1
-
-    def get_max_length(self) -> int:
-        return -1
-
-    @property
-    def batch_size(self) -> Optional[int]:
-        for s in self.layers_state:
-            if s is not None:
-                return s[0].shape[0]
-        return None
-
-    def _apply(self, fn: Callable[[Tensor], Tensor]) -> None:
-        self.layers_state = [_map_tensors(fn, s) for s in self.layers_state]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: row b of the new state is row beam_idx[b] of the old one."""
-        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self._apply(lambda t: t[indices])
-
-    def crop(self, max_length: int) -> None:
-        raise ValueError("an RWKV state holds no per-token history and cannot be cropped")
-
-    def reset(self) -> None:
-        self.layers_state = [None] * self.num_layers
-        self.seen_tokens = 0
-
-    def to(self, *args, **kwargs) -> "RwkvCache":
-        self._apply(lambda t: t.to(*args, **kwargs))
-        return self
-
-    def clone(self) -> "RwkvCache":
-        """An independent copy, e.g. to branch a conversation from a shared prompt state."""
-        new = RwkvCache(self.num_layers)
-        new.layers_state = [_map_tensors(lambda t: t.clone(), s) for s in self.layers_state]
-        new.seen_tokens = self.seen_tokens
-        return new
 
 
 # v4-v6: the reference keeps the decay, the bonus and ln_x in fp32 whatever the model's dtype; loading
@@ -136,111 +42,6 @@ TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 def _is_fp32_param(name: str, fp32_names) -> bool:
     return any(part in fp32_names for part in name.split("."))
-
-
-# -------------------------------------------------------------------------------------------- masks
-def token_shift(x: Tensor, prev: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """The token shift: for each position, the vector of the previous *real* token.
-
-    x [B, T, C]; prev [B, C] is the last real token before this chunk (from the state).
-    Returns (shifted [B, T, C], the new prev [B, C]). Masked positions are skipped: the shift
-    carries the last real token's vector across them, so they change nothing.
-    """
-    if mask is None:
-        if x.shape[1] == 1:  # decoding: the previous token is the state's vector
-            return prev.unsqueeze(1), x[:, 0]
-        return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1), x[:, -1]
-    B, T, C = x.shape
-    pos = torch.arange(1, T + 1, device=x.device).expand(B, T)
-    if exporting():  # ONNX has no cummax: the position of the n-th real token, n = real tokens up to t
-        real = mask.long()
-        n = real.cumsum(1)
-        nth = torch.zeros(B, T + 1, dtype=pos.dtype, device=x.device).scatter(1, n * real, pos * real)
-        last_incl, last_excl = torch.gather(nth, 1, n), torch.gather(nth, 1, n - real)
-    else:
-        last_incl = torch.cummax(torch.where(mask, pos, torch.zeros_like(pos)), dim=1).values  # 0 = from state
-        last_excl = F.pad(last_incl[:, :-1], (1, 0))
-    ext = torch.cat([prev.unsqueeze(1), x], dim=1)  # index 0 is the state's vector
-    shifted = torch.gather(ext, 1, last_excl.unsqueeze(-1).expand(B, T, C))
-    new_prev = torch.gather(ext, 1, last_incl[:, -1:].unsqueeze(-1).expand(B, 1, C)).squeeze(1)
-    return shifted, new_prev
-
-
-def group_norm_fp32(norm: nn.GroupNorm, y: Tensor) -> Tensor:
-    """v5/v6 `ln_x`: the reference keeps its parameters and the WKV output in fp32 for the GroupNorm."""
-    return F.group_norm(y.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps)
-
-
-def rescale(x: Tensor, scale: float) -> Tensor:
-    """x * scale, skipped when the scale is 1 (always, except v4-v6 in fp16)."""
-    return x if scale == 1.0 else x * scale
-
-
-def mix(x: Tensor, prev: Tensor, coeff: Tensor) -> Tensor:
-    """The v4/v5 token-shift interpolation: x * coeff + x_prev * (1 - coeff)."""
-    return torch.addcmul(x * coeff, prev, 1 - coeff)
-
-
-# RWKV-7: log w = -0.606531 * sigmoid(.) keeps every decay in (exp(-0.607), 1) (0.606531 ~ exp(-0.5))
-DECAY_SCALE = 0.606531
-
-
-def relu_square(x: Tensor) -> Tensor:
-    """relu(x)^2 of the channel mixes (relu in place on a fresh matmul output; square is x * x, faster than pow)."""
-    return torch.square(torch.relu_(x))
-
-
-def check_ids(input_ids: Tensor, vocab_size: int) -> None:
-    """A clear error for ids outside the vocabulary (else: an index error deep inside the embedding).
-    Not in an exported graph, which cannot raise."""
-    if not exporting() and input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
-        raise ValueError(
-            f"input_ids must be in [0, {vocab_size}); got values in [{int(input_ids.min())}, {int(input_ids.max())}]"
-        )
-
-
-def normalize_mask(attention_mask: Optional[Tensor], shape: Tuple[int, int], device) -> Optional[Tensor]:
-    """A [B, T] bool mask, or None when every position is real (the fast path)."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(shape):
-        raise ValueError(
-            f"attention_mask must be [batch, seq_len] = {list(shape)} with 1 for real tokens and 0 for padding; "
-            f"got shape {list(attention_mask.shape)}"
-        )
-    mask = attention_mask.to(device=device, dtype=torch.bool)
-    return None if not exporting() and bool(mask.all()) else mask  # (an exported graph keeps the mask)
-
-
-def document_starts(
-    position_ids: Optional[Tensor], cu_seq_lens: Optional[Tensor], shape: Tuple[int, int], mask: Optional[Tensor]
-) -> Optional[Tensor]:
-    """Packed sequences (transformers' `DataCollatorWithFlattening`): a [B, T] bool tensor, True where a
-    new document begins inside a row, or None when no row holds more than one.
-
-    A document begins where `position_ids` restart at 0, or at the offsets of `cu_seq_lens` (the
-    flash-attention form, one flattened row), after a real token of its row (so left padding, where the
-    first real token has position 0, starts nothing). There the state starts afresh: each document's
-    outputs are those of the document run alone; a row's first document continues from the row's state.
-    """
-    B, T = shape
-    if cu_seq_lens is not None:
-        if B != 1:
-            raise ValueError(f"cu_seq_lens describes one flattened row; the input has {B} rows")
-        offsets = cu_seq_lens.to(dtype=torch.long)
-        if offsets.dim() != 1 or int(offsets[0]) != 0 or int(offsets[-1]) != T or bool((offsets[1:] < offsets[:-1]).any()):
-            raise ValueError(f"cu_seq_lens must rise from 0 to the sequence length {T}; got {offsets.tolist()}")
-        starts = torch.zeros(1, T, dtype=torch.bool, device=offsets.device)
-        starts[0, offsets[(offsets > 0) & (offsets < T)]] = True
-        return starts if bool(starts.any()) else None
-    if position_ids is None or T < 2:
-        return None
-    if tuple(position_ids.shape[-2:]) != (B, T) and tuple(position_ids.shape) != (T,):
-        raise ValueError(f"position_ids must be [batch, seq_len] = {[B, T]}; got shape {list(position_ids.shape)}")
-    starts = position_ids.expand(B, T) == 0
-    real = torch.ones(B, T, dtype=torch.bool, device=starts.device) if mask is None else mask.to(starts.device)
-    starts = starts & (F.pad(real.long().cumsum(1)[:, :-1], (1, 0)) > 0)  # a real token before it
-    return starts if bool(starts.any()) else None
 
 
 # -------------------------------------------------------------------------------------------- block
@@ -270,22 +71,29 @@ class RwkvBlock(GradientCheckpointingLayer):
         return (shift, self.att.zero_wkv(batch_size, device) if wkv is None else wkv, shift.clone())
 
     def norm_embedding(self, x: Tensor) -> Tensor:
-        """Block 0's ln0 of the embedding: the reference normalises it in fp32 before casting it."""
-        ln0 = self.ln0
-        return F.layer_norm(x.float(), ln0.normalized_shape, ln0.weight.float(), ln0.bias.float(), ln0.eps).to(x.dtype)
+        """Block 0's ln0 of the embedding (in fp32, as the reference)."""
+        return layer_norm_fp32(self.ln0, x)
 
-    def forward(self, x: Tensor, state: tuple, mask: Optional[Tensor], v_first: Optional[Tensor], mode: Optional[str], deep=None):
+    def forward(self, x: Tensor, state: tuple, mask: Optional[Tensor], v_first: Optional[Tensor], form: str, deep=None,
+                calls=ModuleCalls):
+        """x [B, T, C] from the state (att_shift, wkv, ffn_shift); returns (x, the new state, v_first).
+        `form`: the WKV form; `calls`: how products run (`rwkv_helpers`: through the modules, or
+        directly on their weights for a decode step, which then calls the mixes' functions without
+        `nn.Module.__call__`)."""
         if self.layer_id == 0:
             x = self.norm_embedding(x)
         rescale = self.rescale_every > 0 and x.dtype == torch.float16
         scale = 0.5 ** (self.layer_id // self.rescale_every) if rescale else 1.0
+        through_modules = calls is ModuleCalls
+        att, ffn = (self.att, self.ffn) if through_modules else (self.att.forward, self.ffn.forward)
         att_shift, wkv, ffn_shift = state
-        out, att_shift, wkv, v_first = self.att(self.ln1(x), att_shift, wkv, mask, v_first, mode, scale)
+        out, att_shift, wkv, v_first = att(calls.norm(self.ln1, x), att_shift, wkv, mask, v_first, form, scale, calls)
         x = x + out
-        if deep is None:
-            out, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask, scale)
-        else:  # DeepEmbed RWKV-7 (rwkv7_deepembed)
-            out, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask, scale, deep)
+        h = calls.norm(self.ln2, x)
+        if deep is None and through_modules:
+            out, ffn_shift = ffn(h, ffn_shift, mask, scale)
+        else:  # (DeepEmbed RWKV-7: rwkv7_deepembed)
+            out, ffn_shift = ffn(h, ffn_shift, mask, scale, deep, calls)
         x = x + out
         if rescale and (self.layer_id + 1) % self.rescale_every == 0:
             x = x / 2
@@ -293,11 +101,6 @@ class RwkvBlock(GradientCheckpointingLayer):
 
 
 # -------------------------------------------------------------------------------------------- model
-# transformers 5 renamed `past_key_values` to `cache` (in outputs, generate() and forward kwargs);
-# 4.57 still uses the old name. We accept both on input and fill whichever the installed line reads.
-CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
 def loading_problems(info: dict) -> List[str]:
     """transformers' loading report (`output_loading_info`, 4.57 and 5.x) as short phrases naming the
     weights; empty when every weight was found and fitted."""
@@ -366,77 +169,13 @@ class RwkvPreTrainedModel(PreTrainedModel):
         classes, the model code files it names (this flat folder), the World tokenizer files unless the
         folder already has a tokenizer (`tokenizer.save_pretrained` writes its own, and wins), and a
         model card unless there is one."""
-        self.config.auto_map = _auto_map(self)
+        self.config.auto_map = auto_map(self)
         super().save_pretrained(save_directory, *args, **kwargs)
         if args[0] if args else kwargs.get("is_main_process", True):
-            _write_self_contained(self, Path(save_directory))
+            write_self_contained(self, Path(save_directory))
         if push_to_hub:  # transformers' own push would run before the files above exist
             hub = {k: kwargs[k] for k in ("commit_message", "private", "token", "create_pr", "revision") if k in kwargs}
             self.push_to_hub(kwargs.get("repo_id", Path(save_directory).name), **hub)
-
-
-# ------------------------------------------------------------------------------------------- saving
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "rwkv_vocab_v20230424.txt",
-                    "tokenization_rwkv_world.py", "tokenization_rwkv_world_fast.py", "tokenizer_json_rwkv_world.py")
-
-
-def _auto_map(model) -> dict:
-    """`auto_map` for this model's version: its config, base model and causal-LM classes."""
-    cls = next(c for c in type(model).__mro__ if c.__module__.rsplit(".", 1)[-1].startswith("modeling_rwkv"))
-    if getattr(cls, "model_cls", None):
-        lm_cls = cls
-    else:
-        lm_cls = next(c for c in vars(sys.modules[cls.__module__]).values() if getattr(c, "model_cls", None) is cls)
-
-    def name(c: type) -> str:
-        return f"{c.__module__.rsplit('.', 1)[-1]}.{c.__name__}"
-
-    return {"AutoConfig": name(type(model.config)), "AutoModel": name(lm_cls.model_cls), "AutoModelForCausalLM": name(lm_cls)}
-
-
-def _write_self_contained(model, out: Path) -> None:
-    here = Path(__file__).resolve().parent
-    for f in here.glob("*.py"):  # the model code is this flat folder (as remote code: the files copied with it)
-        if f.name != "__init__.py" and f.resolve() != (out / f.name).resolve():
-            shutil.copyfile(f, out / f.name)
-    if not (out / "tokenizer_config.json").exists():
-        try:  # rwkv-hf installed: its tokenizer files
-            from rwkv_hf.tokenization import save_tokenizer_files
-
-            save_tokenizer_files(out)
-        except ImportError:  # running as remote code: the tokenizer of the folder the model came from, if local
-            src = Path(str(model.name_or_path))
-            if (src / "tokenizer_config.json").is_file() and src.resolve() != out.resolve():
-                for name in _TOKENIZER_FILES:
-                    if (src / name).is_file():
-                        shutil.copyfile(src / name, out / name)
-    if not (out / "README.md").exists():
-        (out / "README.md").write_text(_model_card(model, out.name), encoding="utf-8")
-
-
-def _model_card(model, name: str) -> str:
-    version = getattr(model.config, "rwkv_version", model.config.model_type.replace("rwkv", "").replace("_world", ""))
-    return f"""---
-library_name: transformers
-pipeline_tag: text-generation
-tags:
-- rwkv
----
-
-# {name}
-
-An RWKV-{version} World model ({model.config.num_hidden_layers} layers, width {model.config.hidden_size}), saved with
-`save_pretrained`. The model code is in this folder:
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)
-```
-
-With rwkv-hf installed, `import rwkv_hf` first and leave out `trust_remote_code`.
-"""
 
 
 class RwkvModelBase(RwkvPreTrainedModel):
@@ -501,7 +240,7 @@ class RwkvModelBase(RwkvPreTrainedModel):
             raise ValueError(f"the cache holds a batch of {cache.batch_size} but the input has {B} rows")
         device = (input_ids if input_ids is not None else inputs_embeds).device
         mask = normalize_mask(attention_mask, (B, T), device)
-        mode = wkv_mode or self.config.wkv_mode
+        form = pick_path(self, device, T, wkv_mode).wkv
 
         def embed(part: slice) -> Tensor:
             return self.emb(input_ids[:, part]) if input_ids is not None else inputs_embeds[:, part]
@@ -514,7 +253,7 @@ class RwkvModelBase(RwkvPreTrainedModel):
         segment = getattr(self.config, "prefill_segment", 0) or T
         starts = None if exporting() else document_starts(position_ids, cu_seq_lens_q, (B, T), mask)
         if starts is not None:
-            x = self._packed(embed(slice(None)), mask, starts.to(device), cache, mode, all_hidden, ids(slice(None)))
+            x = self._packed(embed(slice(None)), mask, starts.to(device), cache, form, all_hidden, ids(slice(None)))
         elif not exporting() and T > segment and all_hidden is None:  # (an exported graph takes any length at once)
             # a long input in segments: the state carries over, activations exist for one segment at a
             # time, and only the segments' outputs that are asked for are kept
@@ -522,13 +261,13 @@ class RwkvModelBase(RwkvPreTrainedModel):
             outs = []
             for t in range(0, T, segment):
                 part = slice(t, t + segment)
-                x = self._blocks(embed(part), None if mask is None else mask[:, part], state, mode, input_ids=ids(part))
+                x = self._blocks(embed(part), None if mask is None else mask[:, part], state, form, input_ids=ids(part))
                 if keep:
                     x = x[:, max(0, T - keep - t) :]
                 outs.append(x)
             x = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
         else:
-            x = self._blocks(embed(slice(None)), mask, cache, mode, all_hidden, input_ids=ids(slice(None)))
+            x = self._blocks(embed(slice(None)), mask, cache, form, all_hidden, input_ids=ids(slice(None)))
         if keep:
             x = x[:, -keep:]
         x = self.ln_out(x)
@@ -544,7 +283,8 @@ class RwkvModelBase(RwkvPreTrainedModel):
         return out if return_dict is not False else out.to_tuple()
 
     def _packed(
-        self, x: Tensor, mask: Optional[Tensor], starts: Tensor, cache: Optional[RwkvCache], mode, all_hidden=None, input_ids=None
+        self, x: Tensor, mask: Optional[Tensor], starts: Tensor, cache: Optional[RwkvCache], form: str, all_hidden=None,
+        input_ids=None,
     ) -> Tensor:
         """Packed rows (see `document_starts`): every document becomes a row of a right-padded batch
         (padding changes nothing, see `normalize_mask`), runs through the blocks from a fresh state (a
@@ -573,20 +313,25 @@ class RwkvModelBase(RwkvPreTrainedModel):
             for i, block in enumerate(self.blocks):
                 if cache.layers_state[i] is not None:
                     zero = block.zero_state(D, x.device, x.dtype)
-                    docs.layers_state[i] = _zip_tensors(lambda z, s: z.index_put((first,), s.to(z.dtype)), zero, cache.layers_state[i])
+                    docs.layers_state[i] = zip_tensors(lambda z, s: z.index_put((first,), s.to(z.dtype)), zero, cache.layers_state[i])
         hidden = [] if all_hidden is not None else None
         ids = None if input_ids is None else unpack(input_ids[..., None])[..., 0]
-        y = self._blocks(unpack(x), None if bool(real.all()) else real, docs, mode, hidden, input_ids=ids)
+        y = self._blocks(unpack(x), None if bool(real.all()) else real, docs, form, hidden, input_ids=ids)
         if all_hidden is not None:
             all_hidden.extend(repack(h) for h in hidden)
         if cache is not None:
             last = first + count - 1
-            cache.layers_state = [_map_tensors(lambda t: t[last], s) for s in docs.layers_state]
+            cache.layers_state = [map_tensors(lambda t: t[last], s) for s in docs.layers_state]
         return repack(y)
 
-    def _blocks(self, x: Tensor, mask: Optional[Tensor], cache: Optional[RwkvCache], mode, all_hidden=None, input_ids=None) -> Tensor:
+    def _blocks(
+        self, x: Tensor, mask: Optional[Tensor], cache: Optional[RwkvCache], form: str, all_hidden=None, input_ids=None,
+        calls=ModuleCalls, block_fn=None,
+    ) -> Tensor:
         """x [B, T, C] through every block, from the state in `cache` (None: zeros), which it updates.
-        Appends each block's input to `all_hidden` if given. (`input_ids`: for DeepEmbed RWKV-7.)"""
+        Appends each block's input to `all_hidden` if given. (`input_ids`: for DeepEmbed RWKV-7.)
+        A decode step (`rwkv_decode`) passes its `calls` and `block_fn(block, *args)`, which runs a
+        block's forward without `nn.Module.__call__` (compiled or not)."""
         B = x.shape[0]
         v_first = None
         deep = deep_embed_inputs(input_ids, lambda: self.blocks[0].norm_embedding(x)) if getattr(self.config, "deep_embed_size", 0) else None
@@ -596,35 +341,15 @@ class RwkvModelBase(RwkvPreTrainedModel):
             state = cache.layers_state[i] if cache is not None else None
             if state is None:
                 state = block.zero_state(B, x.device, x.dtype)
-            x, new_state, v_first = block(x, state, mask, v_first, mode) if deep is None else block(x, state, mask, v_first, mode, deep)
+            if block_fn is not None:
+                x, new_state, v_first = block_fn(block, x, state, mask, v_first, form, deep, calls)
+            elif deep is None:
+                x, new_state, v_first = block(x, state, mask, v_first, form)
+            else:
+                x, new_state, v_first = block(x, state, mask, v_first, form, deep)
             if cache is not None:
                 cache.layers_state[i] = new_state
         return x
-
-
-_GRAPH_SAFE = (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.ModuleList)
-# this package's modules, installed (rwkv_hf.modeling.*) or as remote code (transformers_modules.<folder>.*)
-_OUR_MODULES = (__name__.rsplit(".", 1)[0] + ".",)
-
-# Which modules a model holds changes rarely (PEFT injecting adapters, a user swapping a layer); hooks
-# can come and go at any step. `_plain_modules` walks the module tree only when a submodule was
-# registered anywhere since its last walk (counted by torch's global registration hook) and otherwise
-# checks the hook dicts it kept from that walk: ~5 us a step instead of ~250 us for 24 layers. (A
-# module written straight into a parent's `_modules` dict, bypassing setattr/add_module, goes unseen.)
-_MODULE_REGISTRATIONS = [0]
-
-
-def _count_registration(module, name, submodule):
-    _MODULE_REGISTRATIONS[0] += 1
-
-
-torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
-_PLAIN_CHECKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _global_hooks() -> bool:
-    """Forward hooks registered for every module (torch's global ones)."""
-    return bool(torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
 
 
 class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
@@ -680,12 +405,10 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
         shift_labels = kwargs.get("shift_labels")
         with_loss = labels is not None or shift_labels is not None
         targets = labels if labels is not None else shift_labels
-        path = self._one_token_path(input_ids, attention_mask, cache, targets, output_hidden_states, wkv_mode)
-        if path is not None:
-            from .rwkv_decode import fused_step, graph_step
-
+        path = self._decode_path(input_ids, attention_mask, cache, targets, output_hidden_states, wkv_mode)
+        if path is not None:  # a decode step: one token per row, the logits only (rwkv_decode)
             check_ids(input_ids, self.config.vocab_size)
-            logits = (graph_step if path == "graph" else fused_step)(self, input_ids, cache)[:, None]
+            logits = step_logits(self, input_ids, cache, path)[:, None]
             result = CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
             return result if return_dict is not False else result.to_tuple()
         out = self.model(
@@ -738,14 +461,12 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
             and type(head) is nn.Linear
             and head.bias is None
             and not (head._forward_hooks or head._forward_pre_hooks)
-            and not _global_hooks()
+            and not global_hooks()
         )
 
-    def _one_token_path(self, input_ids, attention_mask, cache, labels, output_hidden_states, wkv_mode) -> Optional[str]:
-        """How to run a decode step (one token per row, a full state, no gradients, nothing but the
-        logits asked for): "graph" on CUDA (a captured CUDA graph, see rwkv_decode; config
-        `cuda_graph_decode`), "fused" elsewhere (`rwkv_step`: the same equations without the per-module
-        overhead), or None: through the modules."""
+    def _decode_path(self, input_ids, attention_mask, cache, labels, output_hidden_states, wkv_mode) -> Optional[RunPath]:
+        """The path of a decode step (one token per row from a full state, no gradients, nothing but
+        the logits asked for, no padding), or None: through the modules (`rwkv_paths` decides)."""
         if not (
             input_ids is not None
             and input_ids.dim() == 2
@@ -758,38 +479,12 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
             and not exporting()
-            and len(set((getattr(self, "hf_device_map", None) or {0: 0}).values())) == 1
-            and not getattr(self.config, "deep_embed_size", 0)  # the step functions have no DeepEmbed
         ):
             return None
-        # only in mode "auto" (argument, else config): any other mode, "recurrent" included, runs the
-        # modules with that WKV form (the graph's step would take fla's kernel, the fused one rwkv_step's)
-        if (wkv_mode or self.config.wkv_mode) != "auto":
+        path = pick_path(self, input_ids.device, 1, wkv_mode, step=True, batch=input_ids.shape[0])
+        if path.runner == "modules" or not (attention_mask is None or bool(attention_mask.all())):
             return None
-        if input_ids.is_cuda:
-            path = "graph" if getattr(self.config, "cuda_graph_decode", False) else None
-        else:
-            from .rwkv_step import layer_step_for  # (here: rwkv_step imports this module)
-
-            path = "fused" if layer_step_for(self) is not None else None
-        if path is None or not self._plain_modules():
-            return None
-        return path if attention_mask is None or bool(attention_mask.all()) else None
-
-    def _plain_modules(self) -> bool:
-        """Only our own modules and torch's basic layers, without hooks: a captured graph replays the
-        modules as they were at capture, so anything that can change what a module does between steps
-        (PEFT adapters switched on and off, forward hooks) keeps the step eager. (Cached: see
-        `_MODULE_REGISTRATIONS`.)"""
-        if _global_hooks():
-            return False
-        seen = _PLAIN_CHECKS.get(self)
-        if seen is None or seen[0] != _MODULE_REGISTRATIONS[0]:
-            modules = list(self.modules())
-            ours = all(type(m) in _GRAPH_SAFE or type(m).__module__.startswith(_OUR_MODULES) for m in modules)
-            hook_dicts = [m._forward_hooks for m in modules] + [m._forward_pre_hooks for m in modules]
-            seen = _PLAIN_CHECKS[self] = (_MODULE_REGISTRATIONS[0], ours, hook_dicts)
-        return seen[1] and not any(seen[2])
+        return path
 
     def prepare_inputs_for_generation(
         self,

@@ -1,15 +1,22 @@
-"""Fast decoding on CUDA: the recurrent state in static buffers, one captured CUDA graph per step.
+"""Decode steps: one token per row through a whole causal LM, without the per-module overhead, and
+on CUDA captured once as a CUDA graph and replayed.
 
-An RWKV decode step is a few hundred small kernels (token shift, LoRAs, the one-token WKV update,
-norms) over a state of fixed size. Launched one by one from Python, the launch gaps dominate; since
-the shapes never change from step to step, the whole step can be captured once as a CUDA graph and
-replayed, with the state living in buffers that the graph reads and overwrites.
+A decode step runs the same `time_mix`/`channel_mix` functions as the modules (each version's
+equations, written once in its `modeling_rwkvN.py`), called directly on the weights (`DirectCalls`):
+`model_step`. `rwkv_paths.pick_path` decides when a forward pass is such a step and how it runs:
 
-`generate()` uses this by itself: our causal LM's forward sends every one-token step without
-gradients on CUDA to `graph_step` (config `cuda_graph_decode`, on by default). The cache being
-decoded then holds the decoder's static buffers, so a step copies nothing; when another cache comes
-to the same decoder, the previous one first gets its own copy of the state (no two caches share).
-Direct use:
+- "step": `model_step` as it is (off CUDA, or with config `cuda_graph_decode` off);
+- "graph": `model_step` captured in a CUDA graph (`RwkvGraphDecoder`), the state living in static
+  buffers that the graph reads and overwrites. An RWKV decode step is a few hundred small kernels over
+  a state of fixed size, so launched one by one from Python the launch gaps dominate;
+- compiled (config `compile_decode`): each block's step under torch.compile, so that inductor fuses
+  each chain of elementwise work into the kernel around it; at small batch on CUDA each product
+  `x W^T` is a multiply-and-sum (`ReduceCalls`) that inductor turns into a reduction kernel reading W
+  once near the memory bandwidth. It computes the same function, rounded differently in bf16/fp16.
+
+`generate()` uses this by itself. The cache being decoded by a graph holds the decoder's static
+buffers, so a step copies nothing; when another cache comes to the same decoder, the previous one
+first gets its own copy of the state (no two caches share). Direct use:
 
     from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
     dec = RwkvGraphDecoder(model, batch_size=1)        # captures on first use
@@ -18,11 +25,7 @@ Direct use:
     out = model(input_ids, use_cache=True, logits_to_keep=1); dec.load_cache(out.cache)  # or .past_key_values
     logits = dec.step(next_ids)                        # [B, V], a view of a static buffer
 
-By default the step runs exactly the model's eager one-token forward (same modules, same ops), so
-greedy tokens match `model.generate(do_sample=False)`. Works for every version (v4's (aa, bb, pp)
-state too). `fused=True` (in `generate()`: config `compile_decode`) captures instead the
-torch.compile'd step of `rwkv_step` (about twice as fast for RWKV-7); it computes the same function,
-rounded differently in bf16/fp16.
+This file imports no model class: it reaches the blocks through the model it is given.
 """
 
 from __future__ import annotations
@@ -34,35 +37,78 @@ import weakref
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from . import rwkv_step
-from .rwkv_common import CACHE_FIELD, RwkvCache
+from .rwkv_cache import CACHE_FIELD, RwkvCache, copy_into, same_tensors
+from .rwkv_helpers import DirectCalls, ReduceCalls
+from .rwkv_paths import Path, pick_path
 
 Tensor = torch.Tensor
 
 
-def _copy_into(dst, src) -> None:
-    if isinstance(dst, Tensor):
-        dst.copy_(src)
-    else:
-        for d, s in zip(dst, src):
-            _copy_into(d, s)
+def model_step(model, ids: Tensor, cache: RwkvCache, path: Path, block_fn=None, calls=None) -> Tensor:
+    """One token per row (ids [B, 1]) through a whole causal LM of ours, from the state in `cache`
+    (which it updates): logits [B, V]. `block_fn(block, *args)` runs one block (default: its forward,
+    without `nn.Module.__call__`); `calls`: how products run (default: as the path says)."""
+    body = model.model
+    if calls is None:
+        calls = ReduceCalls if path.reduce else DirectCalls
+    x = F.embedding(ids, body.emb.weight)
+    x = body._blocks(x, None, cache, path.wkv, input_ids=ids, calls=calls, block_fn=block_fn or _block_forward)
+    return F.linear(DirectCalls.norm(body.ln_out, x[:, -1]), model.lm_head.weight)
+
+
+def _block_forward(block, *args):
+    return type(block).forward(block, *args)
+
+
+def _in_place(block_fn):
+    """`block_fn` writing the new state into the given state's tensors (a captured graph's buffers).
+    (The copies stay outside a compiled `block_fn`: inductor's kernels then read only inputs that no
+    kernel of the same function overwrites.)"""
+
+    def step(block, x, state, *args):
+        x, new, v_first = block_fn(block, x, state, *args)
+        copy_into(state, new)
+        return x, state, v_first
+
+    return step
+
+
+_block_forward_in_place = _in_place(_block_forward)
+
+
+def _compiled(fn):
+    """`fn` under torch.compile, as a fresh copy of the function for each user.
+
+    Dynamo keeps its compiled variants per code object, and stops compiling new ones after
+    `recompile_limit` (8): with one shared function, a few decoders (dtypes, batch sizes; layer 0 and
+    the others are two variants each) would run it uncompiled. A copy per decoder needs only its own
+    few; inductor's cache makes recompiling identical graphs fast."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+    return torch.compile(copy, dynamic=False, fullgraph=True)
 
 
 class RwkvGraphDecoder:
     """Greedy/step decoding of an RWKV causal LM through one CUDA graph per step.
 
     `model`: one of our `Rwkv*ForCausalLM` on a CUDA device. `batch_size` is fixed at capture.
+    `fused`: capture the compiled step (see the module's docstring; the first capture compiles, for
+    seconds). `path`: the path to capture (`rwkv_paths.pick_path`; default: picked for this model).
     """
 
-    def __init__(self, model, batch_size: int = 1, warmup: int = 3, fused: bool = False):
+    def __init__(self, model, batch_size: int = 1, warmup: int = 3, fused: bool = False, path: Optional[Path] = None):
         dev = next(model.parameters()).device
         if dev.type != "cuda":
             raise ValueError("RwkvGraphDecoder needs the model on a CUDA device")
-        # weakly: the decoders that `graph_step` keeps per model must not keep the model alive
+        # weakly: the decoders that `step_logits` keeps per model must not keep the model alive
         self._model = weakref.ref(model)
         self.B, self.device = batch_size, dev
         self.dtype = model.get_input_embeddings().weight.dtype
+        if path is None:
+            with torch.no_grad():
+                path = pick_path(model, dev, 1, step=True, graph=True, compiled=fused, batch=batch_size)
+        self.path = path
         body = model.model
         self.cache = RwkvCache(len(body.blocks))
         self.cache.layers_state = [blk.zero_state(batch_size, dev, self.dtype) for blk in body.blocks]
@@ -71,18 +117,11 @@ class RwkvGraphDecoder:
         self._owner: Optional[weakref.ref] = None
         self.logits: Optional[Tensor] = None
         self.warmup = warmup
-        # fused=True: each layer's step is one torch.compile'd function (see rwkv_step), ~2x faster for
-        # RWKV-7; the first capture compiles it (seconds). Its fused kernels round differently from
-        # the eager ops, so bf16 logits differ from eager's by bf16 noise (fp32: by ~1e-6).
-        self.fused = bool(fused)
-        self._step_fn = self._eager_step
-        if self.fused:
-            layer_fn = rwkv_step.layer_step_for(model)
-            if layer_fn is None:
-                raise ValueError(f"no step function for {type(model).__name__} in {self.dtype} (v4-v6 in fp16 rescale on the fly)")
-            self._layer_fn = _compiled_layer_step(layer_fn)
-            self._params = [rwkv_step.layer_params(blk) for blk in body.blocks]
-            self._step_fn = self._fused_step
+        self._block_fn = _in_place(_compiled(_block_forward)) if path.compiled else _block_forward_in_place
+
+    @property
+    def fused(self) -> bool:
+        return self.path.compiled
 
     @property
     def model(self):
@@ -97,7 +136,7 @@ class RwkvGraphDecoder:
         if cache.batch_size != self.B:
             raise ValueError(f"the decoder was built for batch {self.B}, the cache holds {cache.batch_size}")
         for dst, src in zip(self.cache.layers_state, cache.layers_state):
-            _copy_into(dst, src)
+            copy_into(dst, src)
         self.cache.seen_tokens = cache.seen_tokens
 
     def export_cache(self) -> RwkvCache:
@@ -105,21 +144,12 @@ class RwkvGraphDecoder:
         return self.cache.clone()
 
     # -------------------------------------------------------------------------------------- step
-    def _eager_step(self) -> Tensor:
-        body = self.model.model
-        tmp = RwkvCache(len(body.blocks))
+    def _step(self) -> Tensor:
+        # a cache over the static buffers, which the in-place block step overwrites; the ids range
+        # check of a forward pass would synchronise, which capture forbids
+        tmp = RwkvCache(len(self.cache.layers_state))
         tmp.layers_state = list(self.cache.layers_state)
-        # the body and the head, not the causal LM's forward (which would send this step here again);
-        # inputs_embeds, not input_ids: the ids range check would synchronise, which capture forbids
-        # (mode auto: the one-token WKV update is fla's fused kernel where fla is installed, else the recurrence)
-        out = body(inputs_embeds=body.emb(self.ids), cache=tmp, use_cache=True)
-        new = getattr(out, CACHE_FIELD)
-        for dst, src in zip(self.cache.layers_state, new.layers_state):
-            _copy_into(dst, src)
-        return self.model.lm_head(out.last_hidden_state[:, -1])
-
-    def _fused_step(self) -> Tensor:
-        return rwkv_step.model_step(self.model, self.ids, self.cache.layers_state, self._layer_fn, self._params)
+        return model_step(self.model, self.ids, tmp, self.path, self._block_fn)
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -127,12 +157,12 @@ class RwkvGraphDecoder:
         try:
             self._capture(saved)
         except Exception as e:
-            if not self.fused:
+            if not self.path.compiled:
                 raise
             # torch.compile can fail where the eager step works (no Triton for this GPU, an old
             # compiler...): say so once and decode with the eager step
             warnings.warn(f"the compiled decode step failed ({type(e).__name__}: {e}); using the eager step")
-            self.fused, self._step_fn = False, self._eager_step
+            self.path, self._block_fn = self.path._replace(compiled=False, reduce=False), _block_forward_in_place
             self._restore(saved)
             self._capture(saved)
 
@@ -141,17 +171,17 @@ class RwkvGraphDecoder:
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
             for _ in range(self.warmup):
-                self._step_fn()
+                self._step()
         torch.cuda.current_stream(self.device).wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            self.logits = self._step_fn()
+            self.logits = self._step()
         self.graph = g
         self._restore(saved)  # warm-up steps changed the state
 
     def _restore(self, saved) -> None:
         for dst, src in zip(self.cache.layers_state, saved):
-            _copy_into(dst, src)
+            copy_into(dst, src)
 
     @torch.no_grad()
     def step(self, ids: Tensor) -> Tensor:
@@ -172,7 +202,7 @@ class RwkvGraphDecoder:
     def adopt(self, cache: RwkvCache) -> None:
         """Make `cache` hold the static buffers (its state copied in); a previous holder gets a copy."""
         previous = self._owner() if self._owner is not None else None
-        if previous is not None and previous is not cache and _same_tensors(previous.layers_state, self.cache.layers_state):
+        if previous is not None and previous is not cache and same_tensors(previous.layers_state, self.cache.layers_state):
             previous.layers_state = self.cache.clone().layers_state
         self.load_cache(cache)
         cache.layers_state = list(self.cache.layers_state)
@@ -204,76 +234,58 @@ class RwkvGraphDecoder:
         return torch.stack(toks, dim=1)
 
 
-def _compiled_layer_step(fn):
-    """A layer step of `rwkv_step` under torch.compile, as a fresh copy of the function for each user.
-
-    Dynamo keeps its compiled variants per code object, and stops compiling new ones after
-    `recompile_limit` (8): with one shared function, a few decoders (dtypes, batch sizes; layer 0 and
-    the others are two variants each) would run it uncompiled. A copy per decoder needs only its own
-    two; inductor's cache makes recompiling identical graphs fast."""
-    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
-    return torch.compile(copy, dynamic=False, fullgraph=True)
+# ------------------------------------------------------------------------------- from a forward pass
+def step_logits(model, input_ids: Tensor, cache: RwkvCache, path: Path) -> Tensor:
+    """One decode step of `model` along `path` (runner "step" or "graph"); logits [B, V]."""
+    if path.runner == "graph":
+        return _graph_step(model, input_ids, cache, path)
+    return _plain_step(model, input_ids, cache, path)
 
 
-# model -> (its plain layer step, the one `fused_step` runs with compile_decode: compiled, or plain if compiling failed)
-_FUSED_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# model -> its compiled block step (for `compile_decode` off CUDA), or None where compiling failed
+_COMPILED_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def fused_step(model, input_ids: Tensor, cache: RwkvCache) -> Tensor:
-    """One decode step off CUDA through the version's `rwkv_step` function (compiled if the config's
-    `compile_decode` is set). The state is copied first, so, as with the modules, the cache gets new
-    tensors and nothing held elsewhere changes. Returns logits [B, V]."""
-    plain = rwkv_step.layer_step_for(model)
-    fn = plain
-    if getattr(model.config, "compile_decode", False):
-        entry = _FUSED_FNS.get(model)
-        if entry is None or entry[0] is not plain:
-            entry = _FUSED_FNS[model] = (plain, _compiled_layer_step(plain))
-        fn = entry[1]
-    layers = cache.clone().layers_state
+def _plain_step(model, input_ids: Tensor, cache: RwkvCache, path: Path) -> Tensor:
+    """A step without a graph (compiled if the path says so). The cache gets new state tensors, as
+    with the modules; nothing held elsewhere changes."""
+    block_fn = None
+    if path.compiled:
+        if model not in _COMPILED_STEPS:
+            _COMPILED_STEPS[model] = _compiled(_block_forward)
+        block_fn = _COMPILED_STEPS[model]
+    tmp = RwkvCache(len(cache.layers_state))
+    tmp.layers_state = list(cache.layers_state)
     try:
-        logits = rwkv_step.model_step(model, input_ids, layers, fn)
+        logits = model_step(model, input_ids, tmp, path, block_fn)
     except Exception as e:
-        if fn is plain:
+        if block_fn is None:
             raise
         # torch.compile needs a working C++ compiler on CPU: without one, say so once and go on plainly
         warnings.warn(f"the compiled decode step failed ({type(e).__name__}: {e}); using the plain step")
-        fn = plain
-        _FUSED_FNS[model] = (plain, plain)
-        layers = cache.clone().layers_state
-        logits = rwkv_step.model_step(model, input_ids, layers, fn)
-    for i, s in enumerate(layers):
-        cache.layers_state[i] = s
+        _COMPILED_STEPS[model] = None
+        tmp.layers_state = list(cache.layers_state)
+        logits = model_step(model, input_ids, tmp, path._replace(compiled=False, reduce=False))
+    cache.layers_state = tmp.layers_state
     cache.seen_tokens += 1
     return logits
 
 
-def _same_tensors(a, b) -> bool:
-    """Whether two layer-state lists hold the very same tensor objects (not just equal values)."""
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return a is b
-    if a is None or b is None or len(a) != len(b):
-        return False
-    return all(_same_tensors(x, y) for x, y in zip(a, b))
-
-
-# model -> {(batch size, dtype, device, weight storage): decoder}; weak, so a model's graphs go with it,
-# and kept off the module itself, so deepcopy / pickling a model never meets a CUDA graph
+# model -> {(batch size, dtype, device, weight storage, path): decoder}; weak, so a model's graphs go
+# with it, and kept off the module itself, so deepcopy / pickling a model never meets a CUDA graph
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _MAX_DECODERS_PER_MODEL = 4
 
 
-def graph_step(model, input_ids: Tensor, cache: RwkvCache) -> Tensor:
-    """One decode step of `model` (a causal LM on CUDA) through the CUDA graph for this batch size."""
+def _graph_step(model, input_ids: Tensor, cache: RwkvCache, path: Path) -> Tensor:
     head = model.lm_head.weight
-    fused = bool(getattr(model.config, "compile_decode", False)) and rwkv_step.layer_step_for(model) is not None
     # inference mode is part of the key: buffers made under it cannot be updated in place outside it
     key = (input_ids.shape[0], head.dtype, head.device, head.data_ptr(), model.model.emb.weight.data_ptr(),
-           torch.is_inference_mode_enabled(), fused)
+           torch.is_inference_mode_enabled(), path)
     decoders = _DECODERS.setdefault(model, {})
     dec = decoders.get(key)
     if dec is None:
         if len(decoders) >= _MAX_DECODERS_PER_MODEL:
             decoders.pop(next(iter(decoders)))
-        dec = decoders[key] = RwkvGraphDecoder(model, batch_size=input_ids.shape[0], fused=fused)
+        dec = decoders[key] = RwkvGraphDecoder(model, batch_size=input_ids.shape[0], path=path)
     return dec.run(input_ids, cache)

@@ -59,6 +59,12 @@ def _masked(mask: Optional[Tensor], *xs: Tensor) -> Tuple[Tensor, ...]:
     return tuple(torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)) for x in xs)
 
 
+def _one_token(r: Tensor, state: Optional[Tensor], mask: Optional[Tensor]) -> bool:
+    """One token per row from a state, without a mask or gradients (decoding): fla's fused one-token
+    kernel, which has no backward, instead of the chunk kernel."""
+    return r.shape[1] == 1 and state is not None and mask is None and not torch.is_grad_enabled()
+
+
 def _common_dtype(*xs: Tensor) -> torch.dtype:
     """fla's kernels want r, k, v (and a, b) in one dtype: bf16/fp16 stay, anything else becomes fp32."""
     dts = {x.dtype for x in xs}
@@ -72,6 +78,8 @@ def wkv5_fla(
 ) -> Tuple[Tensor, Tensor]:
     """RWKV-5/6 through fla's `chunk_rwkv6`. log_w [B, T, H, N] (v6) or broadcastable to it (v5)."""
     _require_fla()
+    if _one_token(r, state, mask):
+        return wkv5_fla_step(r, k, v, log_w, u, state)
     B, T, H, N = r.shape
     dt = _common_dtype(r, k, v)
     r, k, v = r.to(dt), k.to(dt), v.to(dt)
@@ -108,6 +116,8 @@ def wkv7_fla(
     arbitrary decays, which makes fla use its slower, always-safe 16-token chunks.
     """
     _require_fla()
+    if _one_token(r, state, mask):
+        return wkv7_fla_step(r, log_w, k, v, a, b, state)
     dt = _common_dtype(r, k, v, a, b)
     r, k, v, a, b = (x.to(dt) for x in (r, k, v, a, b))
     log_w = log_w.float()

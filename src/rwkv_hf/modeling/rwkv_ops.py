@@ -1,17 +1,21 @@
-"""The WKV recurrences of every RWKV version, as plain per-token loops, and the dispatch to faster forms.
+"""The WKV recurrences of every RWKV version, as plain per-token loops: the truth the faster forms are
+tested against.
 
-The loops here are the truth: each is a line-by-line transcription of the reference package's
-`rwkv/model.py` one-token update (one `_wkvN_token` function per version, run by `_wkvN_loop`, or, when
-the model is being exported, by a loop recorded in the graph: see `exporting` and `_over_time`).
-The chunked matrix forms (`rwkv_chunk.py`, `rwkv7_chunk.py`) and the flash-linear-attention kernels
-(`rwkv_fla.py`) are tested against them.
+Each `_wkvN_token` is the reference package's one-token update (`rwkv/model.py`), written once: the
+prefill loops (`_wkvN_loop`), every decode step (T = 1, through the version's `time_mix`) and an
+exported graph's loop (see `exporting` and `_over_time`) all run it. The chunked matrix forms
+(`rwkv_chunk.py`, `rwkv7_chunk.py`) and the flash-linear-attention kernels (`rwkv_fla.py`) compute the
+same function; each version's file names its forms in one table (`WKV_FORMS`) and `rwkv_paths`
+picks one.
 
-Conventions shared by every op:
+Conventions shared by every form:
 - inputs are batch-first, ``[B, T, H, N]`` (v4: ``[B, T, C]``), computed in fp32, outputs fp32;
 - the decay is given as its logarithm ``log_w <= 0`` (so chunked forms can take cumulative sums);
 - ``mask`` is ``[B, T]`` bool or None: where it is False the position does not exist, the state is
   neither updated nor decayed and the output there is meaningless (callers ignore it);
 - the state is fp32 and is returned new, never modified in place.
+The products inside a token are written as broadcast multiply-and-sum (not matmuls), so that
+torch.compile fuses a whole decode step's update into one kernel.
 """
 
 from __future__ import annotations
@@ -20,24 +24,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-# top-level imports: transformers' remote-code loader copies only the files it sees imported
-from .rwkv7_chunk import wkv7_chunk
-from .rwkv_chunk import wkv4_chunk, wkv5_chunk
-from .rwkv_fla import HAVE_FLA, wkv5_fla, wkv5_fla_step, wkv7_fla, wkv7_fla_step
+from .rwkv_helpers import exporting
 
 Tensor = torch.Tensor
-MODES = ("auto", "recurrent", "chunk", "fla")
-
-
-def exporting() -> bool:
-    """True while torch.onnx.export, torch.export or torch.jit.trace record the model.
-
-    A recorded graph must hold for every input, not only for the example it was recorded with, so
-    then: the WKV runs as the plain recurrence with its time loop kept in the graph (`_over_time`),
-    and nothing branches on tensor values (see rwkv_common's `check_ids`, `normalize_mask`)."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
 def _keep(exists: Optional[Tensor], new: Tensor, old: Tensor) -> Tensor:
     """The new state where the position exists (exists: the mask's column, shaped to broadcast against
     the state; None: everywhere), else the old one."""
@@ -139,8 +128,8 @@ def wkv5_recurrent(
 def _wkv5_token(
     u: Tensor, S: Tensor, rt: Tensor, kt: Tensor, vt: Tensor, wt: Tensor, mt: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor]:
-    a = kt.unsqueeze(-1) @ vt.unsqueeze(-2)  # [B, H, N, N]
-    out = (rt.unsqueeze(-2) @ (u * a + S)).squeeze(-2)
+    a = kt.unsqueeze(-1) * vt.unsqueeze(-2)  # k^T v, [B, H, key, value]
+    out = (rt.unsqueeze(-1) * (u * a + S)).sum(-2)  # r (S + diag(u) k^T v)
     return _keep(mt, a + wt.unsqueeze(-1) * S, S), out
 
 
@@ -168,8 +157,9 @@ def wkv7_recurrent(
 def _wkv7_token(
     S: Tensor, rt: Tensor, wt: Tensor, kt: Tensor, vt: Tensor, at: Tensor, bt: Tensor, mt: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor]:
-    new = S * wt.unsqueeze(-2) + (S @ at.unsqueeze(-1)) @ bt.unsqueeze(-2) + vt.unsqueeze(-1) @ kt.unsqueeze(-2)
-    return _keep(mt, new, S), (new @ rt.unsqueeze(-1)).squeeze(-1)
+    sa = (S * at.unsqueeze(-2)).sum(-1, keepdim=True)  # S a, [B, H, value, 1]
+    new = S * wt.unsqueeze(-2) + sa * bt.unsqueeze(-2) + vt.unsqueeze(-1) * kt.unsqueeze(-2)
+    return _keep(mt, new, S), (new * rt.unsqueeze(-2)).sum(-1)  # S r
 
 
 def _wkv7_loop(r, w, k, v, a, b, S, mask):
@@ -179,64 +169,3 @@ def _wkv7_loop(r, w, k, v, a, b, S, mask):
         S, out = _wkv7_token(S, r[:, t], w[:, t], k[:, t], v[:, t], a[:, t], b[:, t], m)
         outs.append(out)
     return torch.stack(outs, 1), S
-
-
-# ------------------------------------------------------------------------------------------ dispatch
-def fla_available(x: Tensor) -> bool:
-    if not x.is_cuda or exporting():
-        return False
-    return HAVE_FLA
-
-
-def pick_mode(mode: Optional[str], x: Tensor, seq_len: int, has_fla: bool = True) -> str:
-    """'auto' picks: one token -> recurrent; CUDA with fla installed -> fla; else the chunked form.
-    Exporting (any mode): recurrent, the one form an exported graph can hold for every length."""
-    mode = mode or "auto"
-    if mode not in MODES:
-        raise ValueError(f"unknown WKV mode {mode!r}; expected one of {MODES}")
-    if exporting():
-        return "recurrent"
-    if mode != "auto":
-        return mode
-    if seq_len == 1:
-        return "recurrent"
-    if has_fla and fla_available(x):
-        return "fla"
-    return "chunk"
-
-
-def wkv4(log_w, u, k, v, state, mask=None, mode=None):
-    mode = pick_mode(mode, k, k.shape[1], has_fla=False)
-    if mode == "chunk":
-        return wkv4_chunk(log_w, u, k, v, state, mask)
-    if mode == "fla":
-        raise ValueError("flash-linear-attention has no RWKV-4 kernel; use mode 'chunk' or 'recurrent'")
-    return wkv4_recurrent(log_w, u, k, v, state, mask)
-
-
-def _fla_one_token(mode, x: Tensor, mask, state) -> bool:
-    """Decoding on CUDA with fla: one token, no mask, no gradients (fla's fused one-token kernels have no backward)."""
-    return (mode in (None, "auto") and x.shape[1] == 1 and mask is None and state is not None
-            and not torch.is_grad_enabled() and fla_available(x))
-
-
-def wkv5(r, k, v, log_w, u, state, mask=None, mode=None):
-    if _fla_one_token(mode, r, mask, state):
-        return wkv5_fla_step(r, k, v, log_w, u, state)
-    mode = pick_mode(mode, r, r.shape[1])
-    if mode == "chunk":
-        return wkv5_chunk(r, k, v, log_w, u, state, mask)
-    if mode == "fla":
-        return wkv5_fla(r, k, v, log_w, u, state, mask)
-    return wkv5_recurrent(r, k, v, log_w, u, state, mask)
-
-
-def wkv7(r, log_w, k, v, a, b, state, mask=None, mode=None):
-    if _fla_one_token(mode, r, mask, state):
-        return wkv7_fla_step(r, log_w, k, v, a, b, state)
-    mode = pick_mode(mode, r, r.shape[1])
-    if mode == "chunk":
-        return wkv7_chunk(r, log_w, k, v, a, b, state, mask)
-    if mode == "fla":
-        return wkv7_fla(r, log_w, k, v, a, b, state, mask)
-    return wkv7_recurrent(r, log_w, k, v, a, b, state, mask)

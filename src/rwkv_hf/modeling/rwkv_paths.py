@@ -1,0 +1,129 @@
+"""Which path a forward pass takes, decided here and nowhere else.
+
+A `Path` has three parts:
+
+- `runner`: "modules" (through the `nn.Module`s, `ModuleCalls`: training, prefill, hooks, adapters),
+  "step" (a decode step: the same `time_mix`/`channel_mix` functions called directly on the weights,
+  `DirectCalls`, see `rwkv_decode.model_step`) or "graph" (that step captured once in a CUDA graph and
+  replayed, `rwkv_decode.RwkvGraphDecoder`);
+- `wkv`: the form of the WKV recurrence, "recurrent" (`rwkv_ops`, the truth), "chunk" (`rwkv_chunk`,
+  `rwkv7_chunk`) or "fla" (flash-linear-attention's kernels, `rwkv_fla`; one token per row: its fused
+  one-token kernel);
+- `compiled`: the step runs under torch.compile (config `compile_decode`);
+- `reduce`: its products `x W^T` as multiply-and-sum reductions (`ReduceCalls`): compiled on CUDA at
+  batch <= `REDUCTION_MAX_BATCH`, where inductor makes them memory-bound kernels; else matmuls.
+
+`wkv_mode` (the argument, else the config's) is honoured on every runner: "auto" picks fla on CUDA
+where fla is installed and the version has a kernel, else chunk, and recurrent for one token per
+row; any other mode is used as given, in a captured graph too. When exporting, everything is the
+recurrence through the modules, the one form a recorded graph holds for every length.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+from .rwkv_fla import HAVE_FLA
+from .rwkv_helpers import exporting
+
+MODES = ("auto", "recurrent", "chunk", "fla")
+REDUCTION_MAX_BATCH = 4
+
+
+class Path(NamedTuple):
+    runner: str  # "modules" | "step" | "graph"
+    wkv: str  # "recurrent" | "chunk" | "fla"
+    compiled: bool = False
+    reduce: bool = False
+
+
+def pick_path(
+    model, device, seq_len: int, wkv_mode: Optional[str] = None, step: bool = False,
+    graph: Optional[bool] = None, compiled: Optional[bool] = None, batch: int = 0,
+) -> Path:
+    """The path for `model` (one of our causal LMs or model bodies) on `device` for `seq_len` tokens
+    per row. `step`: the caller found a decode step (one token per row from a full state, no
+    gradients, nothing but the logits asked for, no padding); whether it runs as one also depends on
+    the model (only plain modules, on one device) and the config (`cuda_graph_decode`,
+    `compile_decode`; `graph` and `compiled` say instead, for a decoder built by hand) and, for
+    `reduce`, the `batch` size."""
+    config = model.config
+    mode = wkv_mode or getattr(config, "wkv_mode", "auto") or "auto"
+    if mode not in MODES:
+        raise ValueError(f"unknown WKV mode {mode!r}; expected one of {MODES}")
+    if exporting():
+        return Path("modules", "recurrent")
+    has_fla_kernel = config.model_type != "rwkv4_world"
+    if mode == "fla" and not has_fla_kernel:
+        raise ValueError("flash-linear-attention has no RWKV-4 kernel; use mode 'chunk' or 'recurrent'")
+    on_cuda = torch.device(device).type == "cuda"
+    fla = on_cuda and HAVE_FLA and has_fla_kernel
+    if graph is None:
+        graph = bool(getattr(config, "cuda_graph_decode", False))
+    if compiled is None:
+        compiled = bool(getattr(config, "compile_decode", False))
+    runner = "modules"
+    if step and _single_device(model) and plain_modules(model):
+        runner = "graph" if on_cuda and graph else "step"
+    # (the compiled step runs the recurrence: fla's kernels stay outside torch.compile)
+    compiled = runner != "modules" and compiled and mode in ("auto", "recurrent")
+    if mode != "auto":
+        wkv = mode
+    elif seq_len == 1:
+        # one token: fla's fused kernel (inference only) where it runs, except under torch.compile,
+        # which gets the recurrence to fuse with the rest of the step
+        wkv = "fla" if fla and not compiled and not torch.is_grad_enabled() else "recurrent"
+    else:
+        wkv = "fla" if fla else "chunk"
+    return Path(runner, wkv, compiled, compiled and on_cuda and 0 < batch <= REDUCTION_MAX_BATCH)
+
+
+def _single_device(model) -> bool:
+    return len(set((getattr(model, "hf_device_map", None) or {0: 0}).values())) == 1
+
+
+# ------------------------------------------------------------------------ only plain modules and no hooks
+_GRAPH_SAFE = (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.ModuleList)
+# this package's modules, installed (rwkv_hf.modeling.*) or as remote code (transformers_modules.<folder>.*)
+_OUR_MODULES = (__name__.rsplit(".", 1)[0] + ".",)
+
+# Which modules a model holds changes rarely (PEFT injecting adapters, a user swapping a layer); hooks
+# can come and go at any step. `plain_modules` walks the module tree only when a submodule was
+# registered anywhere since its last walk (counted by torch's global registration hook, installed on
+# the first call) and otherwise checks the hook dicts it kept from that walk: ~5 us a step instead of
+# ~250 us for 24 layers. (A module written straight into a parent's `_modules` dict, bypassing
+# setattr/add_module, goes unseen.)
+_MODULE_REGISTRATIONS = [0]
+_PLAIN_CHECKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_COUNTING: list = []
+
+
+def _count_registration(module, name, submodule):
+    _MODULE_REGISTRATIONS[0] += 1
+
+
+def global_hooks() -> bool:
+    """Forward hooks registered for every module (torch's global ones)."""
+    return bool(torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
+
+
+def plain_modules(model: nn.Module) -> bool:
+    """Only our own modules and torch's basic layers, without hooks. A decode step calls the layers'
+    functions directly, and a captured graph replays the modules as they were at capture, so anything
+    that can change what a module does between steps (PEFT adapters switched on and off, forward
+    hooks, quantized layers) keeps the step in the modules."""
+    if not _COUNTING:  # (a module registered before this first call is seen by the first walk)
+        _COUNTING.append(torch.nn.modules.module.register_module_module_registration_hook(_count_registration))
+    if global_hooks():
+        return False
+    seen = _PLAIN_CHECKS.get(model)
+    if seen is None or seen[0] != _MODULE_REGISTRATIONS[0]:
+        modules = list(model.modules())
+        ours = all(type(m) in _GRAPH_SAFE or type(m).__module__.startswith(_OUR_MODULES) for m in modules)
+        hook_dicts = [m._forward_hooks for m in modules] + [m._forward_pre_hooks for m in modules]
+        seen = _PLAIN_CHECKS[model] = (_MODULE_REGISTRATIONS[0], ours, hook_dicts)
+    return seen[1] and not any(seen[2])
