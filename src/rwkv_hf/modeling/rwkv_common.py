@@ -80,7 +80,7 @@ class RwkvBlock(GradientCheckpointingLayer):
         `form`: the WKV form; `calls`: how products run (`rwkv_helpers`: through the modules, or
         directly on their weights for a decode step, which then calls the mixes' functions without
         `nn.Module.__call__`)."""
-        if self.layer_id == 0:
+        if "ln0" in self._modules:  # block 0 (not `layer_id == 0`: torch.compile would specialise on every layer's id)
             x = self.norm_embedding(x)
         rescale = self.rescale_every > 0 and x.dtype == torch.float16
         scale = 0.5 ** (self.layer_id // self.rescale_every) if rescale else 1.0

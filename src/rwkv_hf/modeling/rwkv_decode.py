@@ -62,20 +62,14 @@ def _block_forward(block, *args):
     return type(block).forward(block, *args)
 
 
-def _in_place(block_fn):
-    """`block_fn` writing the new state into the given state's tensors (a captured graph's buffers).
-    (The copies stay outside a compiled `block_fn`: inductor's kernels then read only inputs that no
-    kernel of the same function overwrites.)"""
-
-    def step(block, x, state, *args):
-        x, new, v_first = block_fn(block, x, state, *args)
-        copy_into(state, new)
-        return x, state, v_first
-
-    return step
-
-
-_block_forward_in_place = _in_place(_block_forward)
+def _block_forward_in_place(block, x, state, *args):
+    """A block's step that writes the new state into `state`'s tensors (a captured graph's buffers).
+    Compiled, inductor writes each new state straight into its buffer (with the copies outside the
+    compiled function, batch 32 of a 1.5B RWKV-7 measured 9,359 tok/s on an H200, against 10,447 with
+    them inside, on another H200: ~0.8 GB of extra state traffic per step)."""
+    x, new, v_first = type(block).forward(block, x, state, *args)
+    copy_into(state, new)
+    return x, state, v_first
 
 
 def _compiled(fn):
@@ -117,7 +111,7 @@ class RwkvGraphDecoder:
         self._owner: Optional[weakref.ref] = None
         self.logits: Optional[Tensor] = None
         self.warmup = warmup
-        self._block_fn = _in_place(_compiled(_block_forward)) if path.compiled else _block_forward_in_place
+        self._block_fn = _compiled(_block_forward_in_place) if path.compiled else _block_forward_in_place
 
     @property
     def fused(self) -> bool:
