@@ -13,6 +13,11 @@ document's ids equal the reference TRIE_TOKENIZER's.
 A second table ("kinds of text", ``--only kinds``) times the reference and the fast tokenizer (one
 document at a time, and batched) on five kinds of text, ~0.4 MB each, every row best of
 ``--kinds-repeat``; see ``KINDS`` for where each text comes from.
+
+``--only cost`` prints what one document at a time costs per token on the same texts, in CPU time of
+this process (pin it: ``taskset -c 0``): the reference, ``tokenizers`` alone (``encode_batch_fast``, and
+``encode_batch`` with offsets), and ``RwkvWorldTokenizerFast.__call__`` (without and with
+``return_offsets_mapping``); the variants take turns, best of ``--kinds-repeat`` each.
 """
 
 import argparse
@@ -197,7 +202,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--kinds-repeat", type=int, default=5, help="best of N for every row of the kinds table")
-    ap.add_argument("--only", choices=["mixed", "kinds"], help="print only that table")
+    ap.add_argument("--only", choices=["mixed", "kinds", "cost"], help="print only that table")
     args = ap.parse_args()
 
     import tokenizers
@@ -212,10 +217,51 @@ def main():
         f" tokenizers {tokenizers.__version__}\n"
     )
     ref = TRIE_TOKENIZER(os.path.join(os.path.dirname(rwkv.__file__), "rwkv_vocab_v20230424.txt"))
+    if args.only == "cost":
+        cost_table(args.kinds_repeat, ref)
+        return
     if args.only != "kinds":
         mixed_table(args, ref)
     if args.only != "mixed":
         kinds_table(args.kinds_repeat, ref)
+
+
+def cost_table(repeat, ref):
+    """Microseconds of process CPU time per token, one document at a time, per kind of text."""
+    from rwkv_hf.tokenization import RwkvWorldTokenizerFast
+
+    fast = RwkvWorldTokenizerFast()
+    backend = fast.backend_tokenizer
+    print(f"load average {' '.join(open('/proc/loadavg').read().split()[:3])}; CPU affinity {sorted(os.sched_getaffinity(0))}")
+    print(f"microseconds of CPU per token, one document at a time, best of {repeat}\n")
+    print("| text | tokens/doc | reference | encode_batch_fast | encode_batch | __call__ | __call__ offsets | x ref |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, make in KINDS:
+        docs = make()
+        expected = [ref.encode(d) for d in docs]
+        ntok = sum(map(len, expected))
+        runs = {
+            "reference": lambda: [ref.encode(d) for d in docs],
+            "encode_batch_fast": lambda: [backend.encode_batch_fast([d])[0].ids for d in docs],
+            "encode_batch": lambda: [backend.encode_batch([d])[0].ids for d in docs],
+            "__call__": lambda: [fast(d)["input_ids"] for d in docs],
+            "__call__ offsets": lambda: [fast(d, return_offsets_mapping=True)["input_ids"] for d in docs],
+        }
+        best = dict.fromkeys(runs, float("inf"))
+        for _ in range(repeat):  # in turns, so that load from other processes hits every variant alike
+            for key, fn in runs.items():
+                c0 = time.process_time()
+                out = fn()
+                best[key] = min(best[key], time.process_time() - c0)
+                if out != expected:
+                    raise SystemExit(f"{key} differs from the reference on {name}")
+        us = {k: v * 1e6 / ntok for k, v in best.items()}
+        print(
+            f"| {name} | {ntok / len(docs):.0f} | "
+            + " | ".join(f"{v:.3f}" for v in us.values())
+            + f" | {us['reference'] / us['__call__']:.2f} |",
+            flush=True,
+        )
 
 
 def kinds_table(repeat, ref):
