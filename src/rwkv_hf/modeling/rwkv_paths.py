@@ -100,7 +100,7 @@ PURE_PROCESSORS = frozenset({
 DEVICE_CRITERIA = frozenset({"MaxLengthCriteria", "EosTokenCriteria", "StopStringCriteria"})
 # what generate() may hand the loop besides the ids: the mask, the cache, and what the prefill uses
 LOOP_KWARGS = frozenset({"attention_mask", "cache", "past_key_values", "use_cache", "logits_to_keep", "position_ids",
-                         "cache_position", "token_type_ids", "wkv_mode"})
+                         "cache_position", "token_type_ids", "wkv_mode", "tokenizer"})
 
 
 def _transformers_own(obj, names) -> bool:
