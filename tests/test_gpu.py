@@ -550,10 +550,11 @@ def test_own_generate_loop_gives_transformers_tokens_on_cuda(version, batch):
     theirs, ours = _both_loops(m, seed=3, do_sample=True, top_k=50, top_p=0.95, temperature=0.9, repetition_penalty=1.2,
                                eos_token_id=None, **kw)
     assert torch.equal(theirs, ours), (theirs, ours)
-    # every row stops at a token it generates at step 5 (0-based) or later
-    free = ours[:, ids.shape[1]:].tolist()
-    eos = sorted({row[min(5 + r, len(row) - 1)] for r, row in enumerate(free)})
-    theirs, ours = _both_loops(m, seed=3, do_sample=True, top_k=50, eos_token_id=eos, return_dict_in_generate=True, **kw)
+    # every row stops at a token it generates at step 5 + row (0-based) or earlier
+    sample = dict(do_sample=True, top_k=50)
+    _, free = _both_loops(m, seed=3, eos_token_id=None, **sample, **kw)
+    eos = sorted({row[5 + r] for r, row in enumerate(free[:, ids.shape[1]:].tolist())})
+    theirs, ours = _both_loops(m, seed=3, eos_token_id=eos, return_dict_in_generate=True, **sample, **kw)
     assert torch.equal(theirs.sequences, ours.sequences)
     print(f"\nv{version} b{batch}: stopped after {ours.sequences.shape[1] - ids.shape[1]} of 24 new tokens")
     a, b = getattr(theirs, CACHE_FIELD), getattr(ours, CACHE_FIELD)
