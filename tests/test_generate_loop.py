@@ -324,3 +324,35 @@ def test_falls_back_for_embeddings_hooks_and_beams(own_calls):
     assert own_calls == {"own": 0, "transformers": 2}
     model.generate(ids, **kw)
     assert own_calls == {"own": 1, "transformers": 2}
+
+
+# ------------------------------------------------------------------------------------- as remote code
+REMOTE = r"""
+import sys, json, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+common = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".rwkv_common"]
+calls, real = [], common.decode_loop
+common.decode_loop = lambda *a, **k: calls.append(1) or real(*a, **k)
+ids = torch.tensor(json.loads(sys.argv[2]))
+out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+print(json.dumps({"calls": len(calls), "module": real.__module__, "out": out.tolist()}))
+"""
+
+
+def test_own_loop_runs_as_remote_code(tmp_path):
+    """A saved folder loaded with trust_remote_code where rwkv_hf is not installed carries the loop
+    (transformers 4.57 copies only the files the model file imports) and generate() runs it."""
+    import json
+
+    from rwkv_hf.testing import run_without_rwkv_hf
+
+    model = model_for("7")
+    model.save_pretrained(tmp_path / "m")
+    ids, _ = padded_batch()
+    proc = run_without_rwkv_hf(REMOTE, [tmp_path / "m", json.dumps(ids.tolist())], cwd=tmp_path,
+                               env={"HF_MODULES_CACHE": str(tmp_path / "mods"), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["calls"] == 1 and got["module"].startswith("transformers_modules.")
+    assert got["out"] == model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None).tolist()
