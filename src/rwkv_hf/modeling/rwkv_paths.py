@@ -129,7 +129,7 @@ def own_generate_loop(
         or input_ids.device != model.lm_head.weight.device
         or not set(kw) <= LOOP_KWARGS
         or kw.get("use_cache") is False
-        or kw.get("logits_to_keep", 1) != 1
+        or not (type(kw.get("logits_to_keep", 1)) is int and kw.get("logits_to_keep", 1) == 1)
         or any(getattr(cfg, f, False) for f in ("output_scores", "output_logits", "output_attentions",
                                                 "output_hidden_states", "is_assistant"))
         or getattr(cfg, "prefill_chunk_size", None) is not None
