@@ -125,6 +125,19 @@ def test_greedy_padded_batch_and_continued_cache(version, own_calls, every):
     assert own_calls == {"own": 2, "transformers": 2}
 
 
+def test_long_generation(own_calls):
+    """600 new tokens (the loop's buffer grows twice on the way) and a limit far past where EOS comes."""
+    model = model_for("7")
+    ids, _ = padded_batch()
+    theirs, ours, _, _ = both(model, input_ids=ids[1:2], max_new_tokens=600, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(theirs, ours) and ours.shape == (1, 607)
+    eos = ours[0, 7 + 20].item()
+    first = ours[0, 7:].tolist().index(eos)
+    theirs, ours, _, _ = both(model, input_ids=ids[1:2], max_new_tokens=10**9, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(theirs, ours) and ours.shape == (1, 7 + first + 1)
+    assert own_calls == {"own": 2, "transformers": 2}
+
+
 def test_deepembed_greedy(own_calls):
     model = model_for("7", deep_embed=32)
     ids, mask = padded_batch()

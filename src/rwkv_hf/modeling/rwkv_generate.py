@@ -52,7 +52,9 @@ def decode_loop(
     del outputs
     # transformers stops when the sequence reaches max_length, after at least one new token
     total = max(1, stopping_criteria.max_length - start)
-    ids = input_ids.new_empty(B, start + total)
+    # the sequences so far, in a buffer that grows by doubling (a length limit far beyond where EOS
+    # comes would otherwise reserve memory for nothing); the processors and criteria see views of it
+    ids = input_ids.new_empty(B, start + min(total, 256))
     ids[:, :start] = input_ids
     checks = type(stopping_criteria)(c for c in stopping_criteria if type(c).__name__ != "MaxLengthCriteria")
     pad_finished = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
@@ -69,6 +71,8 @@ def decode_loop(
     streamed = 0
     probs = None
     for j in range(total):  # token j goes to column start + j
+        if start + j == ids.shape[1]:
+            ids = torch.cat([ids, ids.new_empty(B, min(ids.shape[1], start + total - ids.shape[1]))], 1)
         if j:
             logits = step_logits(model, ids[:, start + j - 1, None], cache, path).float()
         scores = logits
@@ -106,7 +110,7 @@ def decode_loop(
         mark.undo_past(new, model, ids[:, start:], cache, path, probs)
     if streamer is not None:
         streamer.end()
-    sequences = ids if new == total else ids[:, : start + new].clone()
+    sequences = ids if ids.shape[1] == start + new else ids[:, : start + new].clone()
     if generation_config.return_dict_in_generate:
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 
