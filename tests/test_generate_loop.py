@@ -255,11 +255,17 @@ class TextRecorder(TextStreamer):
         self.text.append(text)
 
 
-def test_streamer(world, own_calls, every):
-    """A streamer gets the same calls (the prompt, then one `put` per new token, then `end`) and the same text."""
+@pytest.mark.parametrize("stop", [False, True], ids=["to-the-limit", "eos"])
+def test_streamer(world, own_calls, every, stop):
+    """A streamer gets the same calls (the prompt, then one `put` per new token, then `end`) and the
+    same text; with an EOS part way, nothing past it."""
     model, tok = world
     ids = tok("The quick brown fox", return_tensors="pt").input_ids
     kw = dict(max_new_tokens=10, do_sample=True, pad_token_id=0, eos_token_id=None)
+    if stop:
+        torch.manual_seed(1)
+        row = model.generate(ids, **kw)[0, ids.shape[1]:].tolist()
+        kw["eos_token_id"] = row[5]
     got = []
     for ctx in (transformers_loop(), contextlib.nullcontext()):
         with ctx:
@@ -271,8 +277,20 @@ def test_streamer(world, own_calls, every):
             got.append((rec.calls, "".join(text.text)))
     assert got[0] == got[1]
     calls, text = got[1]
-    assert len(calls) == 1 + 10 + 1 and calls[-1] == "end" and text
-    assert own_calls == {"own": 2, "transformers": 2}
+    assert len(calls) == 1 + (row.index(row[5]) + 1 if stop else 10) + 1 and calls[-1] == "end" and text
+    assert own_calls == {"own": 2 + stop, "transformers": 2}
+
+
+def test_wkv_mode_argument_reaches_the_steps(monkeypatch, own_calls):
+    """generate(wkv_mode=...) runs our loop, its steps in that form, with transformers' tokens."""
+    model = model_for("6")
+    ids, mask = padded_batch()
+    forms = []
+    real = rwkv_generate.step_logits
+    monkeypatch.setattr(rwkv_generate, "step_logits", lambda m, i, c, path: forms.append(path.wkv) or real(m, i, c, path))
+    theirs, ours, _, _ = both(model, input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                              wkv_mode="chunk")
+    assert torch.equal(theirs, ours) and own_calls["own"] == 1 and forms == ["chunk"] * 3
 
 
 def test_stop_strings(world, own_calls, every):
