@@ -66,7 +66,8 @@ def decode_loop(
     every = STOP_CHECK_EVERY.get(device.type, 8)
     kept = cache if _cache_outlives(model_kwargs, generation_config) else None
     rng = _generator(device) if do_sample else None
-    mark = _Mark(0, 0, kept, rng) if every > 1 else None
+    # (only a stop that depends on the tokens can come between two looks: with none, nothing runs past the end)
+    mark = _Mark(0, 0, kept, rng) if every > 1 and checks else None
     new = total  # tokens in the result
     streamed = 0
     probs = None
