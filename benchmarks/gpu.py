@@ -90,6 +90,24 @@ def state_dict(dtype=torch.bfloat16):
 
 
 # ------------------------------------------------------------------------------------------- ours
+def transformers_loop():
+    """generate() through transformers' `_sample` loop instead of ours (rwkv_generate)."""
+    import contextlib
+
+    from rwkv_hf.modeling import rwkv_common
+
+    @contextlib.contextmanager
+    def ctx():
+        real = rwkv_common.own_generate_loop
+        rwkv_common.own_generate_loop = lambda *a, **k: None
+        try:
+            yield
+        finally:
+            rwkv_common.own_generate_loop = real
+
+    return ctx()
+
+
 def bench_ours(sd, args, res):
     import rwkv_hf.modeling as M
     from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
@@ -124,13 +142,18 @@ def bench_ours(sd, args, res):
             out[f"decode_{B}_eager"] = decode_rate(eager, B, args.steps)
             m.config.cuda_graph_decode = True
             print(f"ours decode b{B} eager: {out[f'decode_{B}_eager']:,.1f} tok/s", flush=True)
-            # generate() itself (greedy; its one-token steps replay the captured graph)
+            # generate() itself (greedy; its one-token steps replay the captured graph), through our
+            # loop (rwkv_generate, the default) and through transformers' `_sample` loop
             n_new = args.steps * 4
             gen = lambda: m.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)  # noqa: E731
             gen()
             s = cuda_time(gen, warmup=0, reps=3)
             out[f"decode_{B}_generate"] = B * n_new / s
             print(f"ours generate() b{B}, {n_new} new tokens: {out[f'decode_{B}_generate']:,.1f} tok/s", flush=True)
+            with transformers_loop():
+                s = cuda_time(gen, warmup=1, reps=3)
+            out[f"decode_{B}_generate_hf_loop"] = B * n_new / s
+            print(f"ours generate() b{B} through transformers' loop: {out[f'decode_{B}_generate_hf_loop']:,.1f} tok/s", flush=True)
             dec = RwkvGraphDecoder(m, batch_size=B)
             out[f"decode_{B}_graph"] = decode_rate(dec.step, B, args.steps * 4)
             print(f"ours decode b{B} graph: {out[f'decode_{B}_graph']:,.1f} tok/s", flush=True)
@@ -142,9 +165,13 @@ def bench_ours(sd, args, res):
             out[f"decode_{B}_compile_s"] = time.time() - t
             s = cuda_time(gen, warmup=0, reps=3)
             out[f"decode_{B}_generate_fused"] = B * n_new / s
+            with transformers_loop():
+                s = cuda_time(gen, warmup=1, reps=3)
+            out[f"decode_{B}_generate_fused_hf_loop"] = B * n_new / s
             m.config.compile_decode = False
             print(f"ours generate() b{B} with compile_decode: {out[f'decode_{B}_generate_fused']:,.1f} tok/s "
-                  f"(first call, compiling: {out[f'decode_{B}_compile_s']:.0f}s)", flush=True)
+                  f"(first call, compiling: {out[f'decode_{B}_compile_s']:.0f}s; through transformers' loop: "
+                  f"{out[f'decode_{B}_generate_fused_hf_loop']:,.1f})", flush=True)
             dec = RwkvGraphDecoder(m, batch_size=B, fused=True)
             out[f"decode_{B}_graph_fused"] = decode_rate(dec.step, B, args.steps * 4)
             print(f"ours decode b{B} fused graph: {out[f'decode_{B}_graph_fused']:,.1f} tok/s", flush=True)
@@ -272,9 +299,13 @@ def table(res):
     rows = []
     ours = res.get("ours", {})
     rows.append(("ours, eager (auto mode, cuda_graph_decode off)", {**ours, "decode_1": ours.get("decode_1_eager"), "decode_32": ours.get("decode_32_eager")}))
-    rows.append(("ours, generate() (CUDA graphs by default)", {"decode_1": ours.get("decode_1_generate"), "decode_32": ours.get("decode_32_generate")}))
+    rows.append(("ours, generate() through transformers' loop (CUDA graphs)",
+                 {"decode_1": ours.get("decode_1_generate_hf_loop"), "decode_32": ours.get("decode_32_generate_hf_loop")}))
+    rows.append(("ours, generate() (own loop, CUDA graphs: the default)", {"decode_1": ours.get("decode_1_generate"), "decode_32": ours.get("decode_32_generate")}))
     rows.append(("ours, RwkvGraphDecoder.step", {"decode_1": ours.get("decode_1_graph"), "decode_32": ours.get("decode_32_graph")}))
-    rows.append(("ours, generate() with compile_decode (RWKV-7 compiled step)",
+    rows.append(("ours, generate() with compile_decode through transformers' loop",
+                 {"decode_1": ours.get("decode_1_generate_fused_hf_loop"), "decode_32": ours.get("decode_32_generate_fused_hf_loop")}))
+    rows.append(("ours, generate() with compile_decode (own loop; RWKV-7 compiled step)",
                  {"decode_1": ours.get("decode_1_generate_fused"), "decode_32": ours.get("decode_32_generate_fused")}))
     rows.append(("ours, RwkvGraphDecoder(fused=True).step", {"decode_1": ours.get("decode_1_graph_fused"),
                                                               "decode_32": ours.get("decode_32_graph_fused")}))

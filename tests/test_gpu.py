@@ -498,3 +498,155 @@ def test_recurrent_mode_is_honoured_on_cuda_decode(version, where, monkeypatch):
         cpu = m.to("cpu").generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, wkv_mode="recurrent")
     assert [(p.runner, p.wkv) for p in paths] == [("graph", "recurrent")], paths
     assert gpu.cpu().tolist() == cpu.tolist()
+
+
+# ------------------------------------------------------------- generate()'s own loop (rwkv_generate)
+def _transformers_loop():
+    """generate() through transformers' `_sample` loop: our decision (rwkv_paths.own_generate_loop) says no."""
+    import contextlib
+
+    from rwkv_hf.modeling import rwkv_common
+
+    @contextlib.contextmanager
+    def ctx():
+        real = rwkv_common.own_generate_loop
+        rwkv_common.own_generate_loop = lambda *a, **k: None
+        try:
+            yield
+        finally:
+            rwkv_common.own_generate_loop = real
+
+    return ctx()
+
+
+def _both_loops(m, seed=0, **kw):
+    """(transformers' loop's result, our loop's) of one generate() call, each after torch.manual_seed(seed)."""
+    out = []
+    for own in (False, True):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            if own:
+                out.append(m.generate(**kw))
+            else:
+                with _transformers_loop():
+                    out.append(m.generate(**kw))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("version", ["4", "5.2", "6", "7"])
+def test_own_generate_loop_gives_transformers_tokens_on_cuda(version, batch):
+    """bf16, steps replayed from the captured graph: our loop's greedy and seeded sampled tokens are
+    transformers' loop's; with EOS tokens that stop every row part way (our loop looks every 8 steps,
+    so it runs past the end and undoes it), the result is cut where transformers' is and the returned
+    cache is transformers' state exactly."""
+    from rwkv_hf.modeling import rwkv_decode
+    from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD
+
+    m = build(version, torch.bfloat16, n_layer=3)
+    ids, mask = prompts(batch, seed=9)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0)
+    theirs, ours = _both_loops(m, do_sample=False, eos_token_id=None, **kw)
+    assert rwkv_decode._DECODERS.get(m), "the graph path was not taken"
+    assert torch.equal(theirs, ours), (theirs, ours)
+    theirs, ours = _both_loops(m, seed=3, do_sample=True, top_k=50, top_p=0.95, temperature=0.9, repetition_penalty=1.2,
+                               eos_token_id=None, **kw)
+    assert torch.equal(theirs, ours), (theirs, ours)
+    # every row stops at a token it generates at step 5 + row (0-based) or earlier
+    sample = dict(do_sample=True, top_k=50)
+    _, free = _both_loops(m, seed=3, eos_token_id=None, **sample, **kw)
+    eos = sorted({row[5 + r] for r, row in enumerate(free[:, ids.shape[1]:].tolist())})
+    theirs, ours = _both_loops(m, seed=3, eos_token_id=eos, return_dict_in_generate=True, **sample, **kw)
+    assert torch.equal(theirs.sequences, ours.sequences)
+    print(f"\nv{version} b{batch}: stopped after {ours.sequences.shape[1] - ids.shape[1]} of 24 new tokens")
+    a, b = getattr(theirs, CACHE_FIELD), getattr(ours, CACHE_FIELD)
+    assert a.seen_tokens == b.seen_tokens
+    flat = lambda c: [t for s in c.layers_state for x in s for t in (x if isinstance(x, tuple) else (x,))]  # noqa: E731
+    for x, y in zip(flat(a), flat(b)):
+        assert torch.equal(x, y)
+
+
+def _count_syncs(fn) -> int:
+    """How many synchronizing CUDA operations fn() makes (torch's sync debug mode, as warnings)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+def test_own_generate_loop_syncs_every_few_steps():
+    """transformers' loop waits for the GPU every token; ours only when it looks (every 8 steps) and
+    in the prefill. Printed for sampling too (whether torch.multinomial itself syncs on this torch)."""
+    from rwkv_hf.modeling.rwkv_generate import STOP_CHECK_EVERY
+
+    m = build("7", torch.bfloat16, n_layer=2)
+    ids, mask = prompts(2, seed=1)
+    n = 64
+    counts = {}
+    for name, kw in (("greedy", dict(do_sample=False)), ("sampling", dict(do_sample=True, top_k=50, top_p=0.9))):
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=0, **kw)
+        with torch.no_grad():
+            m.generate(**kw)  # capture the graphs first
+            # generate()'s preparation, the prefill and one look: what any call costs
+            one = _count_syncs(lambda: m.generate(**{**kw, "max_new_tokens": 1, "min_new_tokens": 1}))
+            with _transformers_loop():
+                theirs = _count_syncs(lambda: m.generate(**kw))
+            ours = _count_syncs(lambda: m.generate(**kw))
+        counts[name] = (theirs, ours)
+        print(f"\n{name}, {n} new tokens: syncs through transformers' loop {theirs}, our loop {ours} "
+              f"(a call for one token: {one})")
+    theirs, ours = counts["greedy"]
+    assert theirs >= n
+    assert ours <= one + n // STOP_CHECK_EVERY["cuda"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["graphs", "compile_decode"])
+def test_own_generate_loop_speed(compiled):
+    """Prints generate()'s tok/s with our loop and with transformers' (1.5B-shaped RWKV-7, bf16, random
+    weights; 200 new tokens after a 16-token prompt; batch 1 and 32). No assertion: a measurement."""
+    import time
+
+    import rwkv_hf.modeling as M
+    from rwkv_hf.modeling import Rwkv7Config
+
+    cfg = Rwkv7Config(hidden_size=2048, num_hidden_layers=24, intermediate_size=8192, head_size=64,
+                      decay_lora=96, a_lora=96, v_lora=64, gate_lora=256)
+    with torch.device(DEV):
+        m = M.Rwkv7ForCausalLM(cfg).to(torch.bfloat16).eval()
+    m.config.compile_decode = compiled
+    n = 200
+    for B in (1, 32):
+        ids = torch.randint(0, 65536, (B, 16), generator=torch.Generator().manual_seed(B)).to(DEV)
+        kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=0)
+        rates = {}
+        for name in ("transformers", "ours"):
+            def gen(name=name):
+                with torch.no_grad():
+                    if name == "ours":
+                        return m.generate(ids, **kw)
+                    with _transformers_loop():
+                        return m.generate(ids, **kw)
+
+            gen()  # capture (and compile)
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                out = gen()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            assert out.shape == (B, 16 + n)
+            rates[name] = B * n / sorted(times)[1]
+        print(f"\ngenerate() {'compile_decode' if compiled else 'graphs'} b{B}, {n} new tokens: "
+              f"transformers' loop {rates['transformers']:,.0f} tok/s, our loop {rates['ours']:,.0f} tok/s "
+              f"({rates['ours'] / rates['transformers']:.2f}x)")

@@ -32,6 +32,7 @@ from .rwkv_ops import wkv5_recurrent
 from .rwkv7_deepembed import deep_embed_gate  # noqa: F401
 from .rwkv_cache import RwkvCache  # noqa: F401
 from .rwkv_decode import RwkvGraphDecoder  # noqa: F401
+from .rwkv_generate import decode_loop  # noqa: F401
 from .rwkv_inputs import check_ids  # noqa: F401
 from .rwkv_loss import linear_cross_entropy  # noqa: F401
 from .rwkv_paths import pick_path  # noqa: F401

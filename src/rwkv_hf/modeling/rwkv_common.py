@@ -19,11 +19,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .rwkv7_deepembed import deep_embed_inputs
 from .rwkv_cache import CACHE_FIELD, RwkvCache, map_tensors, zip_tensors
 from .rwkv_decode import step_logits
+from .rwkv_generate import decode_loop
 from .rwkv_helpers import ModuleCalls, exporting, layer_norm_fp32
 from .rwkv_inputs import check_ids, document_starts, normalize_mask
 from .rwkv_loss import linear_cross_entropy, shifted_targets
 from .rwkv_paths import Path as RunPath
-from .rwkv_paths import global_hooks, pick_path
+from .rwkv_paths import global_hooks, own_generate_loop, pick_path
 from .rwkv_peft import register_lora_targets
 from .rwkv_saving import auto_map, write_self_contained
 from .rwkv_state import RwkvStateMixin, initial_wkv
@@ -538,6 +539,20 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
             kwargs.pop(name, None)
         inputs.update(kwargs)
         return inputs
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False, streamer=None,
+                **model_kwargs):
+        """generate()'s greedy and sampling loop: ours (`rwkv_generate.decode_loop`: the same tokens, the
+        host off the device's critical path) where `rwkv_paths.own_generate_loop` finds that it gives
+        what transformers' gives, else transformers' own, unchanged. transformers has prepared everything
+        before this point (generation config, logits processors, stopping criteria, cache, streamer)."""
+        path = own_generate_loop(self, input_ids, generation_config, logits_processor, stopping_criteria, model_kwargs,
+                                 synced_gpus)
+        if path is None:
+            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
+                                   synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        return decode_loop(self, input_ids, logits_processor, stopping_criteria, generation_config, path, streamer,
+                           **model_kwargs)
 
     def _reorder_cache(self, cache: RwkvCache, beam_idx: torch.LongTensor) -> RwkvCache:
         cache.reorder_cache(beam_idx)

@@ -17,6 +17,9 @@ A `Path` has three parts:
 where fla is installed and the version has a kernel, else chunk, and recurrent for one token per
 row; any other mode is used as given, in a captured graph too. When exporting, everything is the
 recurrence through the modules, the one form a recorded graph holds for every length.
+
+`own_generate_loop` decides, the same way, whether generate()'s greedy/sampling loop is transformers'
+or ours (`rwkv_generate.decode_loop`, which feeds the decode steps this path names).
 """
 
 from __future__ import annotations
@@ -85,6 +88,68 @@ def pick_path(
     else:
         wkv = "fla" if fla else "chunk"
     return Path(runner, wkv, compiled, compiled and on_cuda and 0 < batch <= REDUCTION_MAX_BATCH)
+
+
+# ---------------------------------------------------------------------------------- generate()'s loop
+# transformers' logits processors that are functions of (input_ids, scores) alone: no state kept from
+# one call to the next, no random numbers, no model. Our loop calls them as transformers' does.
+PURE_PROCESSORS = frozenset({
+    "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TopHLogitsWarper",
+    "TypicalLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper", "RepetitionPenaltyLogitsProcessor",
+    "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor", "NoRepeatNGramLogitsProcessor",
+    "SequenceBiasLogitsProcessor", "NoBadWordsLogitsProcessor", "SuppressTokensLogitsProcessor",
+    "SuppressTokensAtBeginLogitsProcessor", "ForcedBOSTokenLogitsProcessor", "ForcedEOSTokenLogitsProcessor",
+    "InfNanRemoveLogitsProcessor", "ExponentialDecayLengthPenalty", "LogitNormalization",
+})
+# stopping criteria computed on the device from the ids alone (the length one is the loop's bound)
+DEVICE_CRITERIA = frozenset({"MaxLengthCriteria", "EosTokenCriteria", "StopStringCriteria"})
+# what generate() may hand the loop besides the ids: the mask, the cache, and what the prefill uses
+LOOP_KWARGS = frozenset({"attention_mask", "cache", "past_key_values", "use_cache", "logits_to_keep", "position_ids",
+                         "cache_position", "token_type_ids", "wkv_mode", "tokenizer"})
+
+
+def _transformers_own(obj, names) -> bool:
+    return type(obj).__name__ in names and type(obj).__module__.startswith("transformers.")
+
+
+def own_generate_loop(
+    model, input_ids, generation_config, logits_processor, stopping_criteria, model_kwargs, synced_gpus=False
+) -> Optional[Path]:
+    """The decode-step path for our own generate() loop (`rwkv_generate.decode_loop`), or None for
+    transformers' `_sample` loop. Ours runs where it gives what transformers' gives, token for token:
+    greedy or multinomial sampling from input_ids (a padding mask, a cache to continue) on CPU or CUDA,
+    with transformers' own pure logits processors (`PURE_PROCESSORS`) and device-side stopping
+    criteria, returning the sequences (and the cache); and where a decode step leaves the modules (no
+    hooks, adapters or quantized layers: `pick_path`). Anything else (scores, logits, hidden states or
+    attentions asked for, a user's stopping criteria or processor of another kind, `inputs_embeds`,
+    chunked prefill, an assistant's loop, synced GPUs, extra forward arguments) is transformers'."""
+    kw = {k: v for k, v in model_kwargs.items() if v is not None}
+    cfg = generation_config
+    if (
+        synced_gpus
+        or torch.is_grad_enabled()
+        or input_ids is None
+        or input_ids.dim() != 2
+        or input_ids.device.type not in ("cpu", "cuda")
+        or input_ids.device != model.lm_head.weight.device
+        or not set(kw) <= LOOP_KWARGS
+        or kw.get("use_cache") is False
+        or not (type(kw.get("logits_to_keep", 1)) is int and kw.get("logits_to_keep", 1) == 1)
+        or any(getattr(cfg, f, False) for f in ("output_scores", "output_logits", "output_attentions",
+                                                "output_hidden_states", "is_assistant"))
+        or getattr(cfg, "prefill_chunk_size", None) is not None
+        or not all(_transformers_own(p, PURE_PROCESSORS) for p in logits_processor)
+        or not all(_transformers_own(c, DEVICE_CRITERIA) for c in stopping_criteria)
+        or getattr(stopping_criteria, "max_length", None) is None
+    ):
+        return None
+    if any(hasattr(c, "eos_token_id") for c in stopping_criteria):
+        # finished rows are fed the padding token: transformers' own step would refuse one outside the vocabulary
+        pad = getattr(cfg, "_pad_token_tensor", None)
+        if pad is None or pad.numel() != 1 or not 0 <= int(pad) < model.config.vocab_size:
+            return None
+    path = pick_path(model, input_ids.device, 1, kw.get("wkv_mode"), step=True, batch=input_ids.shape[0])
+    return None if path.runner == "modules" else path
 
 
 def _single_device(model) -> bool:
