@@ -41,6 +41,12 @@ def _map_tensors(fn: Callable[[Tensor], Tensor], obj: Any) -> Any:
     return obj
 
 
+def _flat_tensors(obj: Any) -> List[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    return [t for o in obj for t in _flat_tensors(o)] if isinstance(obj, (tuple, list)) else []
+
+
 def _zip_tensors(fn: Callable[[Tensor, Tensor], Tensor], a: Any, b: Any) -> Any:
     """fn over the tensors of two states of the same structure."""
     if isinstance(a, Tensor):
@@ -73,6 +79,16 @@ class RwkvCache(Cache):
 
     def __len__(self):
         return self.num_layers
+
+    def __getitem__(self, layer_idx: int) -> Tuple[Tensor, ...]:
+        """Layer `layer_idx`'s state as a flat tuple of tensors (`cache[i]`, as transformers reads a cache per
+        layer; empty before the layer has run)."""
+        if not -self.num_layers <= layer_idx < self.num_layers:
+            raise IndexError(f"the cache has {self.num_layers} layers, not a layer {layer_idx}")
+        return tuple(_flat_tensors(self.layers_state[layer_idx]))
+
+    def __iter__(self):
+        return (self[i] for i in range(self.num_layers))
 
     @property
     def is_linear(self) -> List[bool]:
