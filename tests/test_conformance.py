@@ -62,6 +62,29 @@ def test_generate_continues_from_inputs_embeds_and_a_cache(version):
     assert torch.cat([first.sequences, rest.sequences], dim=1).tolist() == whole.tolist()
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_cache_is_indexed_by_layer_like_transformers_caches(version):
+    """A returned cache reads as transformers' generation tests read one (test_generate_continue_from_past_key_values,
+    test_generate_continue_from_inputs_embeds): len(cache) layers, cache[layer] a tuple of that layer's state tensors,
+    iteration over the layers. The state after 3 + 1 tokens equals the state after 4 at once."""
+    model = small_model(version)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
+    with torch.no_grad():
+        whole = model.generate(IDS, max_new_tokens=4, **kw).past_key_values
+        first = model.generate(IDS, max_new_tokens=3, **kw)
+        rest = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=1, **kw)
+    cont = rest.past_key_values
+    per_layer = 5 if version == "4" else 3  # token shifts and the WKV state (v4: its aa, bb, pp)
+    assert len(whole) == len(cont) == 2 and len(list(whole)) == 2
+    for layer in range(2):
+        assert len(whole[layer]) == len(cont[layer]) == per_layer
+        for a, b in zip(whole[layer], cont[layer]):
+            assert a.shape[0] == IDS.shape[0]
+            torch.testing.assert_close(a, b)
+    with pytest.raises(IndexError):
+        whole[2]
+
+
 # --------------------------------------------------------------- 2, 3: hidden states, kwargs, config
 @pytest.mark.parametrize("version", VERSIONS)
 def test_generate_returns_hidden_states(version):

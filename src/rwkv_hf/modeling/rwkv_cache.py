@@ -3,7 +3,7 @@ walk a state's nested tuples of tensors. A leaf: it imports only torch and trans
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from transformers.cache_utils import Cache
@@ -22,6 +22,13 @@ def map_tensors(fn: Callable[[Tensor], Tensor], obj: Any) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(map_tensors(fn, o) for o in obj)
     return obj
+
+
+def flat_tensors(obj: Any) -> List[Tensor]:
+    """The tensors of a state, in order."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    return [t for o in obj for t in flat_tensors(o)] if isinstance(obj, (tuple, list)) else []
 
 
 def zip_tensors(fn: Callable[[Tensor, Tensor], Tensor], a: Any, b: Any) -> Any:
@@ -56,6 +63,16 @@ class RwkvCache(Cache):
 
     def __len__(self):
         return self.num_layers
+
+    def __getitem__(self, layer_idx: int) -> Tuple[Tensor, ...]:
+        """Layer `layer_idx`'s state as a flat tuple of tensors (`cache[i]`, as transformers reads a cache per
+        layer; empty before the layer has run)."""
+        if not -self.num_layers <= layer_idx < self.num_layers:
+            raise IndexError(f"the cache has {self.num_layers} layers, not a layer {layer_idx}")
+        return tuple(flat_tensors(self.layers_state[layer_idx]))
+
+    def __iter__(self):
+        return (self[i] for i in range(self.num_layers))
 
     @property
     def is_linear(self) -> List[bool]:
