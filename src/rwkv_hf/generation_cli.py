@@ -22,6 +22,8 @@ from typing import Iterable, List, Optional, Sequence
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .modeling.rwkv_state import error_line
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TURN_END = "\n\n"  # the World chat format ends every message with a blank line
 
@@ -62,12 +64,6 @@ _SIZE_FIELDS = ("hidden_size", "vocab_size", "intermediate_size", "attention_hid
 _LAYER_KEY = re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.")
 
 
-def _first_line(e: BaseException) -> str:
-    from .convert.hf_folder import _first_line
-
-    return _first_line(e)
-
-
 def check_model_folder(folder: Path) -> None:
     """A local model folder, checked before transformers builds anything from it: config.json is a
     JSON object, every safetensors file is whole, and the config's layer count is the weights'
@@ -83,7 +79,7 @@ def check_model_folder(folder: Path) -> None:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except ValueError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({_first_line(e)})") from None
+        raise ValueError(f"{config_path}: not valid JSON ({error_line(e)})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: not a JSON object")
     try:
@@ -98,7 +94,7 @@ def check_model_folder(folder: Path) -> None:
             with safe_open(str(f), framework="pt") as h:
                 shapes.update({k: h.get_slice(k).get_shape() for k in h.keys()})
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{f}: damaged or truncated safetensors file ({_first_line(e)})") from None
+            raise ValueError(f"{f}: damaged or truncated safetensors file ({error_line(e)})") from None
     blocks = {int(m.group(1)) for k in shapes if (m := _LAYER_KEY.search(k))}
     layers = config.get("num_hidden_layers", config.get("n_layer"))
     if isinstance(layers, int) and blocks and layers != len(blocks):
@@ -164,11 +160,11 @@ def _load_tokenizer(model: str, **kwargs):
     try:
         return AutoTokenizer.from_pretrained(model, **kwargs)
     except (KeyError, TypeError, AttributeError) as e:  # tokenizer files that parse but hold the wrong things
-        raise ValueError(f"{model}: its tokenizer files cannot be loaded ({type(e).__name__}: {_first_line(e)})") from None
+        raise ValueError(f"{model}: its tokenizer files cannot be loaded ({type(e).__name__}: {error_line(e)})") from None
     except Exception as e:  # the `tokenizers` library raises a bare Exception for a tokenizer.json it cannot read
         if type(e) is not Exception:
             raise
-        raise ValueError(f"{model}: its tokenizer.json cannot be read ({_first_line(e)})") from None
+        raise ValueError(f"{model}: its tokenizer.json cannot be read ({error_line(e)})") from None
 
 
 def load_model(model: str, device: Optional[str] = None, dtype: Optional[str] = None, trust_remote_code: bool = False):

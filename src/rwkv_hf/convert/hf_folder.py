@@ -30,6 +30,7 @@ from transformers import GenerationConfig
 
 from ..modeling import FAMILIES
 from ..modeling.rwkv_saving import remote_code_files
+from ..modeling.rwkv_state import error_line
 from ..safe_write import atomic_file, atomic_folder, guard_output
 from ..version import __version__
 from .blinkdl import SPECS, CheckpointError, config_from_state_dict, to_blinkdl_key, to_hf_key
@@ -45,13 +46,6 @@ OUTPUT_LAYOUTS = ("rwkv-hf", "transformers", *TARGETS)
 
 
 # ------------------------------------------------------------------------------------------ reading
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    if text.startswith("Weights only load failed"):
-        return "the safe weights-only loader refused it: not a plain checkpoint of tensors, or damaged"
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _load_torch_file(path: Path) -> Dict[str, torch.Tensor]:
     try:
         try:
@@ -61,7 +55,7 @@ def _load_torch_file(path: Path) -> Dict[str, torch.Tensor]:
                 raise
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for truncated/corrupt/unsafe files
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({error_line(e)})") from None
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]  # a Lightning-style wrapper
     if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -78,7 +72,7 @@ def _load_safetensors_file(path: Path) -> Dict[str, torch.Tensor]:
     try:
         sd = load_file(str(path))
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot be read as safetensors ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({error_line(e)})") from None
     if not sd:
         raise CheckpointError(f"{path}: holds no tensors")
     return sd
@@ -91,7 +85,7 @@ def _folder_weight_files(folder: Path) -> List[Path]:
             try:
                 names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             except Exception as e:
-                raise CheckpointError(f"{index}: unreadable index ({_first_line(e)})") from None
+                raise CheckpointError(f"{index}: unreadable index ({error_line(e)})") from None
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:
                 raise CheckpointError(f"{folder}: the index names {missing[0]}, which is missing")
@@ -248,7 +242,7 @@ def write_failed(path: os.PathLike, e: BaseException) -> OSError:
         free = f"; {shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
     except OSError:
         free = ""
-    return OSError(f"writing {path.name} in {path.parent} failed ({_first_line(e)}){free}; nothing was written")
+    return OSError(f"writing {path.name} in {path.parent} failed ({error_line(e)}){free}; nothing was written")
 
 
 def _unshared(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -80,6 +80,16 @@ def initial_wkv(att: nn.Module, batch_size: int, device) -> Optional[Tensor]:
 
 
 # ------------------------------------------------------------------------------------------- files
+def error_line(e: BaseException) -> str:
+    """An exception as one line, e.g. why torch.load (weights only) or safetensors could not read a file
+    (their messages run to many lines; the weights-only refusal's first line names no cause a user can
+    act on)."""
+    text = str(e).strip()
+    if text.startswith("Weights only load failed"):
+        return "the safe weights-only loader refused it: not a plain dict of tensors, or damaged"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def read_state_file(path) -> Dict[str, Tensor]:
     """The tensors of a state file (`.pth`, or `.safetensors` with the same keys), on the CPU."""
     path = Path(path)
@@ -93,10 +103,7 @@ def read_state_file(path) -> Dict[str, Tensor]:
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged or foreign file: one line, not the loader's traceback
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if first.startswith("Weights only load failed"):
-            first = "not a plain dict of tensors, or damaged"
-        raise StateFileError(f"{path} is not a readable state file: {first}") from None
+        raise StateFileError(f"{path} is not a readable state file: {error_line(e)}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise StateFileError(f"{path} is not a state file: expected a dict of tensors")
     return sd
