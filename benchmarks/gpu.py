@@ -90,29 +90,12 @@ def state_dict(dtype=torch.bfloat16):
 
 
 # ------------------------------------------------------------------------------------------- ours
-def transformers_loop():
-    """generate() through transformers' `_sample` loop instead of ours (rwkv_generate)."""
-    import contextlib
-
-    from rwkv_hf.modeling import rwkv_common
-
-    @contextlib.contextmanager
-    def ctx():
-        real = rwkv_common.own_generate_loop
-        rwkv_common.own_generate_loop = lambda *a, **k: None
-        try:
-            yield
-        finally:
-            rwkv_common.own_generate_loop = real
-
-    return ctx()
-
-
 def bench_ours(sd, args, res):
     import rwkv_hf.modeling as M
     from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
     from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD
     from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
+    from rwkv_hf.testing import transformers_generate_loop
 
     spec, cfg = config_from_state_dict(sd)
     with torch.device("meta"):
@@ -150,7 +133,7 @@ def bench_ours(sd, args, res):
             s = cuda_time(gen, warmup=0, reps=3)
             out[f"decode_{B}_generate"] = B * n_new / s
             print(f"ours generate() b{B}, {n_new} new tokens: {out[f'decode_{B}_generate']:,.1f} tok/s", flush=True)
-            with transformers_loop():
+            with transformers_generate_loop():
                 s = cuda_time(gen, warmup=1, reps=3)
             out[f"decode_{B}_generate_hf_loop"] = B * n_new / s
             print(f"ours generate() b{B} through transformers' loop: {out[f'decode_{B}_generate_hf_loop']:,.1f} tok/s", flush=True)
@@ -165,7 +148,7 @@ def bench_ours(sd, args, res):
             out[f"decode_{B}_compile_s"] = time.time() - t
             s = cuda_time(gen, warmup=0, reps=3)
             out[f"decode_{B}_generate_fused"] = B * n_new / s
-            with transformers_loop():
+            with transformers_generate_loop():
                 s = cuda_time(gen, warmup=1, reps=3)
             out[f"decode_{B}_generate_fused_hf_loop"] = B * n_new / s
             m.config.compile_decode = False

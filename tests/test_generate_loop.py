@@ -14,7 +14,7 @@ from transformers.generation.streamers import BaseStreamer, TextStreamer
 
 from rwkv_hf.modeling import rwkv_common, rwkv_generate
 from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD
-from rwkv_hf.testing import build_model, make_state_dict
+from rwkv_hf.testing import build_model, make_state_dict, transformers_generate_loop
 
 VERSIONS = ["4", "5.2", "6", "7"]
 VOCAB = 512
@@ -35,17 +35,6 @@ def padded_batch(vocab: int = VOCAB, seed: int = 0):
     mask[0, :4] = 0
     mask[2, :1] = 0
     return ids.masked_fill(mask == 0, 0), mask
-
-
-@contextlib.contextmanager
-def transformers_loop():
-    """generate() as transformers runs it: our decision says no."""
-    real = rwkv_common.own_generate_loop
-    rwkv_common.own_generate_loop = lambda *a, **k: None
-    try:
-        yield
-    finally:
-        rwkv_common.own_generate_loop = real
 
 
 @pytest.fixture
@@ -77,7 +66,7 @@ def every(request, monkeypatch):
 def both(model, seed=None, **kw):
     """(transformers' result, ours, random numbers drawn after each) of one generate() call."""
     out = []
-    for ctx in (transformers_loop(), contextlib.nullcontext()):
+    for ctx in (transformers_generate_loop(), contextlib.nullcontext()):
         with ctx:
             if seed is not None:
                 torch.manual_seed(seed)
@@ -117,7 +106,7 @@ def test_greedy_padded_batch_and_continued_cache(version, own_calls, every):
     more = torch.cat([ours.sequences, torch.full((3, 2), 5)], 1)
     more_mask = torch.cat([mask, torch.ones(3, 11, dtype=mask.dtype)], 1)
     kw2 = dict(attention_mask=more_mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
-    with transformers_loop():
+    with transformers_generate_loop():
         again_theirs = model.generate(more, **{CACHE_FIELD: cache_theirs}, **kw2)
     again_ours = model.generate(more, **{CACHE_FIELD: cache_ours}, **kw2)
     assert torch.equal(again_theirs, again_ours)
@@ -267,7 +256,7 @@ def test_streamer(world, own_calls, every, stop):
         row = model.generate(ids, **kw)[0, ids.shape[1]:].tolist()
         kw["eos_token_id"] = row[5]
     got = []
-    for ctx in (transformers_loop(), contextlib.nullcontext()):
+    for ctx in (transformers_generate_loop(), contextlib.nullcontext()):
         with ctx:
             rec, text = Recorder(), TextRecorder(tok)
             torch.manual_seed(1)

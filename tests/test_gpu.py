@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from rwkv_hf.modeling.rwkv_ops import wkv5_recurrent, wkv7_recurrent
+from rwkv_hf.testing import transformers_generate_loop
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -501,24 +502,6 @@ def test_recurrent_mode_is_honoured_on_cuda_decode(version, where, monkeypatch):
 
 
 # ------------------------------------------------------------- generate()'s own loop (rwkv_generate)
-def _transformers_loop():
-    """generate() through transformers' `_sample` loop: our decision (rwkv_paths.own_generate_loop) says no."""
-    import contextlib
-
-    from rwkv_hf.modeling import rwkv_common
-
-    @contextlib.contextmanager
-    def ctx():
-        real = rwkv_common.own_generate_loop
-        rwkv_common.own_generate_loop = lambda *a, **k: None
-        try:
-            yield
-        finally:
-            rwkv_common.own_generate_loop = real
-
-    return ctx()
-
-
 def _both_loops(m, seed=0, **kw):
     """(transformers' loop's result, our loop's) of one generate() call, each after torch.manual_seed(seed)."""
     out = []
@@ -528,7 +511,7 @@ def _both_loops(m, seed=0, **kw):
             if own:
                 out.append(m.generate(**kw))
             else:
-                with _transformers_loop():
+                with transformers_generate_loop():
                     out.append(m.generate(**kw))
     return out
 
@@ -598,7 +581,7 @@ def test_own_generate_loop_syncs_every_few_steps():
             m.generate(**kw)  # capture the graphs first
             # generate()'s preparation, the prefill and one look: what any call costs
             one = _count_syncs(lambda: m.generate(**{**kw, "max_new_tokens": 1, "min_new_tokens": 1}))
-            with _transformers_loop():
+            with transformers_generate_loop():
                 theirs = _count_syncs(lambda: m.generate(**kw))
             ours = _count_syncs(lambda: m.generate(**kw))
         counts[name] = (theirs, ours)
@@ -634,7 +617,7 @@ def test_own_generate_loop_speed(compiled):
                 with torch.no_grad():
                     if name == "ours":
                         return m.generate(ids, **kw)
-                    with _transformers_loop():
+                    with transformers_generate_loop():
                         return m.generate(ids, **kw)
 
             gen()  # capture (and compile)

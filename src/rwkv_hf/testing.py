@@ -9,6 +9,7 @@ many bugs through). `run_reference` runs BlinkDL's own `rwkv` package on such a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -373,3 +374,17 @@ def run_without_rwkv_hf(code: str, args: Sequence[str] = (), cwd=None, env=None,
         text=True,
         timeout=timeout,
     )
+
+
+@contextlib.contextmanager
+def transformers_generate_loop():
+    """Within it, generate() runs transformers' own `_sample` loop, not ours (`rwkv_generate`): what
+    the tests and benchmarks compare our loop with."""
+    from .modeling import rwkv_common
+
+    real = rwkv_common.own_generate_loop
+    rwkv_common.own_generate_loop = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        rwkv_common.own_generate_loop = real

@@ -161,18 +161,18 @@ _GRAPH_SAFE = (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.ModuleLis
 # this package's modules, installed (rwkv_hf.modeling.*) or as remote code (transformers_modules.<folder>.*)
 _OUR_MODULES = (__name__.rsplit(".", 1)[0] + ".",)
 
-# Which modules a model holds changes rarely (PEFT injecting adapters, a user swapping a layer); hooks
-# can come and go at any step. `plain_modules` walks the module tree only when a submodule was
-# registered anywhere since its last walk (counted by torch's global registration hook, installed on
-# the first call) and otherwise checks the hook dicts it kept from that walk: ~5 us a step instead of
-# ~250 us for 24 layers. (A module written straight into a parent's `_modules` dict, bypassing
-# setattr/add_module, goes unseen.)
+# Which modules and weights a model holds changes rarely (PEFT injecting adapters, a user swapping a
+# layer, a quantizer replacing weights); hooks can come and go at any step. `plain_modules` walks the
+# module tree only when a submodule or a parameter was registered anywhere since its last walk
+# (counted by torch's global registration hooks, installed on the first call) and otherwise checks the
+# hook dicts it kept from that walk: ~5 us a step instead of ~250 us for 24 layers. (A module or
+# weight written straight into a `_modules`/`_parameters` dict, bypassing setattr, goes unseen.)
 _MODULE_REGISTRATIONS = [0]
 _PLAIN_CHECKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _COUNTING: list = []
 
 
-def _count_registration(module, name, submodule):
+def _count_registration(module, name, value):
     _MODULE_REGISTRATIONS[0] += 1
 
 
@@ -182,18 +182,23 @@ def global_hooks() -> bool:
 
 
 def plain_modules(model: nn.Module) -> bool:
-    """Only our own modules and torch's basic layers, without hooks. A decode step calls the layers'
-    functions directly, and a captured graph replays the modules as they were at capture, so anything
-    that can change what a module does between steps (PEFT adapters switched on and off, forward
-    hooks, quantized layers) keeps the step in the modules."""
-    if not _COUNTING:  # (a module registered before this first call is seen by the first walk)
-        _COUNTING.append(torch.nn.modules.module.register_module_module_registration_hook(_count_registration))
+    """Only our own modules and torch's basic layers holding plain tensors, without hooks. A decode step
+    calls the layers' functions on their weights directly, and a captured graph replays the modules as
+    they were at capture, so anything that can change what a module does between steps (PEFT adapters
+    switched on and off, forward hooks) or that a plain product cannot read (quantized layers such as
+    bitsandbytes' `Linear8bitLt`/`Linear4bit`, weights that are tensor subclasses) keeps the step in
+    the modules."""
+    if not _COUNTING:  # (what was registered before this first call is seen by the first walk)
+        hooks = torch.nn.modules.module
+        _COUNTING.append(hooks.register_module_module_registration_hook(_count_registration))
+        _COUNTING.append(hooks.register_module_parameter_registration_hook(_count_registration))
     if global_hooks():
         return False
     seen = _PLAIN_CHECKS.get(model)
     if seen is None or seen[0] != _MODULE_REGISTRATIONS[0]:
         modules = list(model.modules())
-        ours = all(type(m) in _GRAPH_SAFE or type(m).__module__.startswith(_OUR_MODULES) for m in modules)
+        ours = all(type(m) in _GRAPH_SAFE or type(m).__module__.startswith(_OUR_MODULES) for m in modules) and all(
+            type(t.data) is torch.Tensor for t in model.parameters())
         hook_dicts = [m._forward_hooks for m in modules] + [m._forward_pre_hooks for m in modules]
         seen = _PLAIN_CHECKS[model] = (_MODULE_REGISTRATIONS[0], ours, hook_dicts)
     return seen[1] and not any(seen[2])
