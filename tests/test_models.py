@@ -21,10 +21,6 @@ SEQ = torch.randint(1, 65536, (72,), generator=torch.Generator().manual_seed(7))
 REL_TOL = 1e-4  # the issue's bound: max |diff| <= 1e-4 x max |logit| at every position
 
 
-
-
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """version -> (path, state dict) of a 2-layer, width-128 synthetic checkpoint."""

@@ -20,10 +20,6 @@ SEQ = torch.randint(1, 65536, (24,), generator=torch.Generator().manual_seed(11)
 REL_TOL = 1e-4
 
 
-
-
-
-
 @pytest.fixture(scope="module")
 def setups(tmp_path_factory):
     """version -> (checkpoint path, state dict, state file path, model)."""

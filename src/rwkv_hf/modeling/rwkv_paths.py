@@ -72,13 +72,8 @@ def pick_path(
     runner = "modules"
     if step and _single_device(model) and plain_modules(model):
         runner = "graph" if on_cuda and graph else "step"
-    # The compiled step runs the recurrence (fla's kernels stay outside torch.compile). Not compiled:
-    # v4-v6 in fp16, whose on-the-fly rescaling depends on each layer's number (a recompile per layer),
-    # and v4 on CUDA, where torch 2.11's inductor computed wrong logits at batch 5 (error 0.9 of the
-    # logit range against the eager step, fp32; 5.2/6/7 agree to 1e-6).
-    fp16_rescale = getattr(config, "rescale_every", 0) > 0 and model.get_input_embeddings().weight.dtype == torch.float16
-    v4_cuda = config.model_type == "rwkv4_world" and on_cuda
-    compiled = runner != "modules" and compiled and mode in ("auto", "recurrent") and not fp16_rescale and not v4_cuda
+    # (the compiled step runs the recurrence: fla's kernels stay outside torch.compile)
+    compiled = runner != "modules" and compiled and mode in ("auto", "recurrent") and _compilable(model, on_cuda)
     if mode != "auto":
         wkv = mode
     elif seq_len == 1:
@@ -150,6 +145,17 @@ def own_generate_loop(
             return None
     path = pick_path(model, input_ids.device, 1, kw.get("wkv_mode"), step=True, batch=input_ids.shape[0])
     return None if path.runner == "modules" else path
+
+
+def _compilable(model, on_cuda: bool) -> bool:
+    """Whether the decode step may run compiled. Not: v4-v6 in fp16, whose on-the-fly rescaling depends
+    on each layer's number (a recompile per layer), and v4 on CUDA, where torch 2.11's inductor computed
+    wrong logits at batch 5 (error 0.9 of the logit range against the eager step, fp32; 5.2/6/7 agree
+    to 1e-6)."""
+    config = model.config
+    if config.model_type == "rwkv4_world" and on_cuda:
+        return False
+    return not (getattr(config, "rescale_every", 0) > 0 and model.get_input_embeddings().weight.dtype == torch.float16)
 
 
 def _single_device(model) -> bool:
