@@ -233,6 +233,40 @@ def test_step_computes_the_modules_step(version, calls, in_place, models):
         assert (x - y).abs().max() <= 1e-5 * y.abs().max().clamp_min(1.0)
 
 
+@pytest.mark.parametrize("version", ["5.2", "7"])
+def test_compiled_step_is_not_recorded_as_an_export(version, models):
+    """Under torch.compile a decode step is not an export: its one-token WKV is the update itself,
+    without the loop an exported graph keeps (`rwkv_ops._over_time`: torch's `scan`, lowered by
+    inductor to a while loop of extra kernels). torch 2.11's compiler answers
+    `torch.compiler.is_exporting()` True inside every compiled function (2.13's does not), so on 2.11
+    this failed before `exporting()` read torch.export's own flag. The graph dynamo records for each
+    block holds no `scan`/`while_loop`, and the compiled step's logits are the plain step's."""
+    import types
+
+    from rwkv_hf.modeling import rwkv_decode
+    from rwkv_hf.modeling.rwkv_paths import Path
+
+    model = models[version]
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    fn = rwkv_decode._block_forward_in_place
+    compiled = torch.compile(types.FunctionType(fn.__code__.replace(), fn.__globals__), backend=record, fullgraph=True)
+    ids = torch.tensor(SEQ[:6]).view(2, 3)
+    with torch.no_grad():
+        cache = getattr(model(ids, use_cache=True, logits_to_keep=1), CACHE_FIELD)
+        plain_cache, nxt = cache.clone(), torch.tensor(SEQ[6:8]).view(2, 1)
+        got = rwkv_decode.model_step(model, nxt, cache, Path("step", "recurrent", True), compiled)
+        want = rwkv_decode.model_step(model, nxt, plain_cache, Path("step", "recurrent"))
+    assert graphs, "nothing was compiled"
+    loops = [str(n.target) for g in graphs for n in g.graph.nodes if "scan" in str(n.target) or "while_loop" in str(n.target)]
+    assert not loops, loops
+    assert rel_err(got, want) <= 1e-5
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_cpu_decode_takes_the_step(version, models, monkeypatch):
     """Off CUDA, decode steps run `model_step` (not the modules): greedy tokens of a left-padded batch

@@ -34,8 +34,15 @@ def exporting() -> bool:
 
     A recorded graph must hold for every input, not only for the example it was recorded with, so
     then the WKV runs as the plain recurrence with its time loop kept in the graph (`rwkv_ops`), and
-    nothing branches on tensor values (see `rwkv_inputs`)."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    nothing branches on tensor values (see `rwkv_inputs`).
+
+    torch.export's flag is read itself, not through `torch.compiler.is_exporting()`: up to torch 2.12,
+    torch.compile's tracer answers that call True in every compiled function, which put a compiled
+    decode step's one-token WKV in an exported graph's loop (torch 2.11, H200, 1.5B RWKV-7: 623
+    kernels a step instead of 557)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    export = torch.compiler.is_exporting() if flag is None else flag
+    return export or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def token_shift(x: Tensor, prev: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
