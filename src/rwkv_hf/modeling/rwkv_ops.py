@@ -72,6 +72,12 @@ def _exists(mask: Optional[Tensor], state_dims: int) -> Optional[Tensor]:
     return None if mask is None else mask.view(*mask.shape, *[1] * (state_dims - 1))
 
 
+def _stacked(outs: List[Tensor]) -> Tensor:
+    """The per-token outputs along a new time axis; one token (a decode step) as a view, not a copy
+    (a copy would cost a compiled decode step a kernel per layer: torch.compile keeps `stack` apart)."""
+    return outs[0].unsqueeze(1) if len(outs) == 1 else torch.stack(outs, 1)
+
+
 # The loops below are scripted when exporting with torch.jit.trace, where an argument without a type is
 # a Tensor: their mask is a tensor there (eager it is None when every position exists).
 
@@ -106,7 +112,7 @@ def _wkv4_loop(log_w, u, k, v, state: Tuple[Tensor, Tensor, Tensor], mask):
     for t in range(k.shape[1]):
         state, out = _wkv4_token(log_w, u, state, k[:, t], v[:, t], None if mask is None else mask[:, t])
         outs.append(out)
-    return torch.stack(outs, 1), state
+    return _stacked(outs), state
 
 
 # ------------------------------------------------------------------------------------- v5.x and v6
@@ -138,7 +144,7 @@ def _wkv5_loop(u, r, k, v, w, S, mask):
     for t in range(k.shape[1]):
         S, out = _wkv5_token(u, S, r[:, t], k[:, t], v[:, t], w[:, t], None if mask is None else mask[:, t])
         outs.append(out)
-    return torch.stack(outs, 1), S
+    return _stacked(outs), S
 
 
 # ----------------------------------------------------------------------------------------------- v7
@@ -168,4 +174,4 @@ def _wkv7_loop(r, w, k, v, a, b, S, mask):
         m = None if mask is None else mask[:, t]
         S, out = _wkv7_token(S, r[:, t], w[:, t], k[:, t], v[:, t], a[:, t], b[:, t], m)
         outs.append(out)
-    return torch.stack(outs, 1), S
+    return _stacked(outs), S
