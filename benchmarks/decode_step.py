@@ -1,0 +1,76 @@
+"""The captured decode step alone, for comparing two checkouts (or inductor settings) side by side.
+
+`RwkvGraphDecoder(fused=...)` of the 1.5B-shaped RWKV-7 of `benchmarks/gpu.py` (bf16) at batch 1 and
+32: capture time (the first call compiles), tokens/s over --steps greedy steps, and a kernel profile of
+one step (matmul / WKV / other, kernel count). `--src DIR` imports rwkv_hf from another checkout's
+`src` (e.g. a worktree of an older commit; its decoder must take `fused=`), so that two trees run on
+the same card in one session, one process each:
+
+    python benchmarks/decode_step.py --src ../before/src; python benchmarks/decode_step.py
+    python benchmarks/decode_step.py --inductor combo_kernels=1
+
+Prints one line per batch size and writes decode_step.json to --out (default $OUT, else .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--src", help="import rwkv_hf from this directory (another checkout's src)")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--eager", action="store_true", help="the captured eager step instead of the compiled one")
+    ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
+                    help="set a torch._inductor.config option (ints and true/false), repeatable")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    if args.src:
+        sys.path.insert(0, os.path.abspath(args.src))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch
+    import torch._inductor.config as inductor_config
+
+    for item in args.inductor:
+        name, value = item.split("=", 1)
+        setattr(inductor_config, name, {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value))
+    import rwkv_hf
+    import rwkv_hf.modeling as M
+    from gpu import decode_rate, kernel_profile, state_dict
+    from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
+    from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
+
+    where = os.path.dirname(rwkv_hf.__file__)
+    sd = state_dict()
+    spec, cfg = config_from_state_dict(sd)
+    with torch.device("meta"):
+        m = M.FAMILIES[spec.family][2](cfg)
+    m.load_state_dict({to_hf_key(k): v for k, v in sd.items()}, assign=True)
+    m = m.to("cuda", torch.bfloat16).eval()
+    del sd
+    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rwkv_hf": where,
+           "inductor": args.inductor, "fused": not args.eager}
+    for B in args.batch:
+        t = time.time()
+        dec = RwkvGraphDecoder(m, batch_size=B, fused=not args.eager)
+        dec.step(torch.zeros(B, dtype=torch.long, device="cuda"))
+        torch.cuda.synchronize()
+        capture_s = time.time() - t
+        rate = decode_rate(dec.step, B, args.steps)
+        # one step unrolled (not replayed), to count its kernels; older decoders named it _fused_step
+        prof = kernel_profile(getattr(dec, "_step", None) or dec._fused_step)
+        res[f"b{B}"] = {"tok_s": rate, "capture_s": capture_s, "kernels": prof, "compiled": bool(dec.fused)}
+        print(f"{where} b{B}: {rate:,.1f} tok/s, capture {capture_s:.0f} s, compiled {bool(dec.fused)}, one step {prof}", flush=True)
+        del dec
+    with open(os.path.join(args.out, "decode_step.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""GPU training benchmark: ours vs flash-linear-attention's RWKV7ForCausalLM, one card.
+
+The shape of `benchmarks/gpu.py` (1.5B-shaped RWKV-7: 24 layers, width 2048, V 65536, random weights),
+bf16 weights, batch 4 x 2048 tokens. One training step is a forward with `labels` and a backward; the
+gradients are dropped (no optimizer: what is timed is the model). Rows:
+
+- ours: the default (LM head fused with the loss in chunks, `fuse_cross_entropy`), with full logits,
+  and with gradient checkpointing;
+- fla: its fused linear cross-entropy (its best mode for training), and with gradient checkpointing.
+
+Every row: median seconds per step over --steps steps after --warmup steps, as tokens/s, and the peak
+memory of those steps (torch.cuda.max_memory_allocated, weights included). The first step of each row
+is timed on its own: on a cold card it includes Triton's autotuning of the WKV kernels (both libraries
+use fla's), paid once per process and card unless Triton's cache directory is kept (~/.triton).
+
+    python benchmarks/train_gpu.py [--steps 5] [--out DIR] [--skip-fla] [--skip-ours] [--fla-first]
+
+Writes train_gpu.json to --out (default $OUT) after every row, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu import C, L, N, V, state_dict  # noqa: E402  (the same shape and weights as the inference benchmark)
+
+B, T = 4, 2048
+
+
+def train_rate(model, ids, args, name, res):
+    """Time forward(labels) + backward on `ids`; record tok/s, peak memory and the first step."""
+    model.train()
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+        return loss
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    loss = step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ts = []
+    for _ in range(args.steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    ts.sort()
+    row = {"tok_s": B * T / ts[len(ts) // 2], "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+           "first_step_s": first, "loss": float(loss.detach())}
+    res[name] = row
+    print(f"{name}: {row['tok_s']:,.0f} tok/s, peak {row['peak_gib']:.1f} GiB, first step {first:.1f} s, "
+          f"loss {row['loss']:.3f}", flush=True)
+    with open(os.path.join(args.out, "train_gpu.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+def ours(args, res, ids):
+    import rwkv_hf.modeling as M
+    from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
+
+    sd = state_dict()
+    spec, cfg = config_from_state_dict(sd)
+    with torch.device("meta"):
+        m = M.FAMILIES[spec.family][2](cfg)
+    m.load_state_dict({to_hf_key(k): v for k, v in sd.items()}, assign=True)
+    m = m.to("cuda", torch.bfloat16)
+    del sd
+    train_rate(m, ids, args, "ours (fused LM-head loss, the default)", res)
+    m.config.fuse_cross_entropy = False
+    train_rate(m, ids, args, "ours, full logits", res)
+    m.config.fuse_cross_entropy = True
+    m.gradient_checkpointing_enable()
+    train_rate(m, ids, args, "ours, gradient checkpointing", res)
+    del m
+    torch.cuda.empty_cache()
+
+
+def fla(args, res, ids):
+    from fla.models import RWKV7Config, RWKV7ForCausalLM
+
+    from rwkv_hf.testing import _lora_widths
+
+    w = _lora_widths("7", C)
+    cfg = RWKV7Config(
+        hidden_size=C, num_hidden_layers=L, head_dim=N, vocab_size=V, intermediate_size=4 * C,
+        decay_low_rank_dim=w["w"], a_low_rank_dim=w["a"], v_low_rank_dim=w["v"], gate_low_rank_dim=w["g"],
+        fuse_cross_entropy=True,
+    )
+    with torch.device("cuda"):
+        m = RWKV7ForCausalLM(cfg).to(torch.bfloat16)
+    train_rate(m, ids, args, "fla (fused linear cross-entropy)", res)
+    m.gradient_checkpointing_enable()
+    train_rate(m, ids, args, "fla, gradient checkpointing", res)
+    del m
+    torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--skip-fla", action="store_true")
+    ap.add_argument("--skip-ours", action="store_true")
+    ap.add_argument("--fla-first", action="store_true", help="run fla's rows first (it then pays the cold autotuning)")
+    args = ap.parse_args()
+    import importlib.metadata as md
+
+    res = {"card": torch.cuda.get_device_name(), "shape": {"layers": L, "width": C, "vocab": V, "batch": B, "tokens": T},
+           "versions": {p: md.version(p) for p in ("torch", "transformers", "flash-linear-attention")}}
+    print(res["card"], res["versions"], flush=True)
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0)).cuda()
+    runs = ([] if args.skip_ours else [ours]) + ([] if args.skip_fla else [fla])
+    for run in (reversed(runs) if args.fla_first else runs):
+        run(args, res, ids)
+    rows = [k for k, v in res.items() if isinstance(v, dict) and "tok_s" in v]
+    ref = res.get("fla (fused linear cross-entropy)")
+    print("\n| path | train fwd+bwd 4x2048 (tok/s) | peak memory (GiB) | first step (s) |\n| --- | --- | --- | --- |")
+    for k in rows:
+        r = res[k]
+        ratio = f" ({r['tok_s'] / ref['tok_s']:.2f}x)" if ref and not k.startswith("fla") else ""
+        mem = f" ({r['peak_gib'] / ref['peak_gib']:.2f}x)" if ref and not k.startswith("fla") else ""
+        print(f"| {k} | {r['tok_s']:,.0f}{ratio} | {r['peak_gib']:.1f}{mem} | {r['first_step_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
