@@ -41,19 +41,11 @@ def main():
         name, value = item.split("=", 1)
         setattr(inductor_config, name, {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value))
     import rwkv_hf
-    import rwkv_hf.modeling as M
-    from gpu import decode_rate, kernel_profile, state_dict
-    from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
+    from gpu import decode_rate, kernel_profile, ours_model, state_dict
     from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
 
     where = os.path.dirname(rwkv_hf.__file__)
-    sd = state_dict()
-    spec, cfg = config_from_state_dict(sd)
-    with torch.device("meta"):
-        m = M.FAMILIES[spec.family][2](cfg)
-    m.load_state_dict({to_hf_key(k): v for k, v in sd.items()}, assign=True)
-    m = m.to("cuda", torch.bfloat16).eval()
-    del sd
+    m = ours_model(state_dict()).eval()
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rwkv_hf": where,
            "inductor": args.inductor, "fused": not args.eager}
     for B in args.batch:

@@ -89,19 +89,54 @@ def state_dict(dtype=torch.bfloat16):
     return {k: v.to(dtype) for k, v in sd.items()}
 
 
-# ------------------------------------------------------------------------------------------- ours
-def bench_ours(sd, args, res):
+def ours_model(sd):
+    """Our causal LM for a BlinkDL state dict, on the card in bf16 (built on the meta device: no copy)."""
     import rwkv_hf.modeling as M
     from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
-    from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD
-    from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
-    from rwkv_hf.testing import transformers_generate_loop
 
     spec, cfg = config_from_state_dict(sd)
     with torch.device("meta"):
         m = M.FAMILIES[spec.family][2](cfg)
     m.load_state_dict({to_hf_key(k): v for k, v in sd.items()}, assign=True)
-    m = m.to("cuda", torch.bfloat16).eval()
+    return m.to("cuda", torch.bfloat16)
+
+
+def fla_model(fuse_cross_entropy: bool):
+    """fla's RWKV7ForCausalLM of the same shape (its own random weights), on the card in bf16."""
+    from fla.models import RWKV7Config, RWKV7ForCausalLM
+
+    from rwkv_hf.testing import _lora_widths
+
+    w = _lora_widths("7", C)
+    cfg = RWKV7Config(
+        hidden_size=C, num_hidden_layers=L, head_dim=N, vocab_size=V, intermediate_size=4 * C,
+        decay_low_rank_dim=w["w"], a_low_rank_dim=w["a"], v_low_rank_dim=w["v"], gate_low_rank_dim=w["g"],
+        fuse_cross_entropy=fuse_cross_entropy,
+    )
+    with torch.device("cuda"):
+        return RWKV7ForCausalLM(cfg).to(torch.bfloat16)
+
+
+def versions(*packages):
+    """Installed versions of `packages` (None where missing)."""
+    import importlib.metadata as md
+
+    def ver(p):
+        try:
+            return md.version(p)
+        except md.PackageNotFoundError:
+            return None
+
+    return {p: ver(p) for p in packages}
+
+
+# ------------------------------------------------------------------------------------------- ours
+def bench_ours(sd, args, res):
+    from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD
+    from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
+    from rwkv_hf.testing import transformers_generate_loop
+
+    m = ours_model(sd).eval()
     out = {}
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -180,18 +215,7 @@ def bench_ours(sd, args, res):
 
 # -------------------------------------------------------------------------------------------- fla
 def bench_fla(args, res):
-    from fla.models import RWKV7Config, RWKV7ForCausalLM
-
-    from rwkv_hf.testing import _lora_widths
-
-    w = _lora_widths("7", C)
-    cfg = RWKV7Config(
-        hidden_size=C, num_hidden_layers=L, head_dim=N, vocab_size=V, intermediate_size=4 * C,
-        decay_low_rank_dim=w["w"], a_low_rank_dim=w["a"], v_low_rank_dim=w["v"], gate_low_rank_dim=w["g"],
-        fuse_cross_entropy=False,
-    )
-    with torch.device("cuda"):
-        m = RWKV7ForCausalLM(cfg).to(torch.bfloat16).eval()
+    m = fla_model(fuse_cross_entropy=False).eval()
     out = {"params": sum(p.numel() for p in m.parameters())}
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -320,17 +344,9 @@ def main():
     ap.add_argument("--rwkv-timeout", type=int, default=300)
     ap.add_argument("--long", type=int, default=131072, help="also prefill one prompt this long (0: skip)")
     args = ap.parse_args()
-    import importlib.metadata as md
-
-    def ver(p):
-        try:
-            return md.version(p)
-        except md.PackageNotFoundError:
-            return None
-
     res = {
         "card": torch.cuda.get_device_name(),
-        "versions": {p: ver(p) for p in ("torch", "triton", "transformers", "flash-linear-attention", "fla-core", "rwkv")},
+        "versions": versions("torch", "triton", "transformers", "flash-linear-attention", "fla-core", "rwkv"),
         "shape": {"layers": L, "width": C, "vocab": V, "head_size": N, "dtype": "bf16"},
     }
     print(res["card"], res["versions"], flush=True)

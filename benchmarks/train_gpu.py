@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu import C, L, N, V, state_dict  # noqa: E402  (the same shape and weights as the inference benchmark)
+from gpu import V, fla_model, ours_model, state_dict, versions  # noqa: E402  (the inference benchmark's shape and models)
 
 B, T = 4, 2048
 
@@ -73,16 +73,7 @@ def train_rate(model, ids, args, name, res):
 
 
 def ours(args, res, ids):
-    import rwkv_hf.modeling as M
-    from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
-
-    sd = state_dict()
-    spec, cfg = config_from_state_dict(sd)
-    with torch.device("meta"):
-        m = M.FAMILIES[spec.family][2](cfg)
-    m.load_state_dict({to_hf_key(k): v for k, v in sd.items()}, assign=True)
-    m = m.to("cuda", torch.bfloat16)
-    del sd
+    m = ours_model(state_dict())
     train_rate(m, ids, args, "ours (fused LM-head loss, the default)", res)
     m.config.fuse_cross_entropy = False
     train_rate(m, ids, args, "ours, full logits", res)
@@ -94,18 +85,7 @@ def ours(args, res, ids):
 
 
 def fla(args, res, ids):
-    from fla.models import RWKV7Config, RWKV7ForCausalLM
-
-    from rwkv_hf.testing import _lora_widths
-
-    w = _lora_widths("7", C)
-    cfg = RWKV7Config(
-        hidden_size=C, num_hidden_layers=L, head_dim=N, vocab_size=V, intermediate_size=4 * C,
-        decay_low_rank_dim=w["w"], a_low_rank_dim=w["a"], v_low_rank_dim=w["v"], gate_low_rank_dim=w["g"],
-        fuse_cross_entropy=True,
-    )
-    with torch.device("cuda"):
-        m = RWKV7ForCausalLM(cfg).to(torch.bfloat16)
+    m = fla_model(fuse_cross_entropy=True)
     train_rate(m, ids, args, "fla (fused linear cross-entropy)", res)
     m.gradient_checkpointing_enable()
     train_rate(m, ids, args, "fla, gradient checkpointing", res)
@@ -122,10 +102,8 @@ def main():
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--fla-first", action="store_true", help="run fla's rows first (it then pays the cold autotuning)")
     args = ap.parse_args()
-    import importlib.metadata as md
-
-    res = {"card": torch.cuda.get_device_name(), "shape": {"layers": L, "width": C, "vocab": V, "batch": B, "tokens": T},
-           "versions": {p: md.version(p) for p in ("torch", "transformers", "flash-linear-attention")}}
+    res = {"card": torch.cuda.get_device_name(), "shape": {"model": "benchmarks/gpu.py's", "batch": B, "tokens": T},
+           "versions": versions("torch", "transformers", "flash-linear-attention")}
     print(res["card"], res["versions"], flush=True)
     ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0)).cuda()
     runs = ([] if args.skip_ours else [ours]) + ([] if args.skip_fla else [fla])
