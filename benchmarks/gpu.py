@@ -237,6 +237,24 @@ def bench_fla(args, res):
 
             out[f"decode_{B}"] = decode_rate(step, B, args.steps)
             print(f"fla decode b{B}: {out[f'decode_{B}']:,.1f} tok/s", flush=True)
+        if args.fla_compile:  # its model under torch.compile with CUDA graphs, where that runs
+            compiled = torch.compile(m, mode="reduce-overhead")
+            for B in DECODE:
+                box = {"pkv": None}
+
+                def step(nxt):
+                    o = compiled(input_ids=nxt[:, None], past_key_values=box["pkv"], use_cache=True, logits_to_keep=1)
+                    box["pkv"] = o.past_key_values
+                    return o.logits[:, -1].clone()
+
+                t = time.time()
+                try:
+                    out[f"decode_{B}_compiled"] = decode_rate(step, B, args.steps)
+                    print(f"fla decode b{B} under torch.compile(mode='reduce-overhead'): "
+                          f"{out[f'decode_{B}_compiled']:,.1f} tok/s ({time.time() - t:.0f} s with compiling)", flush=True)
+                except Exception as e:  # (reported, not fatal: the other rows stand)
+                    out[f"decode_{B}_compiled_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    print(f"fla decode b{B} under torch.compile failed: {out[f'decode_{B}_compiled_error']}", flush=True)
     res["fla"] = out
     del m
     torch.cuda.empty_cache()
@@ -317,6 +335,9 @@ def table(res):
     rows.append(("ours, RwkvGraphDecoder(fused=True).step", {"decode_1": ours.get("decode_1_graph_fused"),
                                                               "decode_32": ours.get("decode_32_graph_fused")}))
     rows.append(("fla RWKV7ForCausalLM", fla))
+    if any(k.endswith("_compiled") for k in fla):
+        rows.append(("fla RWKV7ForCausalLM under torch.compile(mode='reduce-overhead')",
+                     {"decode_1": fla.get("decode_1_compiled"), "decode_32": fla.get("decode_32_compiled")}))
     rows.append(("rwkv 0.8.32 cuda fp16", res.get("rwkv", {})))
     lines = ["| path | " + " | ".join(c for c, _ in cols) + " |", "| --- |" + " --- |" * len(cols)]
     for name, r in rows:
@@ -339,6 +360,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-rwkv", action="store_true")
     ap.add_argument("--skip-fla", action="store_true")
+    ap.add_argument("--fla-compile", action="store_true", help="also decode with fla's model under torch.compile (CUDA graphs)")
     ap.add_argument("--profile", action="store_true", help="also split GPU kernel time into matmul / WKV / other")
     ap.add_argument("--decode-only", action="store_true", help="ours only, decode only (skips fla and rwkv)")
     ap.add_argument("--rwkv-timeout", type=int, default=300)
