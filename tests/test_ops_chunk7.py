@@ -44,9 +44,9 @@ def rel_err(x, ref):
     return ((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
 
 
-def check(xs, state, mask=None, tol=FP32_TOL, chunk=CHUNK):
+def check(xs, state, mask=None, tol=FP32_TOL, chunk=CHUNK, **kw):
     o_ref, s_ref = wkv7_recurrent(*xs, state, mask)
-    o, s = wkv7_chunk(*xs, state, mask, chunk_size=chunk)
+    o, s = wkv7_chunk(*xs, state, mask, chunk_size=chunk, **kw)
     assert o.dtype == torch.float32 and s.dtype == torch.float32
     assert o.shape == o_ref.shape and s.shape == s_ref.shape
     keep = mask if mask is not None else torch.ones(o.shape[:2], dtype=torch.bool)
@@ -91,12 +91,13 @@ def test_long_sequence_default_chunk():
 
 
 def test_strong_decay_shrinks_chunk():
-    """Decays far beyond RWKV-7's range (log_w down to -12) stay finite: the chunk shrinks."""
+    """Decays far beyond RWKV-7's range (log_w down to -12), with no lower bound given (the default is
+    RWKV-7's own), stay finite: the chunk shrinks."""
     xs = make_inputs(1, 70, seed=5)
     xs[1] = xs[1] * 20
-    o, s = wkv7_chunk(*xs, torch.randn(1, H, N, N), chunk_size=64)
+    o, s = wkv7_chunk(*xs, torch.randn(1, H, N, N), chunk_size=64, lower_bound=None)
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
-    check(xs, torch.randn(1, H, N, N), chunk=64)
+    check(xs, torch.randn(1, H, N, N), chunk=64, lower_bound=None)
 
 
 def drop_masked(xs, state, mask_row):

@@ -52,6 +52,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .rwkv_helpers import DECAY_SCALE
+
 Tensor = torch.Tensor
 
 # 32 is fastest at the model's shapes on CPU (B=1..8, T=512..4096, H=12, N=64; 16 pays more per-chunk
@@ -61,9 +63,14 @@ _SEGMENT = 12 * 256  # rows of B * H * T per pass (256 tokens at B=1, H=12)
 _MAX_HALF_SPAN = 60.0  # e^60 ~ 1e26: safe in fp32 (max ~e^88), with headroom for the products
 
 
-def _safe_chunk(log_w: Tensor, chunk_size: int) -> int:
-    """Largest chunk <= chunk_size whose half-span of cumulative decay stays below _MAX_HALF_SPAN."""
-    worst = float(-log_w.min()) if log_w.numel() else 0.0
+def _safe_chunk(log_w: Tensor, chunk_size: int, lower_bound: Optional[float] = None) -> int:
+    """Largest chunk <= chunk_size whose half-span of cumulative decay stays below _MAX_HALF_SPAN.
+    `lower_bound` (<= every log_w) spares reading the decays' minimum: a device sync, and a graph
+    break under torch.compile."""
+    if lower_bound is not None:
+        worst = -lower_bound
+    else:
+        worst = float(-log_w.min()) if log_w.numel() else 0.0
     if worst * chunk_size / 2 <= _MAX_HALF_SPAN:
         return chunk_size
     return max(1, int(2 * _MAX_HALF_SPAN / worst))
@@ -79,16 +86,19 @@ def wkv7_chunk(
     state: Tensor,
     mask: Optional[Tensor] = None,
     chunk_size: int = DEFAULT_CHUNK,
+    lower_bound: Optional[float] = -DECAY_SCALE,
 ) -> Tuple[Tensor, Tensor]:
     """Chunked RWKV-7 WKV; same contract as ``wkv7_recurrent``.
 
     r, log_w, k, v, a, b: [B, T, H, N] (any float dtype; computed in fp32); state [B, H, N, N] as
     S[value, key]; mask [B, T] bool or None. Returns (out [B, T, H, N] fp32, new state [B, H, N, N] fp32).
+    `lower_bound`: a number <= every log_w (RWKV-7's decay guarantees the default, see DECAY_SCALE);
+    None reads the decays' minimum to pick a chunk size that keeps the exponent factors finite.
     """
     B, T, H, N = r.shape
     if T == 0:
         return r.new_zeros(B, 0, H, N, dtype=torch.float32), state.float().clone()
-    L = min(_safe_chunk(log_w.detach(), chunk_size), T)
+    L = min(_safe_chunk(log_w.detach(), chunk_size, lower_bound), T)
     # long inputs go through in segments of ~_SEGMENT rows of B*H*T: the temporaries stay cache-sized
     # (one pass over T=4096 is slower per token than eight passes over 512) and memory stays bounded
     seg = max(1, _SEGMENT // (B * H * L)) * L
