@@ -130,6 +130,34 @@ def versions(*packages):
     return {p: ver(p) for p in packages}
 
 
+def prefill_rows(label, m, out, args, g, suffix=""):
+    """Prefill rows (last logits only) of model `m` into out[f"prefill_{B}x{T}{suffix}"]; the first
+    call's seconds (a compiled model compiles in it) into out[f"prefill_{B}x{T}{suffix}_first_s"]."""
+    for B, T in PREFILL:
+        ids = torch.randint(0, V, (B, T), generator=g).cuda()
+        call = lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1)  # noqa: E731
+        t = time.time()
+        call()
+        torch.cuda.synchronize()
+        out[f"prefill_{B}x{T}{suffix}_first_s"] = time.time() - t
+        s = cuda_time(call, reps=args.reps)
+        out[f"prefill_{B}x{T}{suffix}"] = B * T / s
+        print(f"{label} prefill {B}x{T}: {B * T / s:,.0f} tok/s (first call {out[f'prefill_{B}x{T}{suffix}_first_s']:.1f} s)", flush=True)
+        if args.profile:
+            out[f"prefill_{B}x{T}{suffix}_kernels"] = kernel_profile(call)
+            print(f"{label} prefill {B}x{T} kernels: {out[f'prefill_{B}x{T}{suffix}_kernels']}", flush=True)
+
+
+def compiled_prefill_rows(label, m, out, args, g):
+    """The same rows with the model under torch.compile (transformers' Trainer(torch_compile=True) does
+    the same); an error is reported as the rows' result."""
+    try:
+        prefill_rows(f"{label} under torch.compile", torch.compile(m), out, args, g, suffix="_compiled")
+    except Exception as e:
+        out["prefill_compiled_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"{label} prefill under torch.compile failed: {out['prefill_compiled_error']}", flush=True)
+
+
 # ------------------------------------------------------------------------------------------- ours
 def bench_ours(sd, args, res):
     from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD
@@ -140,14 +168,10 @@ def bench_ours(sd, args, res):
     out = {}
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for B, T in ([] if args.decode_only else PREFILL):
-            ids = torch.randint(0, V, (B, T), generator=g).cuda()
-            s = cuda_time(lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1), reps=args.reps)
-            out[f"prefill_{B}x{T}"] = B * T / s
-            print(f"ours prefill {B}x{T}: {B * T / s:,.0f} tok/s", flush=True)
-            if args.profile:
-                out[f"prefill_{B}x{T}_kernels"] = kernel_profile(lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1))
-                print(f"ours prefill {B}x{T} kernels: {out[f'prefill_{B}x{T}_kernels']}", flush=True)
+        if not args.decode_only:
+            prefill_rows("ours", m, out, args, g)
+            if args.torch_compile:
+                compiled_prefill_rows("ours", m, out, args, g)
         for B in DECODE:
             prompt = torch.randint(0, V, (B, 16), generator=g).cuda()
             cache = getattr(m(input_ids=prompt, use_cache=True, logits_to_keep=1), CACHE_FIELD)
@@ -219,14 +243,9 @@ def bench_fla(args, res):
     out = {"params": sum(p.numel() for p in m.parameters())}
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for B, T in PREFILL:
-            ids = torch.randint(0, V, (B, T), generator=g).cuda()
-            s = cuda_time(lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1), reps=args.reps)
-            out[f"prefill_{B}x{T}"] = B * T / s
-            print(f"fla prefill {B}x{T}: {B * T / s:,.0f} tok/s", flush=True)
-            if args.profile:
-                out[f"prefill_{B}x{T}_kernels"] = kernel_profile(lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1))
-                print(f"fla prefill {B}x{T} kernels: {out[f'prefill_{B}x{T}_kernels']}", flush=True)
+        prefill_rows("fla", m, out, args, g)
+        if args.torch_compile:
+            compiled_prefill_rows("fla", m, out, args, g)
         for B in DECODE:
             box = {"pkv": None}
 
@@ -334,7 +353,11 @@ def table(res):
                  {"decode_1": ours.get("decode_1_generate_fused"), "decode_32": ours.get("decode_32_generate_fused")}))
     rows.append(("ours, RwkvGraphDecoder(fused=True).step", {"decode_1": ours.get("decode_1_graph_fused"),
                                                               "decode_32": ours.get("decode_32_graph_fused")}))
+    if any(k.endswith("_compiled") for k in ours):
+        rows.append(("ours under torch.compile(model)", {k: ours.get(k + "_compiled") for _, k in cols[:2]}))
     rows.append(("fla RWKV7ForCausalLM", fla))
+    if any(k.startswith("prefill") and k.endswith("_compiled") for k in fla):
+        rows.append(("fla RWKV7ForCausalLM under torch.compile(model)", {k: fla.get(k + "_compiled") for _, k in cols[:2]}))
     if any(k.endswith("_compiled") for k in fla):
         rows.append(("fla RWKV7ForCausalLM under torch.compile(mode='reduce-overhead')",
                      {"decode_1": fla.get("decode_1_compiled"), "decode_32": fla.get("decode_32_compiled")}))
@@ -361,6 +384,7 @@ def main():
     ap.add_argument("--skip-rwkv", action="store_true")
     ap.add_argument("--skip-fla", action="store_true")
     ap.add_argument("--fla-compile", action="store_true", help="also decode with fla's model under torch.compile (CUDA graphs)")
+    ap.add_argument("--torch-compile", action="store_true", help="also prefill with each model under torch.compile")
     ap.add_argument("--profile", action="store_true", help="also split GPU kernel time into matmul / WKV / other")
     ap.add_argument("--decode-only", action="store_true", help="ours only, decode only (skips fla and rwkv)")
     ap.add_argument("--rwkv-timeout", type=int, default=300)

@@ -72,12 +72,24 @@ def train_rate(model, ids, args, name, res):
         json.dump(res, f, indent=1)
 
 
+def compiled_rate(model, ids, args, name, res):
+    """`train_rate` of the model under torch.compile (what Trainer(torch_compile=True) runs); its first
+    step compiles. An error is reported as the row's result."""
+    try:
+        train_rate(torch.compile(model), ids, args, name, res)
+    except Exception as e:
+        res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(f"{name} failed: {res[name]['error']}", flush=True)
+
+
 def ours(args, res, ids):
     m = ours_model(state_dict())
     train_rate(m, ids, args, "ours (fused LM-head loss, the default)", res)
     m.config.fuse_cross_entropy = False
     train_rate(m, ids, args, "ours, full logits", res)
     m.config.fuse_cross_entropy = True
+    if args.torch_compile:
+        compiled_rate(m, ids, args, "ours under torch.compile(model)", res)
     m.gradient_checkpointing_enable()
     train_rate(m, ids, args, "ours, gradient checkpointing", res)
     del m
@@ -87,6 +99,8 @@ def ours(args, res, ids):
 def fla(args, res, ids):
     m = fla_model(fuse_cross_entropy=True)
     train_rate(m, ids, args, "fla (fused linear cross-entropy)", res)
+    if args.torch_compile:
+        compiled_rate(m, ids, args, "fla under torch.compile(model)", res)
     m.gradient_checkpointing_enable()
     train_rate(m, ids, args, "fla, gradient checkpointing", res)
     del m
@@ -100,6 +114,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--skip-fla", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
+    ap.add_argument("--torch-compile", action="store_true", help="also train each model under torch.compile")
     ap.add_argument("--fla-first", action="store_true", help="run fla's rows first (it then pays the cold autotuning)")
     args = ap.parse_args()
     res = {"card": torch.cuda.get_device_name(), "shape": {"model": "benchmarks/gpu.py's", "batch": B, "tokens": T},
