@@ -10,8 +10,10 @@ gradients are dropped (no optimizer: what is timed is the model). Rows:
 
 Every row: median seconds per step over --steps steps after --warmup steps, as tokens/s, and the peak
 memory of those steps (torch.cuda.max_memory_allocated, weights included). The first step of each row
-is timed on its own: on a cold card it includes Triton's autotuning of the WKV kernels (both libraries
-use fla's), paid once per process and card unless Triton's cache directory is kept (~/.triton).
+is timed on its own: on a fresh machine it includes Triton's autotuning of the WKV kernels (both
+libraries use fla's). fla asks Triton to keep the autotuning results in its cache directory
+(FLA_CACHE_RESULTS, on by default; ~/.triton/cache), so by its code a later process on the same
+machine does not pay it again (not measured across processes here: each run was on a fresh machine).
 
     python benchmarks/train_gpu.py [--steps 5] [--out DIR] [--skip-fla] [--skip-ours] [--fla-first]
 
