@@ -58,6 +58,20 @@ def decode_rate(step, B, steps):
     return B * steps / (time.perf_counter() - t)
 
 
+def trace_call(fn, path):
+    """One fn() call under torch.profiler (CPU and CUDA): a Chrome trace to `path` (chrome://tracing,
+    perfetto) and the host-side operations taking the most time, printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=False) as p:
+        fn()
+        torch.cuda.synchronize()
+    p.export_chrome_trace(path)
+    print(f"trace of one call: {path}", flush=True)
+    print(p.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+
+
 def kernel_profile(fn):
     """Milliseconds of GPU kernel time of one fn() call by kind: matrix products (cuBLAS), WKV
     (flash-linear-attention's recurrence kernels), everything else; and the kernel count."""
@@ -192,6 +206,8 @@ def bench_ours(sd, args, res):
             s = cuda_time(gen, warmup=0, reps=3)
             out[f"decode_{B}_generate"] = B * n_new / s
             print(f"ours generate() b{B}, {n_new} new tokens: {out[f'decode_{B}_generate']:,.1f} tok/s", flush=True)
+            if args.trace_generate:
+                trace_call(gen, os.path.join(args.out, f"generate_b{B}_trace.json"))
             with transformers_generate_loop():
                 s = cuda_time(gen, warmup=1, reps=3)
             out[f"decode_{B}_generate_hf_loop"] = B * n_new / s
@@ -385,6 +401,7 @@ def main():
     ap.add_argument("--skip-fla", action="store_true")
     ap.add_argument("--fla-compile", action="store_true", help="also decode with fla's model under torch.compile (CUDA graphs)")
     ap.add_argument("--torch-compile", action="store_true", help="also prefill with each model under torch.compile")
+    ap.add_argument("--trace-generate", action="store_true", help="save a profiler trace of one generate() call per batch size")
     ap.add_argument("--profile", action="store_true", help="also split GPU kernel time into matmul / WKV / other")
     ap.add_argument("--decode-only", action="store_true", help="ours only, decode only (skips fla and rwkv)")
     ap.add_argument("--rwkv-timeout", type=int, default=300)
