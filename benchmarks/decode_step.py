@@ -8,6 +8,7 @@ the same card in one session, one process each:
 
     python benchmarks/decode_step.py --src ../before/src; python benchmarks/decode_step.py
     python benchmarks/decode_step.py --inductor combo_kernels=1
+    python benchmarks/decode_step.py --shape 7b --eager      # issue 14's larger model, the default graphs
 
 Prints one line per batch size and writes decode_step.json to --out (default $OUT, else .).
 """
@@ -21,9 +22,26 @@ import sys
 import time
 
 
+def seven_b():
+    """A 7B-shaped RWKV-7 (32 layers, width 4096, V 65536) with its own random initialisation, made on
+    the card (a BlinkDL state dict of this size would take minutes to build on the host), bf16."""
+    import torch
+
+    import rwkv_hf.modeling as M
+    from rwkv_hf.convert.blinkdl import config_from_state_dict
+    from rwkv_hf.testing import make_state_dict
+
+    spec, cfg = config_from_state_dict(make_state_dict("7", n_layer=1, n_embd=4096, vocab_size=65536, head_size=64, seed=0))
+    cfg.num_hidden_layers = 32
+    with torch.device("cuda"):
+        return M.FAMILIES[spec.family][2](cfg).to(torch.bfloat16)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--src", help="import rwkv_hf from this directory (another checkout's src)")
+    ap.add_argument("--shape", choices=["1.5b", "7b"], default="1.5b",
+                    help="1.5b: gpu.py's model (24 layers, width 2048); 7b: 32 layers, width 4096, initialised on the card")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--eager", action="store_true", help="the captured eager step instead of the compiled one")
@@ -45,7 +63,9 @@ def main():
     from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
 
     where = os.path.dirname(rwkv_hf.__file__)
-    m = ours_model(state_dict()).eval()
+    m = (ours_model(state_dict()) if args.shape == "1.5b" else seven_b()).eval()
+    # what a step must read: every weight but the embedding, of which it reads one row per token
+    step_bytes = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if not n.endswith("emb.weight"))
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rwkv_hf": where,
            "inductor": args.inductor, "fused": not args.eager}
     for B in args.batch:
@@ -57,8 +77,11 @@ def main():
         rate = decode_rate(dec.step, B, args.steps)
         # one step unrolled (not replayed), to count its kernels; older decoders named it _fused_step
         prof = kernel_profile(getattr(dec, "_step", None) or dec._fused_step)
-        res[f"b{B}"] = {"tok_s": rate, "capture_s": capture_s, "kernels": prof, "compiled": bool(dec.fused)}
-        print(f"{where} b{B}: {rate:,.1f} tok/s, capture {capture_s:.0f} s, compiled {bool(dec.fused)}, one step {prof}", flush=True)
+        tb_s = step_bytes * rate / B / 1e12
+        res[f"b{B}"] = {"tok_s": rate, "capture_s": capture_s, "kernels": prof, "compiled": bool(dec.fused),
+                        "weights_read_tb_s": tb_s}
+        print(f"{where} {args.shape} b{B}: {rate:,.1f} tok/s ({tb_s:.2f} TB/s of weights read, {step_bytes / 1e9:.2f} GB a step), "
+              f"capture {capture_s:.0f} s, compiled {bool(dec.fused)}, one step {prof}", flush=True)
         del dec
     with open(os.path.join(args.out, "decode_step.json"), "w") as f:
         json.dump(res, f, indent=1)
