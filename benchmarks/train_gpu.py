@@ -90,23 +90,24 @@ def ours(args, res, ids):
     m.config.fuse_cross_entropy = False
     train_rate(m, ids, args, "ours, full logits", res)
     m.config.fuse_cross_entropy = True
-    if args.torch_compile:
-        compiled_rate(m, ids, args, "ours under torch.compile(model)", res)
-    m.gradient_checkpointing_enable()
-    train_rate(m, ids, args, "ours, gradient checkpointing", res)
+    compiled_and_checkpointed(m, "ours", args, res, ids)
     del m
-    torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # (before fla's model is made)
 
 
 def fla(args, res, ids):
     m = fla_model(fuse_cross_entropy=True)
     train_rate(m, ids, args, "fla (fused linear cross-entropy)", res)
+    compiled_and_checkpointed(m, "fla", args, res, ids)
+
+
+def compiled_and_checkpointed(m, who, args, res, ids):
+    """The rows every model gets after its own: under torch.compile (--torch-compile), then with
+    gradient checkpointing."""
     if args.torch_compile:
-        compiled_rate(m, ids, args, "fla under torch.compile(model)", res)
+        compiled_rate(m, ids, args, f"{who} under torch.compile(model)", res)
     m.gradient_checkpointing_enable()
-    train_rate(m, ids, args, "fla, gradient checkpointing", res)
-    del m
-    torch.cuda.empty_cache()
+    train_rate(m, ids, args, f"{who}, gradient checkpointing", res)
 
 
 def main():
