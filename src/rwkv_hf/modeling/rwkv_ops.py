@@ -73,8 +73,8 @@ def _exists(mask: Optional[Tensor], state_dims: int) -> Optional[Tensor]:
 
 
 def _stacked(outs: List[Tensor]) -> Tensor:
-    """The per-token outputs along a new time axis; one token (a decode step) as a view, not a copy
-    (a copy would cost a compiled decode step a kernel per layer: torch.compile keeps `stack` apart)."""
+    """The per-token outputs along a new time axis; one token (a decode step) as a view, not a copy:
+    one kernel less per layer in an eager decode step (compiled, inductor folds the copy either way)."""
     return outs[0].unsqueeze(1) if len(outs) == 1 else torch.stack(outs, 1)
 
 
