@@ -144,6 +144,11 @@ def versions(*packages):
     return {p: ver(p) for p in packages}
 
 
+def failure(e: Exception) -> str:
+    """An error as a row's result: its kind and the start of its message."""
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
 def prefill_rows(label, m, out, args, g, suffix=""):
     """Prefill rows (last logits only) of model `m` into out[f"prefill_{B}x{T}{suffix}"]; the first
     call's seconds (a compiled model compiles in it) into out[f"prefill_{B}x{T}{suffix}_first_s"]."""
@@ -168,7 +173,7 @@ def compiled_prefill_rows(label, m, out, args, g):
     try:
         prefill_rows(f"{label} under torch.compile", torch.compile(m), out, args, g, suffix="_compiled")
     except Exception as e:
-        out["prefill_compiled_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        out["prefill_compiled_error"] = failure(e)
         print(f"{label} prefill under torch.compile failed: {out['prefill_compiled_error']}", flush=True)
 
 
@@ -254,6 +259,19 @@ def bench_ours(sd, args, res):
 
 
 # -------------------------------------------------------------------------------------------- fla
+def fla_step(model, copy_logits=False):
+    """A decode step of fla's model, ids [B] -> logits [B, V], carrying its cache from call to call.
+    `copy_logits`: hand out a copy (a replayed CUDA graph overwrites its outputs)."""
+    box = {"pkv": None}
+
+    def step(nxt):
+        o = model(input_ids=nxt[:, None], past_key_values=box["pkv"], use_cache=True, logits_to_keep=1)
+        box["pkv"] = o.past_key_values
+        return o.logits[:, -1].clone() if copy_logits else o.logits[:, -1]
+
+    return step
+
+
 def bench_fla(args, res):
     m = fla_model(fuse_cross_entropy=False).eval()
     out = {"params": sum(p.numel() for p in m.parameters())}
@@ -263,32 +281,18 @@ def bench_fla(args, res):
         if args.torch_compile:
             compiled_prefill_rows("fla", m, out, args, g)
         for B in DECODE:
-            box = {"pkv": None}
-
-            def step(nxt):
-                o = m(input_ids=nxt[:, None], past_key_values=box["pkv"], use_cache=True, logits_to_keep=1)
-                box["pkv"] = o.past_key_values
-                return o.logits[:, -1]
-
-            out[f"decode_{B}"] = decode_rate(step, B, args.steps)
+            out[f"decode_{B}"] = decode_rate(fla_step(m), B, args.steps)
             print(f"fla decode b{B}: {out[f'decode_{B}']:,.1f} tok/s", flush=True)
         if args.fla_compile:  # its model under torch.compile with CUDA graphs, where that runs
             compiled = torch.compile(m, mode="reduce-overhead")
             for B in DECODE:
-                box = {"pkv": None}
-
-                def step(nxt):
-                    o = compiled(input_ids=nxt[:, None], past_key_values=box["pkv"], use_cache=True, logits_to_keep=1)
-                    box["pkv"] = o.past_key_values
-                    return o.logits[:, -1].clone()
-
                 t = time.time()
                 try:
-                    out[f"decode_{B}_compiled"] = decode_rate(step, B, args.steps)
+                    out[f"decode_{B}_compiled"] = decode_rate(fla_step(compiled, copy_logits=True), B, args.steps)
                     print(f"fla decode b{B} under torch.compile(mode='reduce-overhead'): "
                           f"{out[f'decode_{B}_compiled']:,.1f} tok/s ({time.time() - t:.0f} s with compiling)", flush=True)
                 except Exception as e:  # (reported, not fatal: the other rows stand)
-                    out[f"decode_{B}_compiled_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    out[f"decode_{B}_compiled_error"] = failure(e)
                     print(f"fla decode b{B} under torch.compile failed: {out[f'decode_{B}_compiled_error']}", flush=True)
     res["fla"] = out
     del m

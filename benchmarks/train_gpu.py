@@ -31,7 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu import V, fla_model, ours_model, state_dict, versions  # noqa: E402  (the inference benchmark's shape and models)
+from gpu import V, failure, fla_model, ours_model, state_dict, versions  # noqa: E402  (the inference benchmark's shape and models)
 
 B, T = 4, 2048
 
@@ -80,7 +80,7 @@ def compiled_rate(model, ids, args, name, res):
     try:
         train_rate(torch.compile(model), ids, args, name, res)
     except Exception as e:
-        res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        res[name] = {"error": failure(e)}
         print(f"{name} failed: {res[name]['error']}", flush=True)
 
 
