@@ -52,7 +52,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .rwkv_helpers import DECAY_SCALE
+from .rwkv_helpers import RWKV7_LOG_W_MIN
 
 Tensor = torch.Tensor
 
@@ -86,13 +86,13 @@ def wkv7_chunk(
     state: Tensor,
     mask: Optional[Tensor] = None,
     chunk_size: int = DEFAULT_CHUNK,
-    lower_bound: Optional[float] = -DECAY_SCALE,
+    lower_bound: Optional[float] = RWKV7_LOG_W_MIN,
 ) -> Tuple[Tensor, Tensor]:
     """Chunked RWKV-7 WKV; same contract as ``wkv7_recurrent``.
 
     r, log_w, k, v, a, b: [B, T, H, N] (any float dtype; computed in fp32); state [B, H, N, N] as
     S[value, key]; mask [B, T] bool or None. Returns (out [B, T, H, N] fp32, new state [B, H, N, N] fp32).
-    `lower_bound`: a number <= every log_w (RWKV-7's decay guarantees the default, see DECAY_SCALE);
+    `lower_bound`: a number <= every log_w (RWKV-7's decay guarantees the default, see rwkv_helpers);
     None reads the decays' minimum to pick a chunk size that keeps the exponent factors finite.
     """
     B, T, H, N = r.shape

@@ -24,6 +24,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .rwkv_helpers import RWKV7_LOG_W_MIN
+
 Tensor = torch.Tensor
 
 try:
@@ -39,9 +41,9 @@ except Exception:  # ImportError, or triton failing to initialise on a machine w
     chunk_rwkv6 = chunk_rwkv7 = fused_recurrent_rwkv6 = fused_recurrent_rwkv7 = None
     HAVE_FLA = False
 
-# RWKV-7 defines log w = -0.606531 * sigmoid(.), so log w >= RWKV7_LOG_W_MIN always. Telling fla this
-# bound lets it use 64-token chunks with tensor cores (`lower_bound`), as its own RWKV-7 layer does.
-RWKV7_LOG_W_MIN = -0.6065306597126334
+# RWKV-7 defines log w = -0.606531 * sigmoid(.), so log w >= RWKV7_LOG_W_MIN always (rwkv_helpers). Telling
+# fla this bound lets it use 64-token chunks with tensor cores (`lower_bound`), as its own RWKV-7 layer
+# does; fla only decides with it (chunk size, safe gate), and -0.606531 decides as fla's -exp(-0.5) does.
 
 
 def _require_fla() -> None:

@@ -27,6 +27,7 @@ Tensor = torch.Tensor
 # exp(-softplus(-z)) = sigmoid(z), so log w = -exp(-0.5) * sigmoid(z) = -0.606531 * sigmoid(z): every
 # decay w lies in (exp(-0.606531), 1) = (0.545, 1).
 DECAY_SCALE = 0.606531
+RWKV7_LOG_W_MIN = -DECAY_SCALE  # <= every RWKV-7 log w: the bound the chunked forms are told (rwkv7_chunk, rwkv_fla)
 
 
 def exporting() -> bool:
