@@ -24,7 +24,6 @@ import os
 import re
 import sys
 import tempfile
-import types
 
 
 def main():
@@ -65,8 +64,7 @@ def main():
     B = args.batch
     model = build_model(make_state_dict("7", n_layer=2, n_embd=args.width, vocab_size=1000, head_size=64, seed=0))
     model = model.to(torch.bfloat16)
-    fn = rwkv_decode._block_forward_in_place
-    step = torch.compile(types.FunctionType(fn.__code__.replace(), fn.__globals__), fullgraph=True, dynamic=False)
+    step = rwkv_decode._compiled(rwkv_decode._block_forward_in_place)  # as the captured decoder compiles it
     block = model.model.blocks[1]  # (block 0 also normalises the embedding and makes v_first)
     x = torch.randn(B, 1, args.width, dtype=torch.bfloat16)
     state = block.zero_state(B, "cpu", torch.bfloat16)

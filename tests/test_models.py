@@ -243,8 +243,6 @@ def test_compiled_step_is_not_recorded_as_an_export(version, models):
     computed logits 0.6-0.8 of their range off the plain step's there, on CPU as on an H200). The graph
     dynamo records for each block holds no `scan`/`while_loop`; compiled by inductor, the step's logits
     are the plain step's at batch 5."""
-    import types
-
     from rwkv_hf.modeling import rwkv_decode
     from rwkv_hf.modeling.rwkv_paths import Path
 
@@ -255,9 +253,8 @@ def test_compiled_step_is_not_recorded_as_an_export(version, models):
         graphs.append(gm)
         return gm
 
-    def fresh(backend):  # (a copy of the function per compile: dynamo keeps its variants per code object)
-        fn = rwkv_decode._block_forward_in_place
-        return torch.compile(types.FunctionType(fn.__code__.replace(), fn.__globals__), backend=backend, fullgraph=True)
+    def fresh(backend):  # the block step as the captured decoder compiles it
+        return rwkv_decode._compiled(rwkv_decode._block_forward_in_place, backend)
 
     ids = torch.tensor(SEQ[:15]).view(5, 3)
     with torch.no_grad():

@@ -73,15 +73,15 @@ def _block_forward_in_place(block, x, state, *args):
     return x, state, v_first
 
 
-def _compiled(fn):
-    """`fn` under torch.compile, as a fresh copy of the function for each user.
+def _compiled(fn, backend="inductor"):
+    """`fn` under torch.compile (`backend`), as a fresh copy of the function for each user.
 
     Dynamo keeps its compiled variants per code object, and stops compiling new ones after
     `recompile_limit` (8): with one shared function, a few decoders (dtypes, batch sizes; layer 0 and
     the others are two variants each) would run it uncompiled. A copy per decoder needs only its own
     few; inductor's cache makes recompiling identical graphs fast."""
     copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
-    return torch.compile(copy, dynamic=False, fullgraph=True)
+    return torch.compile(copy, dynamic=False, fullgraph=True, backend=backend)
 
 
 class RwkvGraphDecoder:
