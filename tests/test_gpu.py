@@ -303,9 +303,6 @@ def test_fused_decoder_matches_eager(version, batch):
     m16 = build(version, torch.bfloat16, n_layer=3)
     dec16 = [RwkvGraphDecoder(m16, batch), RwkvGraphDecoder(m16, batch, fused=True)]
     (eager16, fused16), _ = _teacher_forced(m16, dec16, ids, feed=fed)
-    if version == "4":  # (not compiled on CUDA: rwkv_paths.pick_path says why)
-        assert not dec16[1].fused
-        return
     assert dec16[1].fused, "the compiled step fell back to the eager one"
     scale = eager32.abs().amax(-1)
     err = lambda x: float(((x - eager32).abs().amax(-1) / scale).max())  # noqa: E731
@@ -354,7 +351,7 @@ def test_generate_with_compile_decode_gives_eager_tokens(version, batch):
     m.config.compile_decode = True
     try:
         fast = _greedy(m, ids, mask, graphs=True)
-        assert [d.fused for d in _DECODERS[m].values()] == [version != "4"]  # (v4: see rwkv_paths.pick_path)
+        assert [d.fused for d in _DECODERS[m].values()] == [True]
         assert torch.equal(fast, eager), (fast, eager)
         beams = _greedy(m, ids, mask, graphs=True, num_beams=2)
     finally:

@@ -73,7 +73,7 @@ def pick_path(
     if step and _single_device(model) and plain_modules(model):
         runner = "graph" if on_cuda and graph else "step"
     # (the compiled step runs the recurrence: fla's kernels stay outside torch.compile)
-    compiled = runner != "modules" and compiled and mode in ("auto", "recurrent") and _compilable(model, on_cuda)
+    compiled = runner != "modules" and compiled and mode in ("auto", "recurrent") and _compilable(model)
     if mode != "auto":
         wkv = mode
     elif seq_len == 1:
@@ -147,17 +147,12 @@ def own_generate_loop(
     return None if path.runner == "modules" else path
 
 
-def _compilable(model, on_cuda: bool) -> bool:
-    """Whether the decode step may run compiled. Not: v4-v6 in fp16, whose on-the-fly rescaling depends
-    on each layer's number (a recompile per layer), and v4 on CUDA, where torch 2.11's inductor computed
-    wrong logits at batch 5 (error 0.9 of the logit range against the eager step, fp32; 5.2/6/7 agree
-    to 1e-6). The cause was ours: under torch 2.11's compiler `exporting()` was True, so the step's WKV
-    ran as an export's scan loop; with torch 2.11 on CPU the same step was 0.6-0.8 off before the fix
-    and 3.4e-7 after (tests/test_models.py::test_compiled_step_is_not_recorded_as_an_export). The
-    exclusion stays until the GPU test (test_gpu.py::test_fused_decoder_matches_eager) has run without it."""
+def _compilable(model) -> bool:
+    """Whether the decode step may run compiled. Not v4-v6 in fp16, whose on-the-fly rescaling depends
+    on each layer's number (a recompile per layer). (v4 on CUDA was excluded until the `exporting()` fix
+    of rwkv_helpers: under torch 2.11's compiler the step's WKV ran as an export's scan loop, 0.9 of the
+    logit range off at batch 5; test_gpu.py::test_fused_decoder_matches_eager[4-*] passes on an H200.)"""
     config = model.config
-    if config.model_type == "rwkv4_world" and on_cuda:
-        return False
     return not (getattr(config, "rescale_every", 0) > 0 and model.get_input_embeddings().weight.dtype == torch.float16)
 
 
