@@ -75,8 +75,8 @@ def main():
         torch.cuda.synchronize()
         capture_s = time.time() - t
         rate = decode_rate(dec.step, B, args.steps)
-        # one step unrolled (not replayed), to count its kernels; older decoders named it _fused_step
-        prof = kernel_profile(getattr(dec, "_step", None) or dec._fused_step)
+        # one step unrolled (not replayed), to count its kernels; older decoders named it _step_fn
+        prof = kernel_profile(getattr(dec, "_step", None) or dec._step_fn)
         tb_s = step_bytes * rate / B / 1e12
         res[f"b{B}"] = {"tok_s": rate, "capture_s": capture_s, "kernels": prof, "compiled": bool(dec.fused),
                         "weights_read_tb_s": tb_s}

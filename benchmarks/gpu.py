@@ -14,6 +14,7 @@ changes global torch settings on import).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -72,12 +73,13 @@ def trace_call(fn, path):
     print(p.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
 
 
-def kernel_profile(fn):
+def kernel_profile(fn, grad=False):
     """Milliseconds of GPU kernel time of one fn() call by kind: matrix products (cuBLAS), WKV
-    (flash-linear-attention's recurrence kernels), everything else; and the kernel count."""
+    (flash-linear-attention's recurrence kernels, forward and backward), everything else; and the kernel
+    count. Under no_grad unless `grad` (a training step)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad():
+    with contextlib.nullcontext() if grad else torch.no_grad():
         fn()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as p:
