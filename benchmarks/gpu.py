@@ -2,10 +2,12 @@
 
 1.5B-shaped RWKV-7 (24 layers, width 2048, V 65536, random weights), bf16 (the `rwkv` package: fp16,
 its own CUDA kernel). Prefill 1x4096 and 8x2048 (last logits only), decode batch 1 and batch 32
-(greedy, one token per row per step). Prints a table with ratios to fla and the card's name, and
-writes JSON to $OUT (or --out).
+(greedy, one token per row per step). Every row is a median of runs after warm-up: prefill and
+generate() calls timed with CUDA events (`cuda_time`), decode steps over runs of --steps steps
+(`decode_rate`). Prints a table with ratios to fla and the card's name, and writes JSON to $OUT (or --out).
 
-    python benchmarks/gpu.py [--quick] [--out DIR] [--skip-rwkv]
+    python benchmarks/gpu.py [--out DIR] [--skip-rwkv] [--skip-fla] [--long 0] [--profile]
+                             [--torch-compile] [--fla-compile] [--trace-generate] [--decode-only]
 
 The `rwkv` package runs in a subprocess (it compiles its CUDA kernel with nvcc on first use and
 changes global torch settings on import).
@@ -46,17 +48,22 @@ def cuda_time(fn, warmup=2, reps=5):
     return ts[len(ts) // 2]
 
 
-def decode_rate(step, B, steps):
-    """tokens/s of a step function that feeds [B] ids and returns logits [B, V] (greedy)."""
+def decode_rate(step, B, steps, reps=3):
+    """tokens/s of a step function that feeds [B] ids and returns logits [B, V] (greedy): the median
+    of `reps` runs of `steps` steps, after 3 warm-up steps (the statistic of every row: a median of
+    runs after warm-up)."""
     nxt = torch.zeros(B, dtype=torch.long, device="cuda")
     for _ in range(3):
         nxt = step(nxt).argmax(-1)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        nxt = step(nxt).argmax(-1)
-    torch.cuda.synchronize()
-    return B * steps / (time.perf_counter() - t)
+    rates = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            nxt = step(nxt).argmax(-1)
+        torch.cuda.synchronize()
+        rates.append(B * steps / (time.perf_counter() - t))
+    return sorted(rates)[len(rates) // 2]
 
 
 def trace_call(fn, path):
