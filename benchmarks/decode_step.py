@@ -46,21 +46,18 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--eager", action="store_true", help="the captured eager step instead of the compiled one")
     ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
-                    help="set a torch._inductor.config option (ints and true/false), repeatable")
+                    help="set a torch._inductor.config option (dotted for sections: triton.NAME; ints and true/false), repeatable")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     if args.src:
         sys.path.insert(0, os.path.abspath(args.src))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import torch
-    import torch._inductor.config as inductor_config
-
-    for item in args.inductor:
-        name, value = item.split("=", 1)
-        setattr(inductor_config, name, {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value))
     import rwkv_hf
-    from gpu import decode_rate, kernel_profile, ours_model, state_dict
+    from gpu import decode_rate, kernel_profile, ours_model, set_inductor, state_dict
     from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
+
+    set_inductor(args.inductor)
 
     where = os.path.dirname(rwkv_hf.__file__)
     m = (ours_model(state_dict()) if args.shape == "1.5b" else seven_b()).eval()

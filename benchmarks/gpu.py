@@ -31,6 +31,21 @@ PREFILL = [(1, 4096), (8, 2048)]
 DECODE = [1, 32]
 
 
+def set_inductor(items):
+    """Set torch._inductor.config options from NAME=VALUE strings (dotted names reach nested
+    sections, e.g. triton.mix_order_reduction=false; values: true/false, whole numbers, else text)."""
+    import torch._inductor.config as inductor_config
+
+    for item in items:
+        name, value = item.split("=", 1)
+        *path, last = name.split(".")
+        section = inductor_config
+        for part in path:
+            section = getattr(section, part)
+        getattr(section, last)  # an unknown name fails here, before anything runs
+        setattr(section, last, {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value))
+
+
 def cuda_time(fn, warmup=2, reps=5):
     """Median seconds of fn() over reps, timed with CUDA events after warm-up."""
     for _ in range(warmup):

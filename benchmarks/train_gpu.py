@@ -19,7 +19,8 @@ libraries use fla's). fla asks Triton to keep the autotuning results in its cach
 (FLA_CACHE_RESULTS, on by default; ~/.triton/cache), so by its code a later process on the same
 machine does not pay it again (not measured across processes here: each run was on a fresh machine).
 
-    python benchmarks/train_gpu.py [--steps 5] [--out DIR] [--skip-fla] [--skip-ours] [--fla-first] [--profile] [--skip-extra] [--torch-compile]
+    python benchmarks/train_gpu.py [--steps 5] [--out DIR] [--skip-fla] [--skip-ours] [--fla-first] [--profile] [--skip-extra]
+                                   [--torch-compile [--inductor triton.mix_order_reduction=false]]
 
 Writes train_gpu.json to --out (default $OUT) after every row, so a run cut short keeps what it measured.
 """
@@ -35,7 +36,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu import V, failure, fla_model, kernel_profile, ours_model, state_dict, versions  # noqa: E402  (the inference benchmark's shape and models)
+from gpu import V, failure, fla_model, kernel_profile, ours_model, set_inductor, state_dict, versions  # noqa: E402  (the inference benchmark's shape and models)
 
 B, T = 4, 2048
 
@@ -128,11 +129,14 @@ def main():
     ap.add_argument("--skip-fla", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--torch-compile", action="store_true", help="also train each model under torch.compile")
+    ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
+                    help="set a torch._inductor.config option for the --torch-compile rows (e.g. triton.mix_order_reduction=false)")
     ap.add_argument("--skip-extra", action="store_true", help="leave out the full-logits and gradient-checkpointing rows")
     ap.add_argument("--profile", action="store_true", help="also split one step's GPU kernel time into matmul / WKV / other")
     ap.add_argument("--fla-first", action="store_true", help="run fla's rows first (it then pays the cold autotuning)")
     args = ap.parse_args()
-    res = {"card": torch.cuda.get_device_name(), "shape": {"model": "benchmarks/gpu.py's", "batch": B, "tokens": T},
+    set_inductor(args.inductor)
+    res = {"card": torch.cuda.get_device_name(), "shape": {"model": "benchmarks/gpu.py's", "batch": B, "tokens": T}, "inductor": args.inductor,
            "versions": versions("torch", "transformers", "flash-linear-attention")}
     print(res["card"], res["versions"], flush=True)
     ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0)).cuda()
