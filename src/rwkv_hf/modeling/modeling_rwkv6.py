@@ -50,8 +50,10 @@ def time_mix(p, x, shift, S, v_first, mask, form: str, calls=ModuleCalls, scale:
     H, N = p.time_faaaa.shape
     prev, shift = token_shift(x, shift, mask)
     sx = prev - x
-    lora = torch.tanh(calls.lora(torch.addcmul(x, sx, p.time_maa_x), p.time_maa_w1)).view(B, T, 5, -1)
-    mw, mk, mv, mr, mg = (calls.lora(lora[:, :, i], p.time_maa_w2[i]) for i in range(5))
+    lora = torch.tanh(calls.lora(torch.addcmul(x, sx, p.time_maa_x), p.time_maa_w1))
+    # the five second stages in one batched product, as the reference does: [5, B*T, D] @ [5, D, C]
+    lora = calls.lora(lora.view(B * T, 5, -1).transpose(0, 1), p.time_maa_w2)
+    mw, mk, mv, mr, mg = lora.view(5, B, T, C).unbind(0)
     xw = torch.addcmul(x, sx, p.time_maa_w + mw)  # x + sx * (time_maa_w + mw), in one pass
     xk = torch.addcmul(x, sx, p.time_maa_k + mk)
     xv = torch.addcmul(x, sx, p.time_maa_v + mv)

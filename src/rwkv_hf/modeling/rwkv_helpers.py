@@ -110,7 +110,8 @@ class ModuleCalls:
 
     @staticmethod
     def lora(x: Tensor, w: Tensor) -> Tensor:
-        """x [..., C] @ w [C, D] (LoRA matrices are stored input-major)."""
+        """x [..., C] @ w [C, D] (LoRA matrices are stored input-major); w [K, C, D] with x [K, N, C]: a
+        batched product."""
         return x @ w
 
     @staticmethod
@@ -141,4 +142,5 @@ class ReduceCalls(DirectCalls):
 
     @staticmethod
     def lora(x: Tensor, w: Tensor) -> Tensor:
-        return (x.float().unsqueeze(-1) * w.float()).sum(-2).to(x.dtype)
+        """x [..., C] @ w [..., C, D], batch dimensions of w (RWKV-6's five stacked LoRAs) included."""
+        return (x.float().unsqueeze(-1) * w.float().unsqueeze(-3)).sum(-2).to(x.dtype)
