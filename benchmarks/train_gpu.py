@@ -111,14 +111,16 @@ def run_rows(args, res, ids):
     for w in reversed(who) if args.fla_first else who:
         train_rate(use(w), ids, args, names[w], res)
     if "ours" in who and not args.skip_extra:
-        use("ours").config.fuse_cross_entropy = False
-        train_rate(use("ours"), ids, args, "ours, full logits", res)
-        use("ours").config.fuse_cross_entropy = True
+        m = use("ours")
+        m.config.fuse_cross_entropy = False
+        train_rate(m, ids, args, "ours, full logits", res)
+        m.config.fuse_cross_entropy = True
     for w in who if args.torch_compile else ():
         compiled_rate(use(w), ids, args, f"{w} under torch.compile(model)", res)
     for w in () if args.skip_extra else who:
-        use(w).gradient_checkpointing_enable()
-        train_rate(use(w), ids, args, f"{w}, gradient checkpointing", res)
+        m = use(w)
+        m.gradient_checkpointing_enable()
+        train_rate(m, ids, args, f"{w}, gradient checkpointing", res)
 
 
 def main():
