@@ -227,8 +227,10 @@ def bench_ours(sd, args, res):
             out[f"decode_{B}_eager"] = decode_rate(eager, B, args.steps)
             m.config.cuda_graph_decode = True
             print(f"ours decode b{B} eager: {out[f'decode_{B}_eager']:,.1f} tok/s", flush=True)
-            # generate() itself (greedy; its one-token steps replay the captured graph), through our
-            # loop (rwkv_generate, the default) and through transformers' `_sample` loop
+            # generate() itself (greedy; its one-token steps replay the captured graph, here the eager
+            # step: compile_decode=False), through our loop (rwkv_generate, the default) and through
+            # transformers' `_sample` loop
+            m.config.compile_decode = False
             n_new = args.steps * 4
             gen = lambda: m.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)  # noqa: E731
             gen()
@@ -245,8 +247,9 @@ def bench_ours(sd, args, res):
             out[f"decode_{B}_graph"] = decode_rate(dec.step, B, args.steps * 4)
             print(f"ours decode b{B} graph: {out[f'decode_{B}_graph']:,.1f} tok/s", flush=True)
             del dec, cache
-            # RWKV-7's compiled step (config compile_decode): in generate() and stepped directly
-            m.config.compile_decode = True
+            # the compiled step (config compile_decode; None, the default, compiles it on CUDA): in
+            # generate() and stepped directly
+            m.config.compile_decode = None
             t = time.time()
             gen()
             out[f"decode_{B}_compile_s"] = time.time() - t
@@ -255,8 +258,7 @@ def bench_ours(sd, args, res):
             with transformers_generate_loop():
                 s = cuda_time(gen, warmup=1, reps=3)
             out[f"decode_{B}_generate_fused_hf_loop"] = B * n_new / s
-            m.config.compile_decode = False
-            print(f"ours generate() b{B} with compile_decode: {out[f'decode_{B}_generate_fused']:,.1f} tok/s "
+            print(f"ours generate() b{B} (compiled step, the default): {out[f'decode_{B}_generate_fused']:,.1f} tok/s "
                   f"(first call, compiling: {out[f'decode_{B}_compile_s']:.0f}s; through transformers' loop: "
                   f"{out[f'decode_{B}_generate_fused_hf_loop']:,.1f})", flush=True)
             dec = RwkvGraphDecoder(m, batch_size=B, fused=True)
@@ -387,13 +389,13 @@ def table(res):
     rows = []
     ours = res.get("ours", {})
     rows.append(("ours, eager (auto mode, cuda_graph_decode off)", {**ours, "decode_1": ours.get("decode_1_eager"), "decode_32": ours.get("decode_32_eager")}))
-    rows.append(("ours, generate() through transformers' loop (CUDA graphs)",
+    rows.append(("ours, generate() through transformers' loop (CUDA graphs, compile_decode=False)",
                  {"decode_1": ours.get("decode_1_generate_hf_loop"), "decode_32": ours.get("decode_32_generate_hf_loop")}))
-    rows.append(("ours, generate() (own loop, CUDA graphs: the default)", {"decode_1": ours.get("decode_1_generate"), "decode_32": ours.get("decode_32_generate")}))
+    rows.append(("ours, generate() (own loop, CUDA graphs, compile_decode=False)", {"decode_1": ours.get("decode_1_generate"), "decode_32": ours.get("decode_32_generate")}))
     rows.append(("ours, RwkvGraphDecoder.step", {"decode_1": ours.get("decode_1_graph"), "decode_32": ours.get("decode_32_graph")}))
-    rows.append(("ours, generate() with compile_decode through transformers' loop",
+    rows.append(("ours, generate() through transformers' loop (compiled step)",
                  {"decode_1": ours.get("decode_1_generate_fused_hf_loop"), "decode_32": ours.get("decode_32_generate_fused_hf_loop")}))
-    rows.append(("ours, generate() with compile_decode (own loop; RWKV-7 compiled step)",
+    rows.append(("ours, generate() (own loop, compiled step in the CUDA graph: the default)",
                  {"decode_1": ours.get("decode_1_generate_fused"), "decode_32": ours.get("decode_32_generate_fused")}))
     rows.append(("ours, RwkvGraphDecoder(fused=True).step", {"decode_1": ours.get("decode_1_graph_fused"),
                                                               "decode_32": ours.get("decode_32_graph_fused")}))

@@ -172,7 +172,10 @@ def test_wkv7_one_token_fused_kernel_matches_recurrent(dtype):
 
 
 # ------------------------------------------------------------------------------------- whole models
-def build(version, dtype, n_layer=2, n_embd=256, seed=0):
+def build(version, dtype, n_layer=2, n_embd=256, seed=0, compile_decode=False):
+    """A random model on the card. `compile_decode` False (here; the config's default is None, which
+    compiles the captured step on CUDA): the graph tests check the eager captured step, which is the
+    eager path bit for bit; the tests of the compiled step ask for it."""
     import rwkv_hf.modeling as M
     from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
     from rwkv_hf.testing import make_state_dict
@@ -181,6 +184,7 @@ def build(version, dtype, n_layer=2, n_embd=256, seed=0):
     spec, cfg = config_from_state_dict(sd)
     m = M.FAMILIES[spec.family][2](cfg)
     m.load_state_dict({to_hf_key(k): v for k, v in sd.items()})
+    m.config.compile_decode = compile_decode
     return m.to(DEV, dtype).eval()
 
 
@@ -340,23 +344,23 @@ def test_generate_replays_graphs_and_gives_eager_tokens(version, batch):
 
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("version", ["4", "5.2", "6", "7"])
-def test_generate_with_compile_decode_gives_eager_tokens(version, batch):
-    """config.compile_decode: generate() replays the compiled step. In fp32 it computes the eager
-    function (to ~1e-6), so greedy and beam-search tokens of a left-padded batch are eager's exactly."""
+def test_generate_compiles_the_captured_step_by_default_and_gives_eager_tokens(version, batch):
+    """compile_decode None (the default): generate() replays the compiled step. In fp32 it computes the
+    eager function (to ~1e-6), so greedy and beam-search tokens of a left-padded batch are eager's
+    exactly; `disable_compile=True` gives the eager captured step for that call."""
     from rwkv_hf.modeling.rwkv_decode import _DECODERS
 
-    m = build(version, torch.float32, n_layer=3)
+    m = build(version, torch.float32, n_layer=3, compile_decode=None)
     ids, mask = prompts(batch, seed=6)
     eager = _greedy(m, ids, mask, graphs=False)
-    m.config.compile_decode = True
-    try:
-        fast = _greedy(m, ids, mask, graphs=True)
-        assert [d.fused for d in _DECODERS[m].values()] == [True]
-        assert torch.equal(fast, eager), (fast, eager)
-        beams = _greedy(m, ids, mask, graphs=True, num_beams=2)
-    finally:
-        m.config.compile_decode = False
+    fast = _greedy(m, ids, mask, graphs=True)
+    assert [d.fused for d in _DECODERS[m].values()] == [True]
+    assert torch.equal(fast, eager), (fast, eager)
+    beams = _greedy(m, ids, mask, graphs=True, num_beams=2)
     assert torch.equal(beams, _greedy(m, ids, mask, graphs=False, num_beams=2))
+    _DECODERS[m].clear()
+    assert torch.equal(_greedy(m, ids, mask, graphs=True, disable_compile=True), eager)
+    assert [d.fused for d in _DECODERS[m].values()] == [False]
 
 
 def test_graph_state_moves_between_caches_without_sharing():
@@ -590,7 +594,7 @@ def test_own_generate_loop_syncs_every_few_steps():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compiled", [False, True], ids=["graphs", "compile_decode"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["graphs", "compiled_default"])
 def test_own_generate_loop_speed(compiled):
     """Prints generate()'s tok/s with our loop and with transformers' (1.5B-shaped RWKV-7, bf16, random
     weights; 200 new tokens after a 16-token prompt; batch 1 and 32). No assertion: a measurement."""
@@ -603,7 +607,7 @@ def test_own_generate_loop_speed(compiled):
                       decay_lora=96, a_lora=96, v_lora=64, gate_lora=256)
     with torch.device(DEV):
         m = M.Rwkv7ForCausalLM(cfg).to(torch.bfloat16).eval()
-    m.config.compile_decode = compiled
+    m.config.compile_decode = None if compiled else False
     n = 200
     for B in (1, 32):
         ids = torch.randint(0, 65536, (B, 16), generator=torch.Generator().manual_seed(B)).to(DEV)
@@ -627,6 +631,6 @@ def test_own_generate_loop_speed(compiled):
                 times.append(time.perf_counter() - t)
             assert out.shape == (B, 16 + n)
             rates[name] = B * n / sorted(times)[1]
-        print(f"\ngenerate() {'compile_decode' if compiled else 'graphs'} b{B}, {n} new tokens: "
+        print(f"\ngenerate() {'compiled step (the default)' if compiled else 'graphs, compile_decode=False'} b{B}, {n} new tokens: "
               f"transformers' loop {rates['transformers']:,.0f} tok/s, our loop {rates['ours']:,.0f} tok/s "
               f"({rates['ours'] / rates['transformers']:.2f}x)")

@@ -311,9 +311,71 @@ def test_cpu_decode_takes_the_step(version, models, monkeypatch):
             with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
                 fallback = model(ids[:, -1:], cache=base, use_cache=True).logits
         finally:
-            model.config.compile_decode = False
+            model.config.compile_decode = None
             rwkv_decode._COMPILED_STEPS.pop(model, None)
         assert torch.equal(fallback, plain)
+
+
+def test_compile_decode_default_compiles_only_the_captured_cuda_step(models, monkeypatch):
+    """compile_decode None (the default) compiles the decode step captured in a CUDA graph where
+    Triton runs, and nothing on CPU; True and False are obeyed; `disable_compile` (generate()'s
+    argument or its generation config) keeps that call uncompiled, and only that call."""
+    import warnings
+
+    from rwkv_hf.modeling import rwkv_decode, rwkv_paths
+
+    model = models["7"]
+    assert model.config.compile_decode is None
+
+    def pick(device, **kw):
+        return rwkv_paths.pick_path(model, device, 1, step=True, batch=1, **kw)
+
+    with torch.no_grad():
+        monkeypatch.setattr(rwkv_paths, "_TRITON", True)
+        assert pick("cuda") == ("graph", "recurrent", True, True)
+        assert not pick("cpu").compiled
+        assert not pick("cuda", graph=False).compiled  # (no graph: the plain step)
+        with rwkv_paths.compile_disabled():
+            assert not pick("cuda").compiled
+        assert pick("cuda").compiled
+        monkeypatch.setattr(rwkv_paths, "_TRITON", False)  # no Triton (or a card older than compute capability 7)
+        assert pick("cuda") == ("graph", "fla" if rwkv_paths.HAVE_FLA else "recurrent", False, False)
+        try:
+            model.config.compile_decode = True
+            assert pick("cpu").compiled
+            with rwkv_paths.compile_disabled(False):
+                assert pick("cpu").compiled
+            monkeypatch.setattr(rwkv_paths, "_TRITON", True)
+            model.config.compile_decode = False
+            assert not pick("cuda").compiled
+        finally:
+            model.config.compile_decode = None
+
+    # generate() on CPU with compile_decode=True: a compiled step that cannot compile warns, so a call
+    # that stays quiet compiled nothing
+    def broken(fn):
+        def fail(*a, **k):
+            raise RuntimeError("compiled although disabled")
+        return fail
+
+    monkeypatch.setattr(rwkv_decode, "_compiled", broken)
+    ids = torch.randint(0, 1000, (2, 5), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    model.config.compile_decode = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            quiet = model.generate(ids, disable_compile=True, **kw)
+            model.generation_config.disable_compile = True
+            try:
+                assert torch.equal(model.generate(ids, **kw), quiet)
+            finally:
+                model.generation_config.disable_compile = False
+        with pytest.warns(UserWarning, match="compiled although disabled"):  # the next call compiles again
+            assert torch.equal(model.generate(ids, **kw), quiet)
+    finally:
+        model.config.compile_decode = None
+        rwkv_decode._COMPILED_STEPS.pop(model, None)
 
 
 def test_wkv_mode_is_honoured_by_the_step(models, monkeypatch):

@@ -1,5 +1,7 @@
 """What every RWKV World configuration shares: sizes, special tokens, and how to run the WKV."""
 
+from typing import Optional
+
 from transformers import PretrainedConfig
 
 
@@ -24,12 +26,17 @@ class RwkvWorldConfigBase(PretrainedConfig):
         cuda_graph_decode: on CUDA, one-token forward passes without gradients (every step of
             `generate()` after the prompt) replay a captured CUDA graph with the state in static
             buffers, instead of launching the step's few hundred small kernels one by one.
-        compile_decode: decode steps run each block's step (`rwkv_decode`) compiled with
-            torch.compile: on CUDA inside the captured graph (RWKV-7: about twice as fast as the eager
-            graph), on CPU instead of the plain step function that CPU decoding uses anyway (needs a
-            C++ compiler; without one, a warning and the plain step). The first step compiles for some
-            seconds. Fused kernels round differently from the eager ops: in bf16 the logits differ from
-            the eager path's by bf16 noise; in fp32 they agree to ~1e-6.
+        compile_decode: whether decode steps run each block's step (`rwkv_decode`) compiled with
+            torch.compile. None (the default): on CUDA, the step captured in the CUDA graph is
+            compiled where Triton runs (a card of compute capability >= 7): about twice as fast as
+            the eager graph (1.5B RWKV-7 on an H200: `generate()` 408 instead of 202 tok/s at batch 1),
+            for a first call per batch size that compiles (7-16 s on an H200); never on CPU. True:
+            also on CPU, instead of the plain step function CPU decoding uses anyway (needs a C++
+            compiler; without one, a warning and the plain step). False: never. A
+            `generate(..., disable_compile=True)` call never compiles, as with transformers' own
+            automatic compilation. Not for v4-v6 in fp16. Fused kernels round differently from the
+            eager ops: in bf16 the logits differ from the eager path's by bf16 noise (so greedy
+            tokens can part from `cuda_graph_decode=False`'s); in fp32 they agree to ~1e-6.
         fuse_cross_entropy: in training mode with `labels`, compute the loss together with the LM head
             in chunks of tokens (`rwkv_loss`), so that no [tokens, vocab] logits (and no fp32 copy or
             gradient of them) exist; `logits` is then None in the output. Off: the logits are
@@ -51,7 +58,7 @@ class RwkvWorldConfigBase(PretrainedConfig):
         wkv_mode: str = "auto",
         prefill_segment: int = 4096,
         cuda_graph_decode: bool = True,
-        compile_decode: bool = False,
+        compile_decode: Optional[bool] = None,
         fuse_cross_entropy: bool = True,
         bos_token_id: int = 0,
         eos_token_id: int = 0,

@@ -24,7 +24,7 @@ from .rwkv_helpers import ModuleCalls, exporting, layer_norm_fp32
 from .rwkv_inputs import check_ids, document_starts, normalize_mask
 from .rwkv_loss import linear_cross_entropy, shifted_targets
 from .rwkv_paths import Path as RunPath
-from .rwkv_paths import global_hooks, own_generate_loop, pick_path
+from .rwkv_paths import compile_disabled, global_hooks, own_generate_loop, pick_path
 from .rwkv_peft import register_lora_targets
 from .rwkv_saving import auto_map, write_self_contained
 from .rwkv_state import RwkvStateMixin, initial_wkv
@@ -539,6 +539,15 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
             kwargs.pop(name, None)
         inputs.update(kwargs)
         return inputs
+
+    def generate(self, *args, **kwargs):
+        """transformers' `generate()`. Its `disable_compile` (an argument or the generation config's)
+        keeps this call's decode steps uncompiled, whatever the config's `compile_decode` says, as it
+        turns off transformers' own automatic compilation."""
+        config = kwargs.get("generation_config", args[1] if len(args) > 1 else None) or self.generation_config
+        disabled = kwargs.get("disable_compile", getattr(config, "disable_compile", None))
+        with compile_disabled(bool(disabled)):
+            return super().generate(*args, **kwargs)
 
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False, streamer=None,
                 **model_kwargs):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .rwkv_cache import CACHE_FIELD, RwkvCache, copy_into, same_tensors
 from .rwkv_helpers import DirectCalls, ReduceCalls
-from .rwkv_paths import Path, pick_path
+from .rwkv_paths import Path, pick_path, stop_auto_compiling
 
 Tensor = torch.Tensor
 
@@ -154,9 +154,11 @@ class RwkvGraphDecoder:
         except Exception as e:
             if not self.path.compiled:
                 raise
-            # torch.compile can fail where the eager step works (no Triton for this GPU, an old
-            # compiler...): say so once and decode with the eager step
-            warnings.warn(f"the compiled decode step failed ({type(e).__name__}: {e}); using the eager step")
+            # torch.compile can fail where the eager step works (no C compiler for Triton's launcher,
+            # an old compiler...): say so once, decode with the eager step, and stop compiling by default
+            warnings.warn(f"the compiled decode step failed ({type(e).__name__}: {e}); using the eager step "
+                          "(compile_decode=False says so from the start)")
+            stop_auto_compiling()
             self.path, self._block_fn = self.path._replace(compiled=False, reduce=False), _block_forward_in_place
             self._restore(saved)
             self._capture(saved)

@@ -9,7 +9,9 @@ A `Path` has three parts:
 - `wkv`: the form of the WKV recurrence, "recurrent" (`rwkv_ops`, the truth), "chunk" (`rwkv_chunk`,
   `rwkv7_chunk`) or "fla" (flash-linear-attention's kernels, `rwkv_fla`; one token per row: its fused
   one-token kernel);
-- `compiled`: the step runs under torch.compile (config `compile_decode`);
+- `compiled`: the step runs under torch.compile (config `compile_decode`: None, the default, compiles
+  the step captured in a CUDA graph where Triton runs; True also the CPU step; False never; a
+  `generate(..., disable_compile=True)` call never, as transformers' own auto-compilation);
 - `reduce`: its products `x W^T` as multiply-and-sum reductions (`ReduceCalls`): compiled on CUDA at
   batch <= `REDUCTION_MAX_BATCH`, where inductor makes them memory-bound kernels; else matmuls.
 
@@ -24,6 +26,8 @@ or ours (`rwkv_generate.decode_loop`, which feeds the decode steps this path nam
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import weakref
 from typing import NamedTuple, Optional
 
@@ -35,6 +39,43 @@ from .rwkv_helpers import exporting
 
 MODES = ("auto", "recurrent", "chunk", "fla")
 REDUCTION_MAX_BATCH = 4
+# set for the length of a generate() call whose generation config has `disable_compile`
+_COMPILE_DISABLED = contextvars.ContextVar("rwkv_compile_disabled", default=False)
+
+
+@contextlib.contextmanager
+def compile_disabled(disabled: bool = True):
+    """Within it, no decode step is compiled, whatever `compile_decode` says (generate()'s
+    `disable_compile`)."""
+    token = _COMPILE_DISABLED.set(bool(disabled) or _COMPILE_DISABLED.get())
+    try:
+        yield
+    finally:
+        _COMPILE_DISABLED.reset(token)
+
+
+def _triton_runs() -> bool:
+    """Whether inductor can make Triton kernels here (a Triton build and a CUDA card of compute
+    capability >= 7), asked once."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            from torch.utils._triton import has_triton
+
+            _TRITON = bool(has_triton())
+        except Exception:  # (a private helper of torch's: where it is missing or fails, do not compile)
+            _TRITON = False
+    return _TRITON
+
+
+_TRITON: Optional[bool] = None
+
+
+def stop_auto_compiling() -> None:
+    """A compiled step failed here: compile_decode None (auto) compiles nothing more in this process
+    (True still asks, each time)."""
+    global _TRITON
+    _TRITON = False
 
 
 class Path(NamedTuple):
@@ -52,7 +93,8 @@ def pick_path(
     per row. `step`: the caller found a decode step (one token per row from a full state, no
     gradients, nothing but the logits asked for, no padding); whether it runs as one also depends on
     the model (only plain modules, on one device) and the config (`cuda_graph_decode`,
-    `compile_decode`; `graph` and `compiled` say instead, for a decoder built by hand) and, for
+    `compile_decode`, None: the graph runner compiled where Triton runs; `graph` and `compiled` say
+    instead, for a decoder built by hand) and, for
     `reduce`, the `batch` size."""
     config = model.config
     mode = wkv_mode or getattr(config, "wkv_mode", "auto") or "auto"
@@ -67,11 +109,15 @@ def pick_path(
     fla = on_cuda and HAVE_FLA and has_fla_kernel
     if graph is None:
         graph = bool(getattr(config, "cuda_graph_decode", False))
-    if compiled is None:
-        compiled = bool(getattr(config, "compile_decode", False))
     runner = "modules"
     if step and _single_device(model) and plain_modules(model):
         runner = "graph" if on_cuda and graph else "step"
+    if compiled is None:
+        setting = getattr(config, "compile_decode", None)
+        # None ("auto"): the captured step on CUDA, where the first capture's compile (7-16 s on an
+        # H200) buys a step about twice as fast; never on CPU
+        compiled = (runner == "graph" and _triton_runs()) if setting is None else bool(setting)
+        compiled = compiled and not _COMPILE_DISABLED.get()
     # (the compiled step runs the recurrence: fla's kernels stay outside torch.compile)
     compiled = runner != "modules" and compiled and mode in ("auto", "recurrent") and _compilable(model)
     if mode != "auto":
