@@ -172,10 +172,11 @@ def test_wkv7_one_token_fused_kernel_matches_recurrent(dtype):
 
 
 # ------------------------------------------------------------------------------------- whole models
-def build(version, dtype, n_layer=2, n_embd=256, seed=0, compile_decode=False):
-    """A random model on the card. `compile_decode` False (here; the config's default is None, which
-    compiles the captured step on CUDA): the graph tests check the eager captured step, which is the
-    eager path bit for bit; the tests of the compiled step ask for it."""
+def build(version, dtype, n_layer=2, n_embd=256, seed=0, compile_decode=False, triton_decode=False):
+    """A random model on the card. `compile_decode` and `triton_decode` False (here; the config's
+    defaults are None: on CUDA the captured step is RWKV-7's Triton step, else compiled): the graph
+    tests check the eager captured step, which is the eager path bit for bit; the tests of the
+    compiled and Triton steps ask for them."""
     import rwkv_hf.modeling as M
     from rwkv_hf.convert.blinkdl import config_from_state_dict, to_hf_key
     from rwkv_hf.testing import make_state_dict
@@ -184,7 +185,7 @@ def build(version, dtype, n_layer=2, n_embd=256, seed=0, compile_decode=False):
     spec, cfg = config_from_state_dict(sd)
     m = M.FAMILIES[spec.family][2](cfg)
     m.load_state_dict({to_hf_key(k): v for k, v in sd.items()})
-    m.config.compile_decode = compile_decode
+    m.config.compile_decode, m.config.triton_decode = compile_decode, triton_decode
     return m.to(DEV, dtype).eval()
 
 
@@ -315,6 +316,58 @@ def test_fused_decoder_matches_eager(version, batch):
     assert e32 <= 1e-5
     assert torch.equal(fused32.argmax(-1), eager32.argmax(-1))
     assert e_fused <= 2 * e_eager + 1e-2
+
+
+@pytest.mark.parametrize("batch", [1, 5, 32])
+@pytest.mark.parametrize("n_embd", [256, 2048])
+def test_triton_step_matches_eager(n_embd, batch):
+    """RWKV-7's Triton step (rwkv7_triton) against the eager graph step, 16 teacher-forced steps, on the
+    bounds of test_fused_decoder_matches_eager: fp32 within 1e-5 x max|logit| with the same greedy
+    tokens; bf16 no noisier than twice the eager bf16 step. Width 2048: the 1.5B's LoRA widths and tiles."""
+    from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
+
+    ids = torch.randint(0, 65536, (batch, 20), generator=torch.Generator().manual_seed(5)).to(DEV)
+    m32 = build("7", torch.float32, n_layer=3, n_embd=n_embd)
+    (eager32, fast32), fed = _teacher_forced(m32, [RwkvGraphDecoder(m32, batch), RwkvGraphDecoder(m32, batch, triton=True)], ids)
+    m16 = build("7", torch.bfloat16, n_layer=3, n_embd=n_embd)
+    dec16 = [RwkvGraphDecoder(m16, batch), RwkvGraphDecoder(m16, batch, triton=True)]
+    (eager16, fast16), _ = _teacher_forced(m16, dec16, ids, feed=fed)
+    assert dec16[1].path.triton, "the Triton step fell back to the eager one"
+    scale = eager32.abs().amax(-1)
+    err = lambda x: float(((x - eager32).abs().amax(-1) / scale).max())  # noqa: E731
+    e32, e_eager, e_fast = err(fast32), err(eager16), err(fast16)
+    print(f"\nTriton v7 decode C{n_embd} b{batch}: fp32 vs eager {e32:.2e}; bf16 eager vs fp32 {e_eager:.2e}, bf16 Triton vs fp32 {e_fast:.2e}")
+    assert e32 <= 1e-5
+    assert torch.equal(fast32.argmax(-1), eager32.argmax(-1))
+    assert e_fast <= 2 * e_eager + 1e-2
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generate_runs_the_triton_step_by_default_and_gives_eager_tokens(batch):
+    """triton_decode None (the default) on an RWKV-7: generate() replays the Triton step; fp32 greedy and
+    beam-search tokens of a left-padded batch are eager's; sampling with a seed repeats itself;
+    wkv_mode "recurrent" and triton_decode=False keep the eager captured step."""
+    from rwkv_hf.modeling.rwkv_decode import _DECODERS
+
+    m = build("7", torch.float32, n_layer=3, triton_decode=None)
+    ids, mask = prompts(batch, seed=6)
+    eager = _greedy(m, ids, mask, graphs=False)
+    fast = _greedy(m, ids, mask, graphs=True)
+    assert [d.path.triton for d in _DECODERS[m].values()] == [True]
+    assert torch.equal(fast, eager), (fast, eager)
+    assert torch.equal(_greedy(m, ids, mask, graphs=True, num_beams=2), _greedy(m, ids, mask, graphs=False, num_beams=2))
+    def sample():
+        torch.manual_seed(3)
+        with torch.no_grad():
+            return m.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=True, top_k=50, top_p=0.9,
+                              temperature=0.8, repetition_penalty=1.1, pad_token_id=0)
+
+    assert torch.equal(sample(), sample())
+    _DECODERS[m].clear()
+    _greedy(m, ids, mask, graphs=True, wkv_mode="recurrent")
+    m.config.triton_decode = False
+    _greedy(m, ids, mask, graphs=True)
+    assert [d.path.triton for d in _DECODERS[m].values()] == [False, False]
 
 
 # ------------------------------------------------------------------- generate() through the graphs

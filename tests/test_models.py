@@ -316,6 +316,40 @@ def test_cpu_decode_takes_the_step(version, models, monkeypatch):
         assert torch.equal(fallback, plain)
 
 
+def test_triton_decode_default_picks_the_rwkv7_triton_step_for_captured_cuda_steps(models, monkeypatch):
+    """triton_decode None (the default): an RWKV-7's decode step captured on CUDA runs rwkv7_triton's
+    kernels (in place of the compiled step) where Triton runs; not on CPU, not without the graph, not
+    for another version, a DeepEmbed model, a wkv_mode other than "auto", triton_decode=False, or
+    after the Triton step failed in this process."""
+    import types
+
+    from rwkv_hf.modeling import rwkv7_triton, rwkv_paths
+
+    def pick(m, device="cuda", **kw):
+        return rwkv_paths.pick_path(m, device, 1, step=True, batch=1, **kw)
+
+    monkeypatch.setattr(rwkv_paths, "_TRITON", True)
+    m7 = models["7"]
+    with torch.no_grad():
+        assert pick(m7) == ("graph", "recurrent", False, False, True)
+        assert not pick(m7, "cpu").triton and not pick(m7, graph=False).triton
+        assert not pick(m7, wkv_mode="recurrent").triton and not pick(m7, wkv_mode="fla").triton
+        assert not any(pick(models[v]).triton for v in models if v != "7")
+        try:
+            m7.config.triton_decode = False
+            assert pick(m7) == ("graph", "recurrent", True, True, False)  # the compiled step instead
+        finally:
+            m7.config.triton_decode = None
+        monkeypatch.setattr(rwkv_paths, "_TRITON_STEP_FAILED", True)
+        assert not pick(m7).triton
+        assert pick(m7, triton=True).triton  # (asked for by hand)
+        monkeypatch.setattr(rwkv_paths, "_TRITON_STEP_FAILED", False)
+        monkeypatch.setattr(rwkv_paths, "_TRITON", False)  # no Triton here
+        assert not pick(m7).triton
+    deep = types.SimpleNamespace(config=types.SimpleNamespace(model_type="rwkv7_world", deep_embed_size=32, head_size=64))
+    assert rwkv7_triton.supports(deep) == "DeepEmbed RWKV-7"
+
+
 def test_compile_decode_default_compiles_only_the_captured_cuda_step(models, monkeypatch):
     """compile_decode None (the default) compiles the decode step captured in a CUDA graph where
     Triton runs, and nothing on CPU; True and False are obeyed; `disable_compile` (generate()'s
@@ -327,19 +361,19 @@ def test_compile_decode_default_compiles_only_the_captured_cuda_step(models, mon
     model = models["7"]
     assert model.config.compile_decode is None
 
-    def pick(device, **kw):
-        return rwkv_paths.pick_path(model, device, 1, step=True, batch=1, **kw)
+    def pick(device, **kw):  # (the compiled step, where RWKV-7's Triton step is not used)
+        return rwkv_paths.pick_path(model, device, 1, step=True, batch=1, triton=False, **kw)
 
     with torch.no_grad():
         monkeypatch.setattr(rwkv_paths, "_TRITON", True)
-        assert pick("cuda") == ("graph", "recurrent", True, True)
+        assert pick("cuda") == ("graph", "recurrent", True, True, False)
         assert not pick("cpu").compiled
         assert not pick("cuda", graph=False).compiled  # (no graph: the plain step)
         with rwkv_paths.compile_disabled():
             assert not pick("cuda").compiled
         assert pick("cuda").compiled
         monkeypatch.setattr(rwkv_paths, "_TRITON", False)  # no Triton (or a card older than compute capability 7)
-        assert pick("cuda") == ("graph", "fla" if rwkv_paths.HAVE_FLA else "recurrent", False, False)
+        assert pick("cuda") == ("graph", "fla" if rwkv_paths.HAVE_FLA else "recurrent", False, False, False)
         try:
             model.config.compile_decode = True
             assert pick("cpu").compiled

@@ -37,6 +37,11 @@ class RwkvWorldConfigBase(PretrainedConfig):
             automatic compilation. Not for v4-v6 in fp16. Fused kernels round differently from the
             eager ops: in bf16 the logits differ from the eager path's by bf16 noise (so greedy
             tokens can part from `cuda_graph_decode=False`'s); in fp32 they agree to ~1e-6.
+        triton_decode: RWKV-7 (without DeepEmbed) in wkv_mode "auto": the step captured in the CUDA
+            graph runs `rwkv7_triton`'s kernels, seven a layer, instead of the eager or compiled step
+            (no torch.compile; Triton builds its kernels once per machine and keeps them in its cache).
+            None (the default): where Triton runs; False: never. Like the compiled step, it rounds
+            differently from the eager ops in bf16; in fp32 it agrees to ~1e-6.
         fuse_cross_entropy: in training mode with `labels`, compute the loss together with the LM head
             in chunks of tokens (`rwkv_loss`), so that no [tokens, vocab] logits (and no fp32 copy or
             gradient of them) exist; `logits` is then None in the output. Off: the logits are
@@ -59,6 +64,7 @@ class RwkvWorldConfigBase(PretrainedConfig):
         prefill_segment: int = 4096,
         cuda_graph_decode: bool = True,
         compile_decode: Optional[bool] = None,
+        triton_decode: Optional[bool] = None,
         fuse_cross_entropy: bool = True,
         bos_token_id: int = 0,
         eos_token_id: int = 0,
@@ -80,6 +86,7 @@ class RwkvWorldConfigBase(PretrainedConfig):
         self.prefill_segment = prefill_segment
         self.cuda_graph_decode = cuda_graph_decode
         self.compile_decode = compile_decode
+        self.triton_decode = triton_decode
         self.fuse_cross_entropy = fuse_cross_entropy
         self.use_cache = use_cache
         super().__init__(

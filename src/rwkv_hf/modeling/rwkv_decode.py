@@ -12,7 +12,10 @@ equations, written once in its `modeling_rwkvN.py`), called directly on the weig
 - compiled (config `compile_decode`): each block's step under torch.compile, so that inductor fuses
   each chain of elementwise work into the kernel around it; at small batch on CUDA each product
   `x W^T` is a multiply-and-sum (`ReduceCalls`) that inductor turns into a reduction kernel reading W
-  once near the memory bandwidth. It computes the same function, rounded differently in bf16/fp16.
+  once near the memory bandwidth. It computes the same function, rounded differently in bf16/fp16;
+- Triton (config `triton_decode`, RWKV-7): the captured step is `rwkv7_triton.triton_step`, the
+  version's equations as seven hand-written kernels a layer, products included (inductor leaves
+  each product a kernel of its own beside the fused elementwise ones).
 
 `generate()` uses this by itself. The cache being decoded by a graph holds the decoder's static
 buffers, so a step copies nothing; when another cache comes to the same decoder, the previous one
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 
 from .rwkv_cache import CACHE_FIELD, RwkvCache, copy_into, same_tensors
 from .rwkv_helpers import DirectCalls, ReduceCalls
-from .rwkv_paths import Path, pick_path, stop_auto_compiling
+from .rwkv_paths import Path, pick_path, stop_auto_compiling, stop_triton_step
 
 Tensor = torch.Tensor
 
@@ -92,7 +95,8 @@ class RwkvGraphDecoder:
     seconds). `path`: the path to capture (`rwkv_paths.pick_path`; default: picked for this model).
     """
 
-    def __init__(self, model, batch_size: int = 1, warmup: int = 3, fused: bool = False, path: Optional[Path] = None):
+    def __init__(self, model, batch_size: int = 1, warmup: int = 3, fused: bool = False, path: Optional[Path] = None,
+                 triton: Optional[bool] = False):
         dev = next(model.parameters()).device
         if dev.type != "cuda":
             raise ValueError("RwkvGraphDecoder needs the model on a CUDA device")
@@ -102,8 +106,17 @@ class RwkvGraphDecoder:
         self.dtype = model.get_input_embeddings().weight.dtype
         if path is None:
             with torch.no_grad():
-                path = pick_path(model, dev, 1, step=True, graph=True, compiled=fused, batch=batch_size)
+                path = pick_path(model, dev, 1, step=True, graph=True, compiled=fused, batch=batch_size, triton=triton)
         self.path = path
+        self._block_fn = _compiled(_block_forward_in_place) if path.compiled else _block_forward_in_place
+        self._plan = None
+        if path.triton:
+            try:
+                from .rwkv7_triton import make_plan  # (Triton is imported only where it runs)
+
+                self._plan = make_plan(model)
+            except Exception as e:
+                self._eager_instead("Triton", e, stop=False)  # (this model's weights: another may do)
         body = model.model
         self.cache = RwkvCache(len(body.blocks))
         self.cache.layers_state = [blk.zero_state(batch_size, dev, self.dtype) for blk in body.blocks]
@@ -112,7 +125,6 @@ class RwkvGraphDecoder:
         self._owner: Optional[weakref.ref] = None
         self.logits: Optional[Tensor] = None
         self.warmup = warmup
-        self._block_fn = _compiled(_block_forward_in_place) if path.compiled else _block_forward_in_place
 
     @property
     def fused(self) -> bool:
@@ -142,6 +154,10 @@ class RwkvGraphDecoder:
     def _step(self) -> Tensor:
         # a cache over the static buffers, which the in-place block step overwrites; the ids range
         # check of a forward pass would synchronise, which capture forbids
+        if self.path.triton:  # (its kernels update the state tensors in place)
+            from .rwkv7_triton import triton_step
+
+            return triton_step(self.model, self.ids, self.cache.layers_state, self._plan)
         tmp = RwkvCache(len(self.cache.layers_state))
         tmp.layers_state = list(self.cache.layers_state)
         return model_step(self.model, self.ids, tmp, self.path, self._block_fn)
@@ -152,16 +168,25 @@ class RwkvGraphDecoder:
         try:
             self._capture(saved)
         except Exception as e:
-            if not self.path.compiled:
+            if not (self.path.compiled or self.path.triton):
                 raise
-            # torch.compile can fail where the eager step works (no C compiler for Triton's launcher,
-            # an old compiler...): say so once, decode with the eager step, and stop compiling by default
-            warnings.warn(f"the compiled decode step failed ({type(e).__name__}: {e}); using the eager step "
-                          "(compile_decode=False says so from the start)")
-            stop_auto_compiling()
-            self.path, self._block_fn = self.path._replace(compiled=False, reduce=False), _block_forward_in_place
+            self._eager_instead("compiled" if self.path.compiled else "Triton", e)
             self._restore(saved)
             self._capture(saved)
+
+    def _eager_instead(self, what: str, e: Exception, stop: bool = True) -> None:
+        """The compiled or Triton step failed where the eager one works (torch.compile or Triton without
+        a C compiler for their launchers, an old compiler, a card Triton does not know...): say so once
+        and decode with the eager step; the process picks that step by default no more."""
+        setting = "compile_decode" if what == "compiled" else "triton_decode"
+        warnings.warn(f"the {what} decode step failed ({type(e).__name__}: {e}); using the eager step "
+                      f"({setting}=False says so from the start)")
+        if stop and self.path.compiled:
+            stop_auto_compiling()
+        if stop and self.path.triton:
+            stop_triton_step()
+        self.path = self.path._replace(compiled=False, reduce=False, triton=False)
+        self._block_fn, self._plan = _block_forward_in_place, None
 
     def _capture(self, saved) -> None:
         s = torch.cuda.Stream(self.device)

@@ -1,6 +1,6 @@
 """Which path a forward pass takes, decided here and nowhere else.
 
-A `Path` has three parts:
+A `Path` has these parts:
 
 - `runner`: "modules" (through the `nn.Module`s, `ModuleCalls`: training, prefill, hooks, adapters),
   "step" (a decode step: the same `time_mix`/`channel_mix` functions called directly on the weights,
@@ -12,6 +12,8 @@ A `Path` has three parts:
 - `compiled`: the step runs under torch.compile (config `compile_decode`: None, the default, compiles
   the step captured in a CUDA graph where Triton runs; True also the CPU step; False never; a
   `generate(..., disable_compile=True)` call never, as transformers' own auto-compilation);
+- `triton`: the captured step runs the version's own Triton kernels (RWKV-7: `rwkv7_triton`; config
+  `triton_decode`, None, the default: where Triton runs) in place of the compiled one;
 - `reduce`: its products `x W^T` as multiply-and-sum reductions (`ReduceCalls`): compiled on CUDA at
   batch <= `REDUCTION_MAX_BATCH`, where inductor makes them memory-bound kernels; else matmuls.
 
@@ -78,16 +80,27 @@ def stop_auto_compiling() -> None:
     _TRITON = False
 
 
+_TRITON_STEP_FAILED = False
+
+
+def stop_triton_step() -> None:
+    """The Triton decode step failed here: triton_decode None (auto) picks it no more in this process.
+    (A failed compile, `stop_auto_compiling`, stops it too: both need Triton to build kernels.)"""
+    global _TRITON_STEP_FAILED
+    _TRITON_STEP_FAILED = True
+
+
 class Path(NamedTuple):
     runner: str  # "modules" | "step" | "graph"
     wkv: str  # "recurrent" | "chunk" | "fla"
     compiled: bool = False
     reduce: bool = False
+    triton: bool = False  # the captured step runs the version's own Triton kernels (rwkv7_triton)
 
 
 def pick_path(
     model, device, seq_len: int, wkv_mode: Optional[str] = None, step: bool = False,
-    graph: Optional[bool] = None, compiled: Optional[bool] = None, batch: int = 0,
+    graph: Optional[bool] = None, compiled: Optional[bool] = None, batch: int = 0, triton: Optional[bool] = None,
 ) -> Path:
     """The path for `model` (one of our causal LMs or model bodies) on `device` for `seq_len` tokens
     per row. `step`: the caller found a decode step (one token per row from a full state, no
@@ -95,7 +108,9 @@ def pick_path(
     the model (only plain modules, on one device) and the config (`cuda_graph_decode`,
     `compile_decode`, None: the graph runner compiled where Triton runs; `graph` and `compiled` say
     instead, for a decoder built by hand) and, for
-    `reduce`, the `batch` size."""
+    `reduce`, the `batch` size. `triton` (else the config's `triton_decode`, None: where it runs):
+    the captured step runs the version's Triton kernels (RWKV-7, `rwkv7_triton`), in wkv_mode "auto"
+    only; it takes the place of the compiled step."""
     config = model.config
     mode = wkv_mode or getattr(config, "wkv_mode", "auto") or "auto"
     if mode not in MODES:
@@ -118,8 +133,14 @@ def pick_path(
         # H200) buys a step about twice as fast; never on CPU
         compiled = (runner == "graph" and _triton_runs()) if setting is None else bool(setting)
         compiled = compiled and not _COMPILE_DISABLED.get()
+    if triton is None:
+        triton = getattr(config, "triton_decode", None)
+        triton = not _TRITON_STEP_FAILED if triton is None else bool(triton)
+    triton = triton and runner == "graph" and mode == "auto" and _triton_step_runs(model)
     # (the compiled step runs the recurrence: fla's kernels stay outside torch.compile)
-    compiled = runner != "modules" and compiled and mode in ("auto", "recurrent") and _compilable(model)
+    compiled = runner != "modules" and compiled and mode in ("auto", "recurrent") and _compilable(model) and not triton
+    if triton:  # (its kernels compute the recurrence itself, in fp32)
+        return Path(runner, "recurrent", triton=True)
     if mode != "auto":
         wkv = mode
     elif seq_len == 1:
@@ -200,6 +221,15 @@ def _compilable(model) -> bool:
     logit range off at batch 5; test_gpu.py::test_fused_decoder_matches_eager[4-*] passes on an H200.)"""
     config = model.config
     return not (getattr(config, "rescale_every", 0) > 0 and model.get_input_embeddings().weight.dtype == torch.float16)
+
+
+def _triton_step_runs(model) -> bool:
+    """A Triton step exists for this model (an RWKV-7 without DeepEmbed) and Triton runs on this card."""
+    if model.config.model_type != "rwkv7_world" or not _triton_runs():
+        return False
+    from .rwkv7_triton import supports  # (imported here: Triton only matters on CUDA)
+
+    return not supports(model)
 
 
 def _single_device(model) -> bool:
