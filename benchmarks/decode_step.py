@@ -1,6 +1,6 @@
 """The captured decode step alone, for comparing two checkouts (or inductor settings) side by side.
 
-`RwkvGraphDecoder(fused=...)` of the 1.5B-shaped RWKV-7 of `benchmarks/gpu.py` (bf16) at batch 1 and
+`RwkvGraphDecoder` (the eager, compiled or Triton step: --step) of the 1.5B-shaped RWKV-7 of `benchmarks/gpu.py` (bf16) at batch 1 and
 32: capture time (the first call compiles), tokens/s over --steps greedy steps, and a kernel profile of
 one step (matmul / WKV / other, kernel count). `--src DIR` imports rwkv_hf from another checkout's
 `src` (e.g. a worktree of an older commit; its decoder must take `fused=`), so that two trees run on
@@ -8,7 +8,7 @@ the same card in one session, one process each:
 
     python benchmarks/decode_step.py --src ../before/src; python benchmarks/decode_step.py
     python benchmarks/decode_step.py --inductor combo_kernels=1
-    python benchmarks/decode_step.py --shape 7b --eager      # issue 14's larger model, the default graphs
+    python benchmarks/decode_step.py --shape 7b --step triton   # issue 14's larger model, RWKV-7's Triton step
 
 Prints one line per batch size and writes decode_step.json to --out (default $OUT, else .).
 """
@@ -44,7 +44,8 @@ def main():
                     help="1.5b: gpu.py's model (24 layers, width 2048); 7b: 32 layers, width 4096, initialised on the card")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--eager", action="store_true", help="the captured eager step instead of the compiled one")
+    ap.add_argument("--step", choices=["eager", "compiled", "triton"], default="compiled",
+                    help="the captured step: eager ops, compiled by inductor (compile_decode), or RWKV-7's Triton kernels")
     ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                     help="set a torch._inductor.config option (dotted for sections: triton.NAME; ints and true/false), repeatable")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -64,10 +65,11 @@ def main():
     # what a step must read: every weight but the embedding, of which it reads one row per token
     step_bytes = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if not n.endswith("emb.weight"))
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rwkv_hf": where,
-           "inductor": args.inductor, "fused": not args.eager}
+           "inductor": args.inductor, "step": args.step}
     for B in args.batch:
         t = time.time()
-        dec = RwkvGraphDecoder(m, batch_size=B, fused=not args.eager)
+        kind = {"triton": True} if args.step == "triton" else {}  # (older decoders have no Triton step)
+        dec = RwkvGraphDecoder(m, batch_size=B, fused=args.step == "compiled", **kind)
         dec.step(torch.zeros(B, dtype=torch.long, device="cuda"))
         torch.cuda.synchronize()
         capture_s = time.time() - t
@@ -75,10 +77,10 @@ def main():
         # one step unrolled (not replayed), to count its kernels; older decoders named it _step_fn
         prof = kernel_profile(getattr(dec, "_step", None) or dec._step_fn)
         tb_s = step_bytes * rate / B / 1e12
-        res[f"b{B}"] = {"tok_s": rate, "capture_s": capture_s, "kernels": prof, "compiled": bool(dec.fused),
-                        "weights_read_tb_s": tb_s}
+        ran = "triton" if getattr(dec.path, "triton", False) else "compiled" if dec.fused else "eager"
+        res[f"b{B}"] = {"tok_s": rate, "capture_s": capture_s, "kernels": prof, "step": ran, "weights_read_tb_s": tb_s}
         print(f"{where} {args.shape} b{B}: {rate:,.1f} tok/s ({tb_s:.2f} TB/s of weights read, {step_bytes / 1e9:.2f} GB a step), "
-              f"capture {capture_s:.0f} s, compiled {bool(dec.fused)}, one step {prof}", flush=True)
+              f"capture {capture_s:.0f} s, step {ran}, one step {prof}", flush=True)
         del dec
     with open(os.path.join(args.out, "decode_step.json"), "w") as f:
         json.dump(res, f, indent=1)

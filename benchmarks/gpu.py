@@ -230,7 +230,7 @@ def bench_ours(sd, args, res):
             # generate() itself (greedy; its one-token steps replay the captured graph, here the eager
             # step: compile_decode=False), through our loop (rwkv_generate, the default) and through
             # transformers' `_sample` loop
-            m.config.compile_decode = False
+            m.config.compile_decode, m.config.triton_decode = False, False
             n_new = args.steps * 4
             gen = lambda: m.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)  # noqa: E731
             gen()
@@ -247,26 +247,47 @@ def bench_ours(sd, args, res):
             out[f"decode_{B}_graph"] = decode_rate(dec.step, B, args.steps * 4)
             print(f"ours decode b{B} graph: {out[f'decode_{B}_graph']:,.1f} tok/s", flush=True)
             del dec, cache
-            # the compiled step (config compile_decode; None, the default, compiles it on CUDA): in
-            # generate() and stepped directly
-            m.config.compile_decode = None
+            if not args.skip_compiled:
+                # the compiled step (config compile_decode; None, the default, compiles it on CUDA where
+                # RWKV-7's Triton step is not used): in generate() and stepped directly
+                m.config.compile_decode = None
+                t = time.time()
+                gen()
+                out[f"decode_{B}_compile_s"] = time.time() - t
+                s = cuda_time(gen, warmup=0, reps=3)
+                out[f"decode_{B}_generate_fused"] = B * n_new / s
+                with transformers_generate_loop():
+                    s = cuda_time(gen, warmup=1, reps=3)
+                out[f"decode_{B}_generate_fused_hf_loop"] = B * n_new / s
+                print(f"ours generate() b{B} (compiled step): {out[f'decode_{B}_generate_fused']:,.1f} tok/s "
+                      f"(first call, compiling: {out[f'decode_{B}_compile_s']:.0f}s; through transformers' loop: "
+                      f"{out[f'decode_{B}_generate_fused_hf_loop']:,.1f})", flush=True)
+                dec = RwkvGraphDecoder(m, batch_size=B, fused=True)
+                out[f"decode_{B}_graph_fused"] = decode_rate(dec.step, B, args.steps * 4)
+                print(f"ours decode b{B} fused graph: {out[f'decode_{B}_graph_fused']:,.1f} tok/s", flush=True)
+                if args.profile:
+                    out[f"decode_{B}_fused_kernels"] = kernel_profile(dec._step)
+                    print(f"ours fused step b{B} kernels: {out[f'decode_{B}_fused_kernels']}", flush=True)
+                del dec
+            # RWKV-7's Triton step (config triton_decode; None, the default: on where Triton runs)
+            m.config.triton_decode = None
             t = time.time()
             gen()
-            out[f"decode_{B}_compile_s"] = time.time() - t
+            out[f"decode_{B}_triton_first_s"] = time.time() - t
             s = cuda_time(gen, warmup=0, reps=3)
-            out[f"decode_{B}_generate_fused"] = B * n_new / s
+            out[f"decode_{B}_generate_triton"] = B * n_new / s
             with transformers_generate_loop():
                 s = cuda_time(gen, warmup=1, reps=3)
-            out[f"decode_{B}_generate_fused_hf_loop"] = B * n_new / s
-            print(f"ours generate() b{B} (compiled step, the default): {out[f'decode_{B}_generate_fused']:,.1f} tok/s "
-                  f"(first call, compiling: {out[f'decode_{B}_compile_s']:.0f}s; through transformers' loop: "
-                  f"{out[f'decode_{B}_generate_fused_hf_loop']:,.1f})", flush=True)
-            dec = RwkvGraphDecoder(m, batch_size=B, fused=True)
-            out[f"decode_{B}_graph_fused"] = decode_rate(dec.step, B, args.steps * 4)
-            print(f"ours decode b{B} fused graph: {out[f'decode_{B}_graph_fused']:,.1f} tok/s", flush=True)
+            out[f"decode_{B}_generate_triton_hf_loop"] = B * n_new / s
+            print(f"ours generate() b{B} (Triton step, the default): {out[f'decode_{B}_generate_triton']:,.1f} tok/s "
+                  f"(first call: {out[f'decode_{B}_triton_first_s']:.0f}s; through transformers' loop: "
+                  f"{out[f'decode_{B}_generate_triton_hf_loop']:,.1f})", flush=True)
+            dec = RwkvGraphDecoder(m, batch_size=B, triton=True)
+            out[f"decode_{B}_graph_triton"] = decode_rate(dec.step, B, args.steps * 4)
+            print(f"ours decode b{B} Triton graph: {out[f'decode_{B}_graph_triton']:,.1f} tok/s (ran: triton {dec.path.triton})", flush=True)
             if args.profile:
-                out[f"decode_{B}_fused_kernels"] = kernel_profile(dec._step)
-                print(f"ours fused step b{B} kernels: {out[f'decode_{B}_fused_kernels']}", flush=True)
+                out[f"decode_{B}_triton_kernels"] = kernel_profile(dec._step)
+                print(f"ours Triton step b{B} kernels: {out[f'decode_{B}_triton_kernels']}", flush=True)
             del dec
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         if args.long:
@@ -393,12 +414,18 @@ def table(res):
                  {"decode_1": ours.get("decode_1_generate_hf_loop"), "decode_32": ours.get("decode_32_generate_hf_loop")}))
     rows.append(("ours, generate() (own loop, CUDA graphs, compile_decode=False)", {"decode_1": ours.get("decode_1_generate"), "decode_32": ours.get("decode_32_generate")}))
     rows.append(("ours, RwkvGraphDecoder.step", {"decode_1": ours.get("decode_1_graph"), "decode_32": ours.get("decode_32_graph")}))
-    rows.append(("ours, generate() through transformers' loop (compiled step)",
+    rows.append(("ours, generate() through transformers' loop (compiled step, triton_decode=False)",
                  {"decode_1": ours.get("decode_1_generate_fused_hf_loop"), "decode_32": ours.get("decode_32_generate_fused_hf_loop")}))
-    rows.append(("ours, generate() (own loop, compiled step in the CUDA graph: the default)",
+    rows.append(("ours, generate() (own loop, compiled step in the CUDA graph, triton_decode=False)",
                  {"decode_1": ours.get("decode_1_generate_fused"), "decode_32": ours.get("decode_32_generate_fused")}))
     rows.append(("ours, RwkvGraphDecoder(fused=True).step", {"decode_1": ours.get("decode_1_graph_fused"),
                                                               "decode_32": ours.get("decode_32_graph_fused")}))
+    rows.append(("ours, generate() through transformers' loop (Triton step)",
+                 {"decode_1": ours.get("decode_1_generate_triton_hf_loop"), "decode_32": ours.get("decode_32_generate_triton_hf_loop")}))
+    rows.append(("ours, generate() (own loop, RWKV-7's Triton step in the CUDA graph: the default)",
+                 {"decode_1": ours.get("decode_1_generate_triton"), "decode_32": ours.get("decode_32_generate_triton")}))
+    rows.append(("ours, RwkvGraphDecoder(triton=True).step", {"decode_1": ours.get("decode_1_graph_triton"),
+                                                               "decode_32": ours.get("decode_32_graph_triton")}))
     if any(k.endswith("_compiled") for k in ours):
         rows.append(("ours under torch.compile(model)", {k: ours.get(k + "_compiled") for _, k in cols[:2]}))
     rows.append(("fla RWKV7ForCausalLM", fla))
@@ -429,6 +456,8 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-rwkv", action="store_true")
     ap.add_argument("--skip-fla", action="store_true")
+    ap.add_argument("--skip-compiled", action="store_true",
+                    help="skip our compiled step's rows (compile_decode; its first compile can take minutes on a cold card)")
     ap.add_argument("--fla-compile", action="store_true", help="also decode with fla's model under torch.compile (CUDA graphs)")
     ap.add_argument("--torch-compile", action="store_true", help="also prefill with each model under torch.compile")
     ap.add_argument("--trace-generate", action="store_true", help="save a profiler trace of one generate() call per batch size")
