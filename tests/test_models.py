@@ -333,6 +333,8 @@ def test_triton_decode_default_picks_the_rwkv7_triton_step_for_captured_cuda_ste
     with torch.no_grad():
         assert pick(m7) == ("graph", "recurrent", False, False, True)
         assert not pick(m7, "cpu").triton and not pick(m7, graph=False).triton
+        assert not rwkv_paths.pick_path(m7, "cuda", 1, step=True, batch=33).triton  # (untried tiles)
+        assert rwkv_paths.pick_path(m7, "cuda", 1, step=True, batch=33, triton=True).triton
         assert not pick(m7, wkv_mode="recurrent").triton and not pick(m7, wkv_mode="fla").triton
         assert not any(pick(models[v]).triton for v in models if v != "7")
         try:

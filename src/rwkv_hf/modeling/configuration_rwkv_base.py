@@ -40,7 +40,8 @@ class RwkvWorldConfigBase(PretrainedConfig):
         triton_decode: RWKV-7 (without DeepEmbed) in wkv_mode "auto": the step captured in the CUDA
             graph runs `rwkv7_triton`'s kernels, seven a layer, instead of the eager or compiled step
             (no torch.compile; Triton builds its kernels once per machine and keeps them in its cache).
-            None (the default): where Triton runs; False: never. Like the compiled step, it rounds
+            None (the default): where Triton runs, for batches of up to 32 rows (larger: the
+            compiled step); True: at any batch; False: never. Like the compiled step, it rounds
             differently from the eager ops in bf16; in fp32 it agrees to ~1e-6.
         fuse_cross_entropy: in training mode with `labels`, compute the loss together with the LM head
             in chunks of tokens (`rwkv_loss`), so that no [tokens, vocab] logits (and no fp32 copy or

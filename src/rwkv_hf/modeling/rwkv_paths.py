@@ -41,6 +41,7 @@ from .rwkv_helpers import exporting
 
 MODES = ("auto", "recurrent", "chunk", "fla")
 REDUCTION_MAX_BATCH = 4
+TRITON_MAX_BATCH = 32  # the Triton step by default up to this batch (tested on an H200 at 1, 5 and 32)
 # set for the length of a generate() call whose generation config has `disable_compile`
 _COMPILE_DISABLED = contextvars.ContextVar("rwkv_compile_disabled", default=False)
 
@@ -135,7 +136,8 @@ def pick_path(
         compiled = compiled and not _COMPILE_DISABLED.get()
     if triton is None:
         triton = getattr(config, "triton_decode", None)
-        triton = not _TRITON_STEP_FAILED if triton is None else bool(triton)
+        # None ("auto"): up to the batch its GPU tests reach (larger batches tile 64 rows, untried)
+        triton = (not _TRITON_STEP_FAILED and 0 < batch <= TRITON_MAX_BATCH) if triton is None else bool(triton)
     triton = triton and runner == "graph" and mode == "auto" and _triton_step_runs(model)
     # (the compiled step runs the recurrence: fla's kernels stay outside torch.compile)
     compiled = runner != "modules" and compiled and mode in ("auto", "recurrent") and _compilable(model) and not triton
