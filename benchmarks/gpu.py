@@ -202,6 +202,29 @@ def compiled_prefill_rows(label, m, out, args, g):
 
 
 # ------------------------------------------------------------------------------------------- ours
+def fast_step_rows(B, gen, n_new, args, out, name, label, decoder):
+    """The rows of one faster captured step (`name`: "fused" the compiled one, "triton" RWKV-7's):
+    `gen()` (generate() with the model configured for it; its first call, which builds the step,
+    timed alone), the same through transformers' loop, and the bare step of `decoder()`."""
+    from rwkv_hf.testing import transformers_generate_loop
+
+    t = time.time()
+    gen()
+    out[f"decode_{B}_{name}_first_s"] = time.time() - t
+    out[f"decode_{B}_generate_{name}"] = B * n_new / cuda_time(gen, warmup=0, reps=3)
+    with transformers_generate_loop():
+        out[f"decode_{B}_generate_{name}_hf_loop"] = B * n_new / cuda_time(gen, warmup=1, reps=3)
+    print(f"ours generate() b{B} ({label}): {out[f'decode_{B}_generate_{name}']:,.1f} tok/s (first call: "
+          f"{out[f'decode_{B}_{name}_first_s']:.0f}s; through transformers' loop: {out[f'decode_{B}_generate_{name}_hf_loop']:,.1f})",
+          flush=True)
+    dec = decoder()
+    out[f"decode_{B}_graph_{name}"] = decode_rate(dec.step, B, args.steps * 4)
+    print(f"ours decode b{B} {name} graph: {out[f'decode_{B}_graph_{name}']:,.1f} tok/s (ran: {dec.path})", flush=True)
+    if args.profile:
+        out[f"decode_{B}_{name}_kernels"] = kernel_profile(dec._step)
+        print(f"ours {name} step b{B} kernels: {out[f'decode_{B}_{name}_kernels']}", flush=True)
+
+
 def bench_ours(sd, args, res):
     from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD
     from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
@@ -249,46 +272,12 @@ def bench_ours(sd, args, res):
             del dec, cache
             if not args.skip_compiled:
                 # the compiled step (config compile_decode; None, the default, compiles it on CUDA where
-                # RWKV-7's Triton step is not used): in generate() and stepped directly
+                # RWKV-7's Triton step is not used)
                 m.config.compile_decode = None
-                t = time.time()
-                gen()
-                out[f"decode_{B}_compile_s"] = time.time() - t
-                s = cuda_time(gen, warmup=0, reps=3)
-                out[f"decode_{B}_generate_fused"] = B * n_new / s
-                with transformers_generate_loop():
-                    s = cuda_time(gen, warmup=1, reps=3)
-                out[f"decode_{B}_generate_fused_hf_loop"] = B * n_new / s
-                print(f"ours generate() b{B} (compiled step): {out[f'decode_{B}_generate_fused']:,.1f} tok/s "
-                      f"(first call, compiling: {out[f'decode_{B}_compile_s']:.0f}s; through transformers' loop: "
-                      f"{out[f'decode_{B}_generate_fused_hf_loop']:,.1f})", flush=True)
-                dec = RwkvGraphDecoder(m, batch_size=B, fused=True)
-                out[f"decode_{B}_graph_fused"] = decode_rate(dec.step, B, args.steps * 4)
-                print(f"ours decode b{B} fused graph: {out[f'decode_{B}_graph_fused']:,.1f} tok/s", flush=True)
-                if args.profile:
-                    out[f"decode_{B}_fused_kernels"] = kernel_profile(dec._step)
-                    print(f"ours fused step b{B} kernels: {out[f'decode_{B}_fused_kernels']}", flush=True)
-                del dec
+                fast_step_rows(B, gen, n_new, args, out, "fused", "compiled step", lambda: RwkvGraphDecoder(m, batch_size=B, fused=True))
             # RWKV-7's Triton step (config triton_decode; None, the default: on where Triton runs)
             m.config.triton_decode = None
-            t = time.time()
-            gen()
-            out[f"decode_{B}_triton_first_s"] = time.time() - t
-            s = cuda_time(gen, warmup=0, reps=3)
-            out[f"decode_{B}_generate_triton"] = B * n_new / s
-            with transformers_generate_loop():
-                s = cuda_time(gen, warmup=1, reps=3)
-            out[f"decode_{B}_generate_triton_hf_loop"] = B * n_new / s
-            print(f"ours generate() b{B} (Triton step, the default): {out[f'decode_{B}_generate_triton']:,.1f} tok/s "
-                  f"(first call: {out[f'decode_{B}_triton_first_s']:.0f}s; through transformers' loop: "
-                  f"{out[f'decode_{B}_generate_triton_hf_loop']:,.1f})", flush=True)
-            dec = RwkvGraphDecoder(m, batch_size=B, triton=True)
-            out[f"decode_{B}_graph_triton"] = decode_rate(dec.step, B, args.steps * 4)
-            print(f"ours decode b{B} Triton graph: {out[f'decode_{B}_graph_triton']:,.1f} tok/s (ran: triton {dec.path.triton})", flush=True)
-            if args.profile:
-                out[f"decode_{B}_triton_kernels"] = kernel_profile(dec._step)
-                print(f"ours Triton step b{B} kernels: {out[f'decode_{B}_triton_kernels']}", flush=True)
-            del dec
+            fast_step_rows(B, gen, n_new, args, out, "triton", "Triton step, the default", lambda: RwkvGraphDecoder(m, batch_size=B, triton=True))
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         if args.long:
             ids = torch.randint(0, V, (1, args.long), generator=g).cuda()
