@@ -35,7 +35,6 @@ from .rwkv_helpers import DECAY_SCALE, ModuleCalls, relu_square, rescale, token_
 from .rwkv_ops import wkv7_recurrent
 # transformers 4.57 copies into its module cache only the siblings that a local folder's model file
 # imports itself (5.x follows every import): the ones this file needs only through others, by name
-from .rwkv7_triton import HAVE_TRITON  # noqa: F401  (the Triton decode step, imported lazily by rwkv_decode)
 from .rwkv_cache import RwkvCache  # noqa: F401
 from .rwkv_decode import RwkvGraphDecoder  # noqa: F401
 from .rwkv_generate import decode_loop  # noqa: F401
@@ -45,6 +44,7 @@ from .rwkv_paths import pick_path  # noqa: F401
 from .rwkv_peft import register_lora_targets  # noqa: F401
 from .rwkv_saving import auto_map  # noqa: F401
 from .rwkv_state import RwkvStateMixin  # noqa: F401
+from .rwkv7_triton import HAVE_TRITON  # noqa: F401  (the Triton decode step, imported lazily by rwkv_decode)
 
 WKV_FORMS = {"recurrent": wkv7_recurrent, "chunk": wkv7_chunk, "fla": wkv7_fla}
 
