@@ -62,8 +62,8 @@ def test_no_import_circles():
 
 
 def test_only_rwkv_paths_reads_the_path_settings():
-    """wkv_mode, cuda_graph_decode, compile_decode and fla's presence are read in one place."""
-    settings = {"wkv_mode", "cuda_graph_decode", "compile_decode", "HAVE_FLA"}
+    """wkv_mode, cuda_graph_decode, compile_decode, triton_decode and fla's presence are read in one place."""
+    settings = {"wkv_mode", "cuda_graph_decode", "compile_decode", "triton_decode", "HAVE_FLA"}
     readers = set()
     for f in (SRC / "rwkv_hf").rglob("*.py"):
         for node in ast.walk(ast.parse(f.read_text())):
