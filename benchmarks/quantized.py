@@ -2,14 +2,14 @@
 converted (issue 13).
 
 A synthetic checkpoint (default: RWKV-7 at the 0.1B shape, 12 layers, width 768, vocabulary 65536)
-converted to a folder, then loaded with `from_pretrained` three ways: as it is (fp32), with
-`BitsAndBytesConfig(load_in_8bit=True)` and with `load_in_4bit=True` (fp32 compute). For each: the
-model's memory footprint (`get_memory_footprint()`), prefill tokens/s (a 512-token prompt, last logits
-only) and decode tokens/s (64 greedy one-token steps from the prompt's state; quantized models decode
-through the modules, the others through the step functions), each the median of `--repeats` runs
-after a warm-up. Runs on the device given (CPU by default; bitsandbytes runs there too).
+converted to a folder, then loaded with `from_pretrained` three ways: as it is (in `--dtype`, fp32 by
+default), with `BitsAndBytesConfig(load_in_8bit=True)` and with `load_in_4bit=True` (computing in
+`--dtype`). For each: the model's memory footprint (`get_memory_footprint()`), prefill tokens/s
+(a 512-token prompt, last logits only) and decode tokens/s (64 greedy one-token steps from the
+prompt's state; quantized models decode through the modules, the others through the step
+functions), each the median of `--repeats` runs after a warm-up. Runs on the device given (CPU by default; bitsandbytes runs there too).
 
-    python benchmarks/quantized.py [--version 7] [--device cpu] [--repeats 3]
+    python benchmarks/quantized.py [--version 7] [--device cpu] [--repeats 3] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -44,7 +44,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the unquantized model's dtype and the quantized layers' compute dtype (on CUDA, bfloat16 "
+                         "is what a user runs, and keeps fla's kernels off fp32, which they tune slowly)")
     args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
 
     import rwkv_hf  # noqa: F401
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -58,16 +62,17 @@ def main(argv=None):
     convert_checkpoint(tmp / "m.pth", tmp / "hf")
     ids = torch.randint(0, 65536, (1, args.prefill), generator=torch.Generator().manual_seed(0)).to(args.device)
     kinds = {
-        "fp32": {},
-        "bitsandbytes 8-bit": {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": args.device},
-        "bitsandbytes 4-bit": {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
-                               "device_map": args.device},
+        args.dtype: {"dtype": dtype},
+        "bitsandbytes 8-bit": {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": args.device,
+                               "dtype": dtype},
+        "bitsandbytes 4-bit": {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype),
+                               "device_map": args.device, "dtype": dtype},
     }
     print(f"RWKV-{args.version}, 12 layers, width 768, vocabulary 65536, {args.device}, torch {torch.__version__}")
     print("| weights | memory MiB | prefill tok/s | decode tok/s |\n| --- | ---: | ---: | ---: |")
     for name, kw in kinds.items():
         model = AutoModelForCausalLM.from_pretrained(tmp / "hf", **kw)
-        if not kw:
+        if "quantization_config" not in kw:
             model = model.to(args.device)
         with torch.no_grad():
             prefill = timed(lambda: model(ids, logits_to_keep=1), args.repeats)
