@@ -332,7 +332,7 @@ def triton_step(model, ids: Tensor, states: list, plan: Plan) -> Tensor:
     buf = torch.empty(B, plan.width, device=x.device, dtype=torch.float32)
     yg, fk = x.new_empty(B, C), x.new_empty(B, 1, C)
     v_first = torch.empty(B, C, device=x.device, dtype=torch.float32)
-    hidden = None
+    hidden = x.new_empty(B, body.blocks[0].ffn.key.weight.shape[0])  # relu(xk K)^2
     for i, blk in enumerate(body.blocks):
         att, ffn = blk.att, blk.ffn
         att_shift, S, ffn_shift = states[i]
@@ -350,8 +350,6 @@ def triton_step(model, ids: Tensor, states: list, plan: Plan) -> Tensor:
         _norm_mix[(B,)](x, blk.ln2.weight, blk.ln2.bias, blk.ln2.weight, blk.ln2.bias, ffn_shift, ffn.x_k, ffn.x_k,
                         ffn.x_k, ffn.x_k, ffn.x_k, ffn.x_k, fk, C, blk.ln2.eps, HAS_LN0=False, N_MIX=1,
                         BLOCK_C=block_c, num_warps=nw)
-        if hidden is None:
-            hidden = x.new_empty(B, ffn.key.weight.shape[0])
         _gemv_call(fk, hidden, plan.meta_f, [ffn.key.weight], hidden.shape[1])
         _gemv_call(hidden, x, plan.meta_c, [ffn.value.weight], C, accumulate=True)
     ln = body.ln_out

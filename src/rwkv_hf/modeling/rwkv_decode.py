@@ -42,6 +42,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .rwkv7_triton import make_plan, triton_step
 from .rwkv_cache import CACHE_FIELD, RwkvCache, copy_into, same_tensors
 from .rwkv_helpers import DirectCalls, ReduceCalls
 from .rwkv_paths import Path, pick_path, stop_auto_compiling, stop_triton_step
@@ -112,8 +113,6 @@ class RwkvGraphDecoder:
         self._plan = None
         if path.triton:
             try:
-                from .rwkv7_triton import make_plan  # (Triton is imported only where it runs)
-
                 self._plan = make_plan(model)
             except Exception as e:
                 self._eager_instead("Triton", e, stop=False)  # (this model's weights: another may do)
@@ -155,8 +154,6 @@ class RwkvGraphDecoder:
         # a cache over the static buffers, which the in-place block step overwrites; the ids range
         # check of a forward pass would synchronise, which capture forbids
         if self.path.triton:  # (its kernels update the state tensors in place)
-            from .rwkv7_triton import triton_step
-
             return triton_step(self.model, self.ids, self.cache.layers_state, self._plan)
         tmp = RwkvCache(len(self.cache.layers_state))
         tmp.layers_state = list(self.cache.layers_state)

@@ -36,6 +36,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
+from .rwkv7_triton import supports as triton_step_supports
 from .rwkv_fla import HAVE_FLA
 from .rwkv_helpers import exporting
 
@@ -226,12 +227,9 @@ def _compilable(model) -> bool:
 
 
 def _triton_step_runs(model) -> bool:
-    """A Triton step exists for this model (an RWKV-7 without DeepEmbed) and Triton runs on this card."""
-    if model.config.model_type != "rwkv7_world" or not _triton_runs():
-        return False
-    from .rwkv7_triton import supports  # (imported here: Triton only matters on CUDA)
-
-    return not supports(model)
+    """Triton runs on this card and a Triton step exists for this model (`rwkv7_triton.supports`: an
+    RWKV-7 without DeepEmbed)."""
+    return _triton_runs() and not triton_step_supports(model)
 
 
 def _single_device(model) -> bool:
