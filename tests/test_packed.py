@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import DataCollatorWithFlattening
 
+from rwkv_hf.modeling import rwkv_common
 from rwkv_hf.testing import build_model, make_state_dict
 
 VOCAB = 1024
@@ -23,6 +24,14 @@ def build(version, seed=0):
     deep = version.endswith("-deepembed")  # RWKV-7 with a per-token embedding in every channel mix
     sd = make_state_dict(version.split("-")[0], n_layer=2, n_embd=128, vocab_size=VOCAB, seed=seed, deep_embed=32 if deep else 0)
     return build_model(sd)
+
+
+@pytest.fixture(params=[64, 1], ids=["one-batch", "length-groups"])
+def groups(request, monkeypatch):
+    """How the documents run: PACK_SHORT 64 puts these short ones in one padded batch; 1 makes
+    `length_groups` split them by length (9 and 5, then 4, then 1 and 2), as it does long documents."""
+    monkeypatch.setattr(rwkv_common, "PACK_SHORT", request.param)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +57,7 @@ def one_by_one(model, mode):
 @pytest.mark.parametrize("mode", ["recurrent", "chunk"])
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("form", ["position_ids", "cu_seq_lens"])
-def test_packed_batch_gives_each_documents_own_logits_loss_and_gradients(models, version, mode, form):
+def test_packed_batch_gives_each_documents_own_logits_loss_and_gradients(models, version, mode, form, groups):
     model = models[version]
     collate = DataCollatorWithFlattening(
         return_position_ids=form == "position_ids", return_flash_attn_kwargs=form == "cu_seq_lens"
@@ -73,7 +82,7 @@ def test_packed_batch_gives_each_documents_own_logits_loss_and_gradients(models,
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_packed_rows_with_padding_and_a_cache_end_in_the_last_documents_state(models, version):
+def test_packed_rows_with_padding_and_a_cache_end_in_the_last_documents_state(models, version, groups):
     """Two packed rows (the second left-padded), continuing from a state: a row's first document
     continues from the row's state, later ones start afresh, and the cache ends in each row's last
     document's state."""
@@ -105,6 +114,35 @@ def test_packed_rows_with_padding_and_a_cache_end_in_the_last_documents_state(mo
                 flat_got = torch.cat([t[row].flatten().float() for t in _flat(got)])
                 flat_want = torch.cat([t[0].flatten().float() for t in _flat(want)])
                 torch.testing.assert_close(flat_got, flat_want, rtol=1e-5, atol=1e-5)
+
+
+def test_length_groups_bound_the_padding(monkeypatch):
+    """One long document packed with many short ones: the blocks see the tokens once (not every short
+    document padded to the long one's length), and every batch pads its documents at most to twice
+    their length (or to PACK_SHORT); the hidden states are the documents' own."""
+    for lengths in ([1024] + [16] * 32, [70, 3, 140, 1, 33, 90], list(range(1, 300, 7)), [5]):
+        groups = rwkv_common.length_groups(lengths)
+        assert sorted(d for g in groups for d in g) == list(range(len(lengths)))
+        for g in groups:
+            longest = max(lengths[d] for d in g)
+            assert all(2 * lengths[d] >= longest or longest <= rwkv_common.PACK_SHORT for d in g)
+        assert len(groups) <= max(lengths).bit_length() + 2
+    model = build("7")
+    docs = [torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in [70, 3, 140, 1, 33, 90]]
+    batch = DataCollatorWithFlattening()([{"input_ids": d} for d in docs])
+    seen = []
+    real = rwkv_common.RwkvModelBase._blocks
+    monkeypatch.setattr(rwkv_common.RwkvModelBase, "_blocks", lambda self, x, *a, **k: seen.append(tuple(x.shape[:2])) or real(self, x, *a, **k))
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+        assert seen == [(3, 140), (3, 33)]  # (without groups: 6 x 140)
+        start = 0
+        for doc in docs:
+            alone = model(torch.tensor([doc]), output_hidden_states=True)
+            torch.testing.assert_close(out.logits[0, start:start + len(doc)], alone.logits[0], rtol=1e-5, atol=1e-5)
+            for h, h1 in zip(out.hidden_states, alone.hidden_states):
+                torch.testing.assert_close(h[0, start:start + len(doc)], h1[0], rtol=1e-5, atol=1e-5)
+            start += len(doc)
 
 
 def _flat(state):

@@ -17,7 +17,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .rwkv7_deepembed import deep_embed_inputs
-from .rwkv_cache import CACHE_FIELD, RwkvCache, map_tensors, zip_tensors
+from .rwkv_cache import CACHE_FIELD, RwkvCache, zip_tensors
 from .rwkv_decode import step_logits
 from .rwkv_generate import decode_loop
 from .rwkv_helpers import ModuleCalls, exporting, layer_norm_fp32
@@ -46,6 +46,24 @@ def _is_fp32_param(name: str, fp32_names) -> bool:
 
 
 # -------------------------------------------------------------------------------------------- block
+
+# documents this long or shorter share a padded batch with any shorter ones (`length_groups`)
+PACK_SHORT = 64
+
+
+def length_groups(lengths: List[int]) -> List[List[int]]:
+    """Packed documents (their numbers, by `lengths`) in padded batches: longest first, a document
+    joining the current batch while it is at least half as long as the batch's longest, or the longest
+    is at most `PACK_SHORT` tokens. So padding at most doubles a batch's work beyond `PACK_SHORT`
+    tokens a document, and there are at most log2(longest / PACK_SHORT) + 2 batches."""
+    groups: List[List[int]] = []
+    for d in sorted(range(len(lengths)), key=lambda d: -lengths[d]):
+        if groups and (2 * lengths[d] >= lengths[groups[-1][0]] or lengths[groups[-1][0]] <= PACK_SHORT):
+            groups[-1].append(d)
+        else:
+            groups.append([d])
+    return groups
+
 class RwkvBlock(GradientCheckpointingLayer):
     """LayerNorms and residuals around a version's time-mix and channel-mix.
 
@@ -290,7 +308,11 @@ class RwkvModelBase(RwkvPreTrainedModel):
         """Packed rows (see `document_starts`): every document becomes a row of a right-padded batch
         (padding changes nothing, see `normalize_mask`), runs through the blocks from a fresh state (a
         row's first document: from the row's state in `cache`), and its outputs go back in place. The
-        cache ends with each row's last document's state."""
+        cache ends with each row's last document's state.
+
+        Documents of very different lengths run as several such batches (`length_groups`), so that
+        padding at most doubles the work (one long document and many short ones in one batch would
+        pad every short one to the long one's length)."""
         B, T, C = x.shape
         pos = torch.arange(T, device=x.device).expand(B, T)
         doc = starts.long().cumsum(1)  # document number within the row
@@ -299,31 +321,63 @@ class RwkvModelBase(RwkvPreTrainedModel):
         rows = (doc + first[:, None]).reshape(-1)  # each column's document, overall
         begin = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=1).values
         cols = (pos - begin).reshape(-1)  # each column's place in its document
-        D, L = int(count.sum()), int(cols.max()) + 1
+        D = int(count.sum())
+        lengths = torch.bincount(rows, minlength=D).tolist()
+        groups = length_groups(lengths)
+        group_of, slot = [0] * D, [0] * D  # each document's batch, and its row there
+        for g, docs in enumerate(groups):
+            for i, d in enumerate(docs):
+                group_of[d], slot[d] = g, i
+        group_of, slot = torch.tensor(group_of, device=x.device), torch.tensor(slot, device=x.device)
+        col_group, col_slot = group_of[rows], slot[rows]
+        first_list, last_list = first.tolist(), (first + count - 1).tolist()
+        flat = {"x": x.reshape(B * T, C), "real": (torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None
+                                                   else mask).reshape(-1)}
+        if input_ids is not None:
+            flat["ids"] = input_ids.reshape(-1)
+        y = x.new_zeros(B * T, C)
+        hidden = None if all_hidden is None else [x.new_zeros(B * T, C) for _ in self.blocks]
+        final = None  # each row's last document's state, layer by layer
+        for g, docs in enumerate(groups):
+            cols_g = (col_group == g).nonzero().squeeze(1)
+            at = (col_slot[cols_g], cols[cols_g])
+            n, L = len(docs), max(lengths[d] for d in docs)
 
-        def unpack(t: Tensor) -> Tensor:  # [B, T, ...] -> [D, L, ...], zeros past a document's end
-            return t.new_zeros(D, L, *t.shape[2:]).index_put((rows, cols), t.reshape(B * T, *t.shape[2:]))
+            def batch(t: Tensor) -> Tensor:  # the group's columns as [n, L, ...], zeros past a document's end
+                return t.new_zeros(n, L, *t.shape[1:]).index_put(at, t[cols_g])
 
-        def repack(t: Tensor) -> Tensor:
-            return t[rows, cols].reshape(B, T, *t.shape[2:])
-
-        real = unpack(torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask)
-        docs = None
-        if cache is not None:
-            docs = RwkvCache(len(self.blocks))
-            for i, block in enumerate(self.blocks):
-                if cache.layers_state[i] is not None:
-                    zero = block.zero_state(D, x.device, x.dtype)
-                    docs.layers_state[i] = zip_tensors(lambda z, s: z.index_put((first,), s.to(z.dtype)), zero, cache.layers_state[i])
-        hidden = [] if all_hidden is not None else None
-        ids = None if input_ids is None else unpack(input_ids[..., None])[..., 0]
-        y = self._blocks(unpack(x), None if bool(real.all()) else real, docs, form, hidden, input_ids=ids)
+            real = batch(flat["real"])
+            docs_cache = None
+            if cache is not None:
+                docs_cache = RwkvCache(len(self.blocks))
+                # the rows whose first document is in this group: that document continues the row's state
+                row_idx = [b for b in range(B) if group_of[first_list[b]] == g]
+                into = slot[[first_list[b] for b in row_idx]]
+                for i, block in enumerate(self.blocks):
+                    if cache.layers_state[i] is not None:
+                        zero = block.zero_state(n, x.device, x.dtype)
+                        docs_cache.layers_state[i] = zip_tensors(
+                            lambda z, s: z.index_put((into,), s[row_idx].to(z.dtype)), zero, cache.layers_state[i]
+                        ) if row_idx else zero
+            hid = [] if hidden is not None else None
+            out = self._blocks(batch(flat["x"]), None if bool(real.all()) else real, docs_cache, form, hid,
+                               input_ids=batch(flat["ids"]) if "ids" in flat else None)
+            y = y.index_put((cols_g,), out[at])
+            if hidden is not None:
+                hidden = [h.index_put((cols_g,), part[at]) for h, part in zip(hidden, hid)]
+            if cache is not None:  # the rows whose last document is in this group: their state
+                if final is None:
+                    final = [block.zero_state(B, x.device, x.dtype) for block in self.blocks]
+                ends = [b for b in range(B) if group_of[last_list[b]] == g]
+                if ends:
+                    rows_t, take = torch.tensor(ends, device=x.device), slot[[last_list[b] for b in ends]]
+                    final = [zip_tensors(lambda dst, src: dst.index_put((rows_t,), src[take].to(dst.dtype)), done, st)
+                             for done, st in zip(final, docs_cache.layers_state)]
         if all_hidden is not None:
-            all_hidden.extend(repack(h) for h in hidden)
+            all_hidden.extend(h.view(B, T, C) for h in hidden)
         if cache is not None:
-            last = first + count - 1
-            cache.layers_state = [map_tensors(lambda t: t[last], s) for s in docs.layers_state]
-        return repack(y)
+            cache.layers_state = final
+        return y.view(B, T, C)
 
     def _blocks(
         self, x: Tensor, mask: Optional[Tensor], cache: Optional[RwkvCache], form: str, all_hidden=None, input_ids=None,
