@@ -79,8 +79,29 @@ def mix(x: Tensor, prev: Tensor, coeff: Tensor) -> Tensor:
 
 
 def relu_square(x: Tensor) -> Tensor:
-    """relu(x)^2 of the channel mixes (relu in place on a fresh matmul output; square is x * x, faster than pow)."""
+    """relu(x)^2 of the channel mixes (relu in place on a fresh matmul output; square is x * x, faster than
+    pow). Where a gradient is wanted, `_ReluSquare`: the same numbers, less kept for the backward pass."""
+    if x.requires_grad and torch.is_grad_enabled() and not exporting():
+        return _ReluSquare.apply(x)
     return torch.square(torch.relu_(x))
+
+
+class _ReluSquare(torch.autograd.Function):
+    """relu(x)^2, whose backward needs only its output y: d/dx = 2 relu(x) = 2 sqrt(y). The channel
+    mix's next product keeps y as its input anyway, so this keeps nothing more; autograd's own form
+    also keeps relu(x), [tokens, 4C] a layer (8 x C bytes a token in bf16: `benchmarks/activations.py`).
+    (sqrt(y) is relu(x) up to y's rounding, half an ulp, so the gradient moves by under one ulp.)"""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        y = torch.square(torch.relu(x))
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return grad * y.sqrt() * 2
 
 
 def rescale(x: Tensor, scale: float) -> Tensor:
