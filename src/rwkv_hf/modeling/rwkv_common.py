@@ -45,8 +45,7 @@ def _is_fp32_param(name: str, fp32_names) -> bool:
     return any(part in fp32_names for part in name.split("."))
 
 
-# -------------------------------------------------------------------------------------------- block
-
+# ---------------------------------------------------------------------------------- packed documents
 # documents this long or shorter share a padded batch with any shorter ones (`length_groups`)
 PACK_SHORT = 64
 
@@ -64,6 +63,8 @@ def length_groups(lengths: List[int]) -> List[List[int]]:
             groups.append([d])
     return groups
 
+
+# -------------------------------------------------------------------------------------------- block
 class RwkvBlock(GradientCheckpointingLayer):
     """LayerNorms and residuals around a version's time-mix and channel-mix.
 

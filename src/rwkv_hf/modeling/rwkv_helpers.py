@@ -90,7 +90,7 @@ class _ReluSquare(torch.autograd.Function):
     """relu(x)^2, whose backward needs only its output y: d/dx = 2 relu(x) = 2 sqrt(y). The channel
     mix's next product keeps y as its input anyway, so this keeps nothing more; autograd's own form
     also keeps relu(x), [tokens, 4C] a layer (8 x C bytes a token in bf16: `benchmarks/activations.py`).
-    (sqrt(y) is relu(x) up to y's rounding, half an ulp, so the gradient moves by under one ulp.)"""
+    (sqrt(y) is relu(x) up to y's rounding and the root's, so the gradient can move by an ulp or two.)"""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
