@@ -98,3 +98,41 @@ def test_torch_compile_of_the_model_trains_as_eager():
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
     for name, g in want.items():
         assert (got[name] - g).abs().max() <= 1e-4 * g.abs().max().clamp_min(1e-12), name
+
+
+@pytest.mark.parametrize("version", ["4", "6", "7"])
+def test_relu_square_keeps_only_its_output_with_autograds_gradients(version, monkeypatch):
+    """The channel mix's relu(x)^2 (`rwkv_helpers._ReluSquare`) keeps one [tokens, F] tensor for the
+    backward pass, its output, which the value product keeps anyway; autograd's own form of it also
+    keeps relu(x). The loss and every gradient are those of autograd's form."""
+    from rwkv_hf.modeling import rwkv_helpers
+    from rwkv_hf.testing import build_model, make_state_dict
+
+    model = build_model(make_state_dict(version, n_layer=2, n_embd=64, vocab_size=500, seed=3)).train()
+    ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    hidden = model.model.blocks[0].ffn.key.weight.shape[0]
+
+    def run():
+        kept = set()
+
+        def pack(t):
+            if t.shape[-1] == hidden and t.dim() >= 2:  # [tokens, F] activations (not the weights: [F, C] / [C, F])
+                if t.shape[-2] != model.config.hidden_size:
+                    kept.add(t.untyped_storage().data_ptr())
+            return t
+
+        model.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, labels=ids, wkv_mode="chunk").loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(kept)
+
+    loss, grads, kept = run()
+    monkeypatch.setattr(rwkv_helpers, "relu_square", lambda x: torch.square(torch.relu(x)))
+    for mod in ("modeling_rwkv4", "modeling_rwkv6", "modeling_rwkv7"):
+        monkeypatch.setattr(f"rwkv_hf.modeling.{mod}.relu_square", rwkv_helpers.relu_square)
+    loss_plain, grads_plain, kept_plain = run()
+    assert kept == 2 and kept_plain == 4, (kept, kept_plain)  # per layer: 1 and 2
+    assert torch.equal(loss, loss_plain)
+    for n, g in grads_plain.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-6, atol=1e-7, msg=n)
