@@ -338,7 +338,8 @@ class RwkvModelBase(RwkvPreTrainedModel):
             flat["ids"] = input_ids.reshape(-1)
         y = x.new_zeros(B * T, C)
         hidden = None if all_hidden is None else [x.new_zeros(B * T, C) for _ in self.blocks]
-        final = None  # each row's last document's state, layer by layer
+        # each row's last document's state, layer by layer
+        final = None if cache is None else [block.zero_state(B, x.device, x.dtype) for block in self.blocks]
         for g, docs in enumerate(groups):
             cols_g = (col_group == g).nonzero().squeeze(1)
             at = (col_slot[cols_g], cols[cols_g])
@@ -367,8 +368,6 @@ class RwkvModelBase(RwkvPreTrainedModel):
             if hidden is not None:
                 hidden = [h.index_put((cols_g,), part[at]) for h, part in zip(hidden, hid)]
             if cache is not None:  # the rows whose last document is in this group: their state
-                if final is None:
-                    final = [block.zero_state(B, x.device, x.dtype) for block in self.blocks]
                 ends = [b for b in range(B) if group_of[last_list[b]] == g]
                 if ends:
                     rows_t, take = torch.tensor(ends, device=x.device), slot[[last_list[b] for b in ends]]

@@ -139,11 +139,10 @@ def pick_path(
         triton = getattr(config, "triton_decode", None)
         # None ("auto"): up to the batch its GPU tests reach (larger batches tile 64 rows, untried)
         triton = (not _TRITON_STEP_FAILED and 0 < batch <= TRITON_MAX_BATCH) if triton is None else bool(triton)
-    triton = triton and runner == "graph" and mode == "auto" and _triton_step_runs(model)
+    if triton and runner == "graph" and mode == "auto" and _triton_step_runs(model):
+        return Path(runner, "recurrent", triton=True)  # (its kernels compute the recurrence itself, in fp32)
     # (the compiled step runs the recurrence: fla's kernels stay outside torch.compile)
-    compiled = runner != "modules" and compiled and mode in ("auto", "recurrent") and _compilable(model) and not triton
-    if triton:  # (its kernels compute the recurrence itself, in fp32)
-        return Path(runner, "recurrent", triton=True)
+    compiled = runner != "modules" and compiled and mode in ("auto", "recurrent") and _compilable(model)
     if mode != "auto":
         wkv = mode
     elif seq_len == 1:
