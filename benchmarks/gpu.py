@@ -398,23 +398,22 @@ def table(res):
     fla = res.get("fla", {})
     rows = []
     ours = res.get("ours", {})
-    rows.append(("ours, eager (auto mode, cuda_graph_decode off)", {**ours, "decode_1": ours.get("decode_1_eager"), "decode_32": ours.get("decode_32_eager")}))
-    rows.append(("ours, generate() through transformers' loop (CUDA graphs, compile_decode=False)",
-                 {"decode_1": ours.get("decode_1_generate_hf_loop"), "decode_32": ours.get("decode_32_generate_hf_loop")}))
-    rows.append(("ours, generate() (own loop, CUDA graphs, compile_decode=False)", {"decode_1": ours.get("decode_1_generate"), "decode_32": ours.get("decode_32_generate")}))
-    rows.append(("ours, RwkvGraphDecoder.step", {"decode_1": ours.get("decode_1_graph"), "decode_32": ours.get("decode_32_graph")}))
-    rows.append(("ours, generate() through transformers' loop (compiled step, triton_decode=False)",
-                 {"decode_1": ours.get("decode_1_generate_fused_hf_loop"), "decode_32": ours.get("decode_32_generate_fused_hf_loop")}))
-    rows.append(("ours, generate() (own loop, compiled step in the CUDA graph, triton_decode=False)",
-                 {"decode_1": ours.get("decode_1_generate_fused"), "decode_32": ours.get("decode_32_generate_fused")}))
-    rows.append(("ours, RwkvGraphDecoder(fused=True).step", {"decode_1": ours.get("decode_1_graph_fused"),
-                                                              "decode_32": ours.get("decode_32_graph_fused")}))
-    rows.append(("ours, generate() through transformers' loop (Triton step)",
-                 {"decode_1": ours.get("decode_1_generate_triton_hf_loop"), "decode_32": ours.get("decode_32_generate_triton_hf_loop")}))
-    rows.append(("ours, generate() (own loop, RWKV-7's Triton step in the CUDA graph: the default)",
-                 {"decode_1": ours.get("decode_1_generate_triton"), "decode_32": ours.get("decode_32_generate_triton")}))
-    rows.append(("ours, RwkvGraphDecoder(triton=True).step", {"decode_1": ours.get("decode_1_graph_triton"),
-                                                               "decode_32": ours.get("decode_32_graph_triton")}))
+    def decode(key):  # a row's two decode cells, from ours' decode_<B>_<key>
+        return {"decode_1": ours.get(f"decode_1_{key}"), "decode_32": ours.get(f"decode_32_{key}")}
+
+    rows.append(("ours, eager (auto mode, cuda_graph_decode off)", {**ours, **decode("eager")}))
+    for label, key in (
+        ("generate() through transformers' loop (CUDA graphs, compile_decode=False)", "generate_hf_loop"),
+        ("generate() (own loop, CUDA graphs, compile_decode=False)", "generate"),
+        ("RwkvGraphDecoder.step", "graph"),
+        ("generate() through transformers' loop (compiled step, triton_decode=False)", "generate_fused_hf_loop"),
+        ("generate() (own loop, compiled step in the CUDA graph, triton_decode=False)", "generate_fused"),
+        ("RwkvGraphDecoder(fused=True).step", "graph_fused"),
+        ("generate() through transformers' loop (Triton step)", "generate_triton_hf_loop"),
+        ("generate() (own loop, RWKV-7's Triton step in the CUDA graph: the default)", "generate_triton"),
+        ("RwkvGraphDecoder(triton=True).step", "graph_triton"),
+    ):
+        rows.append((f"ours, {label}", decode(key)))
     if any(k.endswith("_compiled") for k in ours):
         rows.append(("ours under torch.compile(model)", {k: ours.get(k + "_compiled") for _, k in cols[:2]}))
     rows.append(("fla RWKV7ForCausalLM", fla))

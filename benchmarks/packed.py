@@ -10,20 +10,9 @@ unpacked (no state resets: the work of its tokens alone). Median of 5 (3 with ba
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-
-
-def median_s(fn, n: int) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from quantized import timed  # (median of n calls after one; benchmarks/ is the script's folder)
 
 
 def main(argv=None):
@@ -49,14 +38,14 @@ def main(argv=None):
         for name, value in (("one padded batch", 10**9), ("length groups (the default)", short)):
             rwkv_common.PACK_SHORT = value
             with torch.no_grad():
-                fwd = median_s(lambda: model(**batch, wkv_mode="chunk"), 5)
-            bwd = median_s(lambda: model(**batch, wkv_mode="chunk").loss.backward(), 3)
+                fwd = timed(lambda: model(**batch, wkv_mode="chunk"), 5)
+            bwd = timed(lambda: model(**batch, wkv_mode="chunk").loss.backward(), 3)
             print(f"| {name} | {fwd * 1e3:,.0f} | {bwd * 1e3:,.0f} |", flush=True)
     finally:
         rwkv_common.PACK_SHORT = short
     with torch.no_grad():
-        fwd = median_s(lambda: model(batch["input_ids"], wkv_mode="chunk"), 5)
-    bwd = median_s(lambda: model(batch["input_ids"], labels=batch["input_ids"], wkv_mode="chunk").loss.backward(), 3)
+        fwd = timed(lambda: model(batch["input_ids"], wkv_mode="chunk"), 5)
+    bwd = timed(lambda: model(batch["input_ids"], labels=batch["input_ids"], wkv_mode="chunk").loss.backward(), 3)
     print(f"| (the row unpacked, no resets) | {fwd * 1e3:,.0f} | {bwd * 1e3:,.0f} |")
 
 
