@@ -47,11 +47,10 @@ def main():
     worst, bad = 0.0, []
 
     if ENGINE == "trainer":
-        from datasets import Dataset
         from transformers import Trainer, TrainingArguments
 
         model = build()
-        data = Dataset.from_dict({"input_ids": ids.cpu().tolist(), "labels": ids.cpu().tolist()})
+        data = [{"input_ids": row, "labels": row} for row in ids.cpu()]  # any map-style dataset will do
         args = TrainingArguments(
             output_dir=sys.argv[3], per_device_train_batch_size=B // int(os.environ["WORLD_SIZE"]), max_steps=1,
             learning_rate=LR, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
