@@ -13,9 +13,10 @@ equations, written once in its `modeling_rwkvN.py`), called directly on the weig
   each chain of elementwise work into the kernel around it; at small batch on CUDA each product
   `x W^T` is a multiply-and-sum (`ReduceCalls`) that inductor turns into a reduction kernel reading W
   once near the memory bandwidth. It computes the same function, rounded differently in bf16/fp16;
-- Triton (config `triton_decode`, RWKV-7): the captured step is `rwkv7_triton.triton_step`, the
-  version's equations as seven hand-written kernels a layer, products included (inductor leaves
-  each product a kernel of its own beside the fused elementwise ones).
+- Triton (config `triton_decode`: RWKV-7 by default, RWKV-6 when asked): the captured step is
+  `rwkv_triton.triton_step`, the version's equations as seven (nine) hand-written kernels a layer,
+  products included (inductor leaves each product a kernel of its own beside the fused elementwise
+  ones).
 
 `generate()` uses this by itself. The cache being decoded by a graph holds the decoder's static
 buffers, so a step copies nothing; when another cache comes to the same decoder, the previous one
@@ -42,7 +43,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .rwkv7_triton import make_plan, triton_step
 from .rwkv_cache import CACHE_FIELD, RwkvCache, copy_into, same_tensors
 from .rwkv_helpers import DirectCalls, ReduceCalls
 from .rwkv_paths import Path, pick_path, stop_auto_compiling, stop_triton_step
@@ -113,6 +113,8 @@ class RwkvGraphDecoder:
         self._plan = None
         if path.triton:
             try:
+                from .rwkv_triton import make_plan  # (Triton is imported only where it runs)
+
                 self._plan = make_plan(model)
             except Exception as e:
                 self._eager_instead("Triton", e, stop=False)  # (this model's weights: another may do)
@@ -154,6 +156,8 @@ class RwkvGraphDecoder:
         # a cache over the static buffers, which the in-place block step overwrites; the ids range
         # check of a forward pass would synchronise, which capture forbids
         if self.path.triton:  # (its kernels update the state tensors in place)
+            from .rwkv_triton import triton_step
+
             return triton_step(self.model, self.ids, self.cache.layers_state, self._plan)
         tmp = RwkvCache(len(self.cache.layers_state))
         tmp.layers_state = list(self.cache.layers_state)
