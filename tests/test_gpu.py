@@ -320,7 +320,7 @@ def test_fused_decoder_matches_eager(version, batch):
 
 @pytest.mark.parametrize("batch", [1, 5, 32])
 @pytest.mark.parametrize("n_embd", [256, 2048])
-@pytest.mark.parametrize("version", ["7", "6"])
+@pytest.mark.parametrize("version", ["7", "6", "5.2", "4"])
 def test_triton_step_matches_eager(version, n_embd, batch):
     """A version's Triton step (rwkv_triton) against the eager graph step, 16 teacher-forced steps, on the
     bounds of test_fused_decoder_matches_eager: fp32 within 1e-5 x max|logit| with the same greedy

@@ -13,9 +13,9 @@ equations, written once in its `modeling_rwkvN.py`), called directly on the weig
   each chain of elementwise work into the kernel around it; at small batch on CUDA each product
   `x W^T` is a multiply-and-sum (`ReduceCalls`) that inductor turns into a reduction kernel reading W
   once near the memory bandwidth. It computes the same function, rounded differently in bf16/fp16;
-- Triton (config `triton_decode`: RWKV-7 by default, RWKV-6 when asked): the captured step is
-  `rwkv_triton.triton_step`, the version's equations as seven (nine) hand-written kernels a layer,
-  products included (inductor leaves each product a kernel of its own beside the fused elementwise
+- Triton (config `triton_decode`: RWKV-7 by default, the others when asked): the captured step is
+  `rwkv_triton.triton_step`, the version's equations as seven (RWKV-6: nine) hand-written kernels a
+  layer, products included (inductor leaves each product a kernel of its own beside the fused elementwise
   ones).
 
 `generate()` uses this by itself. The cache being decoded by a graph holds the decoder's static

@@ -12,9 +12,8 @@ A `Path` has these parts:
 - `compiled`: the step runs under torch.compile (config `compile_decode`: None, the default, compiles
   the step captured in a CUDA graph where Triton runs; True also the CPU step; False never; a
   `generate(..., disable_compile=True)` call never, as transformers' own auto-compilation);
-- `triton`: the captured step runs the version's own Triton kernels (`rwkv_triton`: RWKV-7 and
-  RWKV-6; config `triton_decode`, None, the default: RWKV-7's where Triton runs) in place of the
-  compiled one;
+- `triton`: the captured step runs the version's own Triton kernels (`rwkv_triton`; config
+  `triton_decode`, None, the default: RWKV-7's where Triton runs) in place of the compiled one;
 - `reduce`: its products `x W^T` as multiply-and-sum reductions (`ReduceCalls`): compiled on CUDA at
   batch <= `REDUCTION_MAX_BATCH`, where inductor makes them memory-bound kernels; else matmuls.
 
@@ -229,7 +228,7 @@ def _compilable(model) -> bool:
 def _triton_step_runs(model, by_default: bool = False) -> bool:
     """A Triton step exists for this model (`rwkv_triton.supports`; `by_default`: one that has passed
     its GPU tests, `rwkv_triton.BY_DEFAULT`) and Triton runs on this card."""
-    if model.config.model_type not in ("rwkv7_world", "rwkv6_world") or not _triton_runs():
+    if not _triton_runs():
         return False
     from .rwkv_triton import BY_DEFAULT, supports  # (imported here: Triton only matters on CUDA)
 

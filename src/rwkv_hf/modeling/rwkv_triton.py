@@ -1,6 +1,6 @@
-"""The decode steps of RWKV-7 and RWKV-6 as a few Triton kernels per layer: faster forms of
-`modeling_rwkv7`'s and `modeling_rwkv6`'s `time_mix`/`channel_mix` for one token per row, beside the
-plain step that they are tested against (`tests/test_triton_step.py`: the plain step and the
+"""Every version's decode step as a few Triton kernels per layer: faster forms of each
+`modeling_rwkvN`'s `time_mix`/`channel_mix` for one token per row, beside the plain step that they
+are tested against (`tests/test_triton_step.py`: the plain step and the
 reference package; `tests/test_gpu.py`: compiled, in a captured graph).
 
 Why: a decode step reads every weight once, so its floor is the memory bandwidth; the plain step
@@ -23,9 +23,13 @@ the time. An RWKV-7 layer here is seven kernels:
 
 An RWKV-6 layer is nine: `_norm_mix` (ln1, the shift, xxx = x + sx maa_x, keeping x and sx),
 `_gemv` tanh(xxx W1), `_v6_mixes` (the five token-shift LoRAs' second stages and mixes), `_gemv`
-(r, k, v, silu(xg G), tanh(xw D1)), `_wkv6_head` (the decay's second stage, the WKV update, the
-head's group norm, the gate), `_gemv` x += (y g) O, `_norm_mix` (ln2: xk, xr), `_gemv`
-(relu(xk K)^2, sigmoid(xr R)) and `_gemv` x += r * (k V). (Not in fp16, where RWKV-6 rescales.)
+(r, k, v, silu(xg G), tanh(xw D1)), `_wkv5_head` (the decay's second stage, the WKV update, the
+head's group norm, the gate), `_gemv` x += (y g) O, then the channel mix of v4-v6 (`_channel_mix`):
+`_norm_mix` (ln2: xk, xr), `_gemv` (relu(xk K)^2, sigmoid(xr R)) and `_gemv` x += r * (k V).
+RWKV-5 (5.0, 5.1, 5.2) is seven: `_norm_mix` (xr, xk, xv [, xg]), `_gemv` (r, k, v [, silu(xg G)]),
+`_wkv5_head` (decay per channel or per head), `_gemv` O, and the channel mix. RWKV-4 is seven too:
+`_norm_mix` (xk, xv, xr), `_gemv` (k, v, sigmoid(xr R)), `_wkv4` (the (aa, bb, pp) step and r * wkv,
+per channel), `_gemv` O, and the channel mix. (Not v4-v6 in fp16, where they rescale.)
 
 The products `x W^T` (`_gemv`) read W once in tiles and multiply on the tensor cores with the batch
 padded to 16 rows, so batch 1 and batch 32 read the same bytes; arithmetic is fp32 throughout
@@ -33,7 +37,7 @@ padded to 16 rows, so batch 1 and batch 32 read the same bytes; arithmetic is fp
 mixes, the token-shift state, relu^2's output, the logits). The state is updated in place (the
 captured graph's buffers). Used by `rwkv_decode.RwkvGraphDecoder` when `rwkv_paths.pick_path` says
 `triton` (CUDA with Triton, wkv_mode "auto"; by default RWKV-7 without DeepEmbed, whose step has
-passed its GPU tests; RWKV-6's when asked for, `triton_decode=True`). Interpreted
+passed its GPU tests; the others' when asked for, `triton_decode=True`). Interpreted
 (TRITON_INTERPRET=1) the same kernels run on the CPU, which is how the CPU tests check them.
 """
 
@@ -77,17 +81,20 @@ if HAVE_TRITON:
         return d * tl.rsqrt(var + eps) * w + b
 
     @triton.jit
-    def _mix_out(out_ptr, row, h, xx, coeff_ptr, c, m):
+    def _mix_out(out_ptr, row, h, xx, coeff_ptr, c, m, FORM: tl.constexpr):
+        """h + (prev - h) * m (FORM 0: v6, v7), or h * m + prev * (1 - m) (FORM 1: v4, v5)."""
         coeff = tl.load(coeff_ptr + c, mask=m, other=0.0).to(tl.float32)
+        if FORM == 1:
+            coeff = 1.0 - coeff
         tl.store(out_ptr + row + c, (h + xx * coeff).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _norm_mix(
         x_ptr, ln0_w, ln0_b, ln_w, ln_b, shift_ptr, m0, m1, m2, m3, m4, m5, out_ptr, hx_ptr, C, eps,
-        HAS_LN0: tl.constexpr, N_MIX: tl.constexpr, SAVE_HX: tl.constexpr, BLOCK_C: tl.constexpr,
+        HAS_LN0: tl.constexpr, N_MIX: tl.constexpr, MIX_FORM: tl.constexpr, SAVE_HX: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         """Row b: [x = ln0(x), stored;] h = ln(x); with mixes: prev = shift[b], shift[b] = h,
-        out[b, i] = h + (prev - h) * m_i for i < N_MIX [and hx[b] = (h, prev - h) in fp32, for mixes
+        out[b, i] = h + (prev - h) * m_i for i < N_MIX (MIX_FORM 1, v4/v5: h m_i + prev (1 - m_i)) [and hx[b] = (h, prev - h) in fp32, for mixes
         made later: RWKV-6's]; without (N_MIX 0): out[b] = h."""
         b = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
@@ -110,14 +117,17 @@ if HAVE_TRITON:
                 tl.store(hx_ptr + b * 2 * C + c, h, mask=m)
                 tl.store(hx_ptr + b * 2 * C + C + c, xx, mask=m)
             row = b * N_MIX * C
-            _mix_out(out_ptr, row, h, xx, m0, c, m)
+            _mix_out(out_ptr, row, h, xx, m0, c, m, MIX_FORM)
             if N_MIX > 1:
-                _mix_out(out_ptr, row + C, h, xx, m1, c, m)
+                _mix_out(out_ptr, row + C, h, xx, m1, c, m, MIX_FORM)
             if N_MIX > 2:
-                _mix_out(out_ptr, row + 2 * C, h, xx, m2, c, m)
-                _mix_out(out_ptr, row + 3 * C, h, xx, m3, c, m)
-                _mix_out(out_ptr, row + 4 * C, h, xx, m4, c, m)
-                _mix_out(out_ptr, row + 5 * C, h, xx, m5, c, m)
+                _mix_out(out_ptr, row + 2 * C, h, xx, m2, c, m, MIX_FORM)
+            if N_MIX > 3:
+                _mix_out(out_ptr, row + 3 * C, h, xx, m3, c, m, MIX_FORM)
+            if N_MIX > 4:
+                _mix_out(out_ptr, row + 4 * C, h, xx, m4, c, m, MIX_FORM)
+            if N_MIX > 5:
+                _mix_out(out_ptr, row + 5 * C, h, xx, m5, c, m, MIX_FORM)
 
     @triton.jit
     def _gemv(
@@ -271,13 +281,16 @@ if HAVE_TRITON:
         _mix_lora(hid, w2_ptr, 4, D, C, h, xx, mg, out, c, m, d)
 
     @triton.jit
-    def _wkv6_head(
+    def _wkv5_head(
         buf_ptr, s_buf, C, H, o_d, dw2, DD, decay_ptr, u_ptr, lnx_w, lnx_b, eps, S_ptr, out_ptr,
-        N: tl.constexpr, BLOCK_D: tl.constexpr,
+        N: tl.constexpr, BLOCK_D: tl.constexpr, DECAY_LORA: tl.constexpr, PER_HEAD: tl.constexpr,
+        GATED: tl.constexpr,
     ):
-        """RWKV-6, row b (axis 0), head h (axis 1): the decay's second LoRA stage, the WKV update
-        y = r (S + diag(u) k^T v), S <- diag(w) S + k^T v (S [key, value]), the head's group norm
-        and the gate. buf[b] = [r | k | v | silu(xg G) | tanh(xw D1)], fp32."""
+        """RWKV-5 and RWKV-6, row b (axis 0), head h (axis 1): the decay, the WKV update
+        y = r (S + diag(u) k^T v), S <- diag(w) S + k^T v (S [key, value]), the head's group norm and
+        the gate. buf[b] = [r | k | v | g (silu(xg G), GATED) | tanh(xw D1) (DECAY_LORA)], fp32.
+        The decay w = exp(-exp(d)): d = time_decay + the LoRA's second stage (v6), time_decay per
+        channel with u = time_faaaa (5.2), or one per head with u = exp(time_first) (PER_HEAD: 5.0, 5.1)."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         n = tl.arange(0, N)
@@ -287,10 +300,15 @@ if HAVE_TRITON:
         r = tl.load(base + cols)
         k = tl.load(base + C + cols)
         v = tl.load(base + 2 * C + cols)
-        g = tl.load(base + 3 * C + cols)
-        w = tl.load(decay_ptr + cols).to(tl.float32) + _lora2(base, o_d, DD, dw2, cols, C, d)
+        if PER_HEAD:
+            w = tl.zeros([N], dtype=tl.float32) + tl.load(decay_ptr + h).to(tl.float32)
+            u = tl.exp(tl.zeros([N], dtype=tl.float32) + tl.load(u_ptr + h).to(tl.float32))
+        else:
+            w = tl.load(decay_ptr + cols).to(tl.float32)
+            u = tl.load(u_ptr + cols).to(tl.float32)  # time_faaaa [H, N]: row h is the head's
+        if DECAY_LORA:
+            w += _lora2(base, o_d, DD, dw2, cols, C, d)
         decay = tl.exp(-tl.exp(w))
-        u = tl.load(u_ptr + cols).to(tl.float32)  # time_faaaa [H, N]: row h is the head's
         s_ptrs = S_ptr + ((b * H + h) * N + n[:, None]) * N + n[None, :]  # S[key, value]
         S = tl.load(s_ptrs)
         a = k[:, None] * v[None, :]
@@ -300,7 +318,40 @@ if HAVE_TRITON:
         dy = y - mean
         var = tl.sum(dy * dy, 0) / N
         y = dy * tl.rsqrt(var + eps) * tl.load(lnx_w + cols).to(tl.float32) + tl.load(lnx_b + cols).to(tl.float32)
-        tl.store(out_ptr + b * C + cols, (y * g).to(out_ptr.dtype.element_ty))
+        if GATED:
+            y = y * tl.load(base + 3 * C + cols)
+        tl.store(out_ptr + b * C + cols, y.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _wkv4(buf_ptr, s_buf, A, decay_ptr, first_ptr, aa_ptr, bb_ptr, pp_ptr, out_ptr, BLOCK: tl.constexpr):
+        """RWKV-4, row b (axis 0), channels (axis 1): the overflow-free WKV step on the state (aa, bb, pp),
+        in place, and r * wkv. buf[b] = [k | v | sigmoid(xr R)], fp32."""
+        b = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = c < A
+        base = buf_ptr + b * s_buf
+        k = tl.load(base + c, mask=m, other=0.0)
+        v = tl.load(base + A + c, mask=m, other=0.0)
+        r = tl.load(base + 2 * A + c, mask=m, other=0.0)
+        log_w = -tl.exp(tl.load(decay_ptr + c, mask=m, other=0.0).to(tl.float32))
+        u = tl.load(first_ptr + c, mask=m, other=0.0).to(tl.float32)
+        st = b * A + c
+        aa = tl.load(aa_ptr + st, mask=m, other=0.0)
+        bb = tl.load(bb_ptr + st, mask=m, other=0.0)
+        pp = tl.load(pp_ptr + st, mask=m, other=0.0)
+        ww = u + k
+        p = tl.maximum(pp, ww)
+        e1, e2 = tl.exp(pp - p), tl.exp(ww - p)
+        y = (e1 * aa + e2 * v) / (e1 * bb + e2)
+        ww = log_w + pp
+        p = tl.maximum(ww, k)
+        e1, e2 = tl.exp(ww - p), tl.exp(k - p)
+        tl.store(aa_ptr + st, e1 * aa + e2 * v, mask=m)
+        tl.store(bb_ptr + st, e1 * bb + e2, mask=m)
+        tl.store(pp_ptr + st, p, mask=m)
+        # r * y.to(dtype), as the plain step rounds them
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + b * A + c, (r.to(out_ptr.dtype.element_ty).to(tl.float32) * y).to(out_ptr.dtype.element_ty), mask=m)
 
     _GEMV_CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
@@ -341,7 +392,7 @@ def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_ma
 
 
 # ------------------------------------------------------------------------------------------ the step
-STEPS = ("rwkv7_world", "rwkv6_world")  # the versions with a Triton step
+STEPS = ("rwkv7_world", "rwkv6_world", "rwkv5_world", "rwkv4_world")  # every version has a Triton step
 BY_DEFAULT = ("rwkv7_world",)  # those whose step has passed its GPU tests: triton_decode None picks them
 
 
@@ -354,10 +405,10 @@ def supports(model) -> str:
         return f"no Triton step for {config.model_type}"
     if getattr(config, "deep_embed_size", 0):
         return "DeepEmbed RWKV-7"
-    if config.head_size & (config.head_size - 1):
+    if config.model_type != "rwkv4_world" and config.head_size & (config.head_size - 1):
         return f"head size {config.head_size} is not a power of two"
     if getattr(config, "rescale_every", 0) > 0 and model.get_input_embeddings().weight.dtype == torch.float16:
-        return "RWKV-6 in fp16 rescales its layers on the fly"
+        return "RWKV-4 to 6 in fp16 rescale their layers on the fly"
     return ""
 
 
@@ -372,63 +423,75 @@ class Plan(NamedTuple):
     metas: dict  # product launch -> its segment table
 
 
+def _matrices(version: str, a, f) -> tuple:
+    """A layer's matrices, which the products read (each must be in the embedding's dtype)."""
+    common = (a.receptance.weight, a.key.weight, a.value.weight, a.output.weight, f.key.weight, f.value.weight,
+              f.receptance.weight if version != "rwkv7_world" else f.key.weight)
+    if version == "rwkv7_world":
+        return common + (a.w1, a.a1, a.v1, a.g1)
+    if version == "rwkv6_world":
+        return common + (a.gate.weight, a.time_maa_w1, a.time_maa_w2, a.time_decay_w1, a.time_decay_w2)
+    return common + ((a.gate.weight,) if getattr(a, "gated", False) else ())
+
+
 def make_plan(model) -> Plan:
     why = supports(model)
     if why:
         raise ValueError(f"the Triton decode step does not run this model: {why}")
     body = model.model
+    version = model.config.model_type
     blk0 = body.blocks[0]
     att0 = blk0.att
     C, Fw, V = model.config.hidden_size, blk0.ffn.key.weight.shape[0], model.lm_head.weight.shape[0]
-    v7 = model.config.model_type == "rwkv7_world"
-    if v7:
-        dims = tuple(getattr(att0, n).shape[1] for n in ("w1", "a1", "v1", "g1"))
-        mats = lambda a, f: (a.receptance.weight, a.key.weight, a.value.weight, a.output.weight, a.w1, a.a1, a.v1,  # noqa: E731
-                             a.g1, f.key.weight, f.value.weight)
-    else:
-        dims = (att0.time_decay_w1.shape[1],)
-        mats = lambda a, f: (a.receptance.weight, a.key.weight, a.value.weight, a.gate.weight, a.output.weight,  # noqa: E731
-                             a.time_maa_w1, a.time_maa_w2, a.time_decay_w1, a.time_decay_w2, f.key.weight,
-                             f.receptance.weight, f.value.weight)
+    A = att0.key.weight.shape[0]  # (RWKV-4's attention width; C elsewhere)
+    dims = {"rwkv7_world": lambda: tuple(getattr(att0, n).shape[1] for n in ("w1", "a1", "v1", "g1")),
+            "rwkv6_world": lambda: (att0.time_decay_w1.shape[1],)}.get(version, tuple)()
     dtype = body.emb.weight.dtype
-    weights = [t for blk in body.blocks for t in mats(blk.att, blk.ffn)] + [model.lm_head.weight]
+    weights = [t for blk in body.blocks for t in _matrices(version, blk.att, blk.ffn)] + [model.lm_head.weight]
     if any(t.dtype != dtype or not t.is_contiguous() for t in weights):
         raise ValueError("the Triton decode step needs every matrix contiguous and in the embedding's dtype")
-    offs, o = [], (3 if v7 else 4) * C
+    offs, o = [], {"rwkv7_world": 3 * C, "rwkv4_world": 3 * A}.get(version, 4 * C)
     for d in dims:
         offs.append(o)
         o += d
     dev = body.emb.weight.device
     table = lambda rows: torch.tensor(rows, dtype=torch.int32, device=dev)  # noqa: E731
     # rows: (N, input row, output offset, activation, layout 0 [N, K] / 1 [K, N])
-    metas = {"c": table([(C, 0, 0, ACT_NONE, 0)]), "vocab": table([(V, 0, 0, ACT_NONE, 0)])}
-    if v7:  # input rows: xr xw xk xv xa xg
+    metas = {"c": table([(C, 0, 0, ACT_NONE, 0)]), "vocab": table([(V, 0, 0, ACT_NONE, 0)]),
+             # the v4-v6 channel mix, input rows xk xr: relu(xk K)^2 | sigmoid(xr R)
+             "ffn": table([(Fw, 0, 0, ACT_RELU2, 0), (C, 1, Fw, ACT_SIGMOID, 0)])}
+    if version == "rwkv7_world":  # input rows: xr xw xk xv xa xg
         metas["in"] = table([(C, 0, 0, ACT_NONE, 0), (C, 2, C, ACT_NONE, 0), (C, 3, 2 * C, ACT_NONE, 0),
                              (dims[0], 1, offs[0], ACT_TANH, 1), (dims[1], 4, offs[1], ACT_NONE, 1),
                              (dims[2], 3, offs[2], ACT_NONE, 1), (dims[3], 5, offs[3], ACT_SIGMOID, 1)])
         metas["ffn"] = table([(Fw, 0, 0, ACT_RELU2, 0)])
-    else:  # input rows: xw xk xv xr xg; the channel mix's: xk xr
+    elif version == "rwkv6_world":  # input rows: xw xk xv xr xg
         metas["maa"] = table([(att0.time_maa_w1.shape[1], 0, 0, ACT_TANH, 1)])
         metas["in"] = table([(C, 3, 0, ACT_NONE, 0), (C, 1, C, ACT_NONE, 0), (C, 2, 2 * C, ACT_NONE, 0),
                              (C, 4, 3 * C, ACT_SILU, 0), (dims[0], 0, offs[0], ACT_TANH, 1)])
-        metas["ffn"] = table([(Fw, 0, 0, ACT_RELU2, 0), (C, 1, Fw, ACT_SIGMOID, 0)])
-    return Plan(model.config.model_type, o, tuple(offs), dims, metas)
+    elif version == "rwkv5_world":  # input rows: xr xk xv [xg]
+        metas["in"] = table([(C, 0, 0, ACT_NONE, 0), (C, 1, C, ACT_NONE, 0), (C, 2, 2 * C, ACT_NONE, 0),
+                             (C, 3, 3 * C, ACT_SILU, 0)][: 4 if att0.gated else 3])
+    else:  # RWKV-4, input rows: xk xv xr
+        metas["in"] = table([(A, 0, 0, ACT_NONE, 0), (A, 1, A, ACT_NONE, 0), (A, 2, 2 * A, ACT_SIGMOID, 0)])
+    return Plan(version, o, tuple(offs), dims, metas)
 
 
-def _norm_mix_call(x: Tensor, ln, shift, mixes, out: Tensor, ln0=None, hx: Optional[Tensor] = None) -> None:
+def _norm_mix_call(x: Tensor, ln, shift, mixes, out: Tensor, ln0=None, hx: Optional[Tensor] = None, form: int = 0) -> None:
     """`_norm_mix` over the rows of x [B, C]: ln (after ln0, if given, whose output replaces x), the
-    token shift through `shift` and `mixes` (up to six coefficient vectors; none: out = ln(x))."""
+    token shift through `shift` and `mixes` (up to six coefficient vectors, `form` 0 or 1 as
+    `_mix_out`; none: out = ln(x))."""
     B, C = x.shape
     block_c = triton.next_power_of_2(C)
     first = ln if ln0 is None else ln0
     ms = list(mixes) + [ln.weight] * (6 - len(mixes))
     _norm_mix[(B,)](x, first.weight, first.bias, ln.weight, ln.bias, x if shift is None else shift, *ms, out,
-                    out if hx is None else hx, C, ln.eps, HAS_LN0=ln0 is not None, N_MIX=len(mixes),
+                    out if hx is None else hx, C, ln.eps, HAS_LN0=ln0 is not None, N_MIX=len(mixes), MIX_FORM=form,
                     SAVE_HX=hx is not None, BLOCK_C=block_c, num_warps=min(16, max(4, block_c // 256)))
 
 
 def _lora_block(dims) -> int:
-    return max(16, triton.next_power_of_2(max(dims)))
+    return max(16, triton.next_power_of_2(max(dims, default=1)))
 
 
 def _head(model, x: Tensor, plan: Plan) -> Tensor:
@@ -439,6 +502,18 @@ def _head(model, x: Tensor, plan: Plan) -> Tensor:
     logits = x.new_empty(x.shape[0], head.shape[0])
     _gemv_call(xn, logits, plan.metas["vocab"], [head], head.shape[0])
     return logits
+
+
+def _channel_mix(x: Tensor, blk, shift: Tensor, plan: Plan, form: int) -> None:
+    """The channel mix of v4-v6: x += sigmoid(xr R) * (relu(xk K)^2 V) (v6's mixes: `form` 0)."""
+    ffn = blk.ffn
+    B, C = x.shape
+    Fw = ffn.key.weight.shape[0]
+    mixes = [ffn.time_maa_k, ffn.time_maa_r] if form == 0 else [ffn.time_mix_k, ffn.time_mix_r]
+    fx, fbuf = x.new_empty(B, 2, C), x.new_empty(B, Fw + C)  # [xk, xr]; [relu(xk K)^2 | sigmoid(xr R)]
+    _norm_mix_call(x, blk.ln2, shift, mixes, fx, form=form)
+    _gemv_call(fx, fbuf, plan.metas["ffn"], [ffn.key.weight, ffn.receptance.weight], Fw)
+    _gemv_call(fbuf[:, :Fw], x, plan.metas["c"], [ffn.value.weight], C, accumulate=True, multiply=fbuf[:, Fw:])
 
 
 def _step7(model, x: Tensor, states: list, plan: Plan) -> None:
@@ -472,14 +547,13 @@ def _step6(model, x: Tensor, states: list, plan: Plan) -> None:
     B, C = x.shape
     f32 = dict(device=x.device, dtype=torch.float32)
     blocks = model.model.blocks
-    d_mix, Fw = blocks[0].att.time_maa_w2.shape[1], blocks[0].ffn.key.weight.shape[0]
+    d_mix = blocks[0].att.time_maa_w2.shape[1]
     hx, hid = torch.empty(B, 2, C, **f32), torch.empty(B, 5 * d_mix, **f32)
     buf = torch.empty(B, plan.width, **f32)
     xxx, xs, yg = x.new_empty(B, 1, C), x.new_empty(B, 5, C), x.new_empty(B, C)
-    fx, fbuf = x.new_empty(B, 2, C), x.new_empty(B, Fw + C)  # the channel mix's [xk, xr]; [relu(xk K)^2 | sigmoid(xr R)]
     block_c = 256
     for i, blk in enumerate(blocks):
-        att, ffn = blk.att, blk.ffn
+        att = blk.att
         att_shift, S, ffn_shift = states[i]
         _norm_mix_call(x, blk.ln1, att_shift, [att.time_maa_x], xxx, ln0=blk.ln0 if i == 0 else None, hx=hx)
         _gemv_call(xxx, hid, plan.metas["maa"], [att.time_maa_w1], hid.shape[1])
@@ -489,18 +563,59 @@ def _step6(model, x: Tensor, states: list, plan: Plan) -> None:
         _gemv_call(xs, buf, plan.metas["in"], [att.receptance.weight, att.key.weight, att.value.weight, att.gate.weight,
                                                att.time_decay_w1], C)
         H, N = att.time_faaaa.shape
-        _wkv6_head[(B, H)](buf, buf.stride(0), C, H, plan.offsets[0], att.time_decay_w2, plan.dims[0], att.time_decay,
+        _wkv5_head[(B, H)](buf, buf.stride(0), C, H, plan.offsets[0], att.time_decay_w2, plan.dims[0], att.time_decay,
                            att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps, S, yg, N=N,
-                           BLOCK_D=_lora_block(plan.dims), num_warps=4)
+                           BLOCK_D=_lora_block(plan.dims), DECAY_LORA=True, PER_HEAD=False, GATED=True, num_warps=4)
         _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
-        _norm_mix_call(x, blk.ln2, ffn_shift, [ffn.time_maa_k, ffn.time_maa_r], fx)
-        _gemv_call(fx, fbuf, plan.metas["ffn"], [ffn.key.weight, ffn.receptance.weight], Fw)
-        _gemv_call(fbuf[:, :Fw], x, plan.metas["c"], [ffn.value.weight], C, accumulate=True, multiply=fbuf[:, Fw:])
+        _channel_mix(x, blk, ffn_shift, plan, form=0)
+
+
+def _step5(model, x: Tensor, states: list, plan: Plan) -> None:
+    B, C = x.shape
+    buf = torch.empty(B, plan.width, device=x.device, dtype=torch.float32)
+    yg = x.new_empty(B, C)
+    gated = model.model.blocks[0].att.gated
+    xs = x.new_empty(B, 4 if gated else 3, C)
+    for i, blk in enumerate(model.model.blocks):
+        att = blk.att
+        att_shift, S, ffn_shift = states[i]
+        mixes = [att.time_mix_r, att.time_mix_k, att.time_mix_v] + ([att.time_mix_g] if gated else [])
+        _norm_mix_call(x, blk.ln1, att_shift, mixes, xs, ln0=blk.ln0 if i == 0 else None, form=1)
+        mats = [att.receptance.weight, att.key.weight, att.value.weight] + ([att.gate.weight] if gated else [])
+        _gemv_call(xs, buf, plan.metas["in"], mats, C)
+        per_head = att.version != "5.2"
+        H, N = att.n_head, att.head_size
+        _wkv5_head[(B, H)](buf, buf.stride(0), C, H, 0, att.time_decay, 1, att.time_decay,
+                           att.time_first if per_head else att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps,
+                           S, yg, N=N, BLOCK_D=16, DECAY_LORA=False, PER_HEAD=per_head, GATED=gated, num_warps=4)
+        _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
+        _channel_mix(x, blk, ffn_shift, plan, form=1)
+
+
+def _step4(model, x: Tensor, states: list, plan: Plan) -> None:
+    B, C = x.shape
+    A = model.model.blocks[0].att.key.weight.shape[0]
+    buf = torch.empty(B, plan.width, device=x.device, dtype=torch.float32)
+    xs, ry = x.new_empty(B, 3, C), x.new_empty(B, A)
+    block = 256
+    for i, blk in enumerate(model.model.blocks):
+        att = blk.att
+        att_shift, (aa, bb, pp), ffn_shift = states[i]
+        _norm_mix_call(x, blk.ln1, att_shift, [att.time_mix_k, att.time_mix_v, att.time_mix_r], xs,
+                       ln0=blk.ln0 if i == 0 else None, form=1)
+        _gemv_call(xs, buf, plan.metas["in"], [att.key.weight, att.value.weight, att.receptance.weight], A)
+        _wkv4[(B, triton.cdiv(A, block))](buf, buf.stride(0), A, att.time_decay, att.time_first, aa, bb, pp, ry,
+                                          BLOCK=block, num_warps=4)
+        _gemv_call(ry, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
+        _channel_mix(x, blk, ffn_shift, plan, form=1)
+
+
+_STEP_FNS = {"rwkv7_world": _step7, "rwkv6_world": _step6, "rwkv5_world": _step5, "rwkv4_world": _step4}
 
 
 def triton_step(model, ids: Tensor, states: list, plan: Plan) -> Tensor:
     """One token per row (ids [B, 1]) through the whole model from `states` (each block's
     (att_shift, wkv, ffn_shift), updated in place): logits [B, V] in the model's dtype."""
     x = F.embedding(ids.reshape(-1), model.model.emb.weight)  # [B, C], a fresh tensor: the residual stream
-    (_step7 if plan.version == "rwkv7_world" else _step6)(model, x, states, plan)
+    _STEP_FNS[plan.version](model, x, states, plan)
     return _head(model, x, plan)
