@@ -324,14 +324,22 @@ def test_fused_decoder_matches_eager(version, batch):
 def test_triton_step_matches_eager(version, n_embd, batch):
     """A version's Triton step (rwkv_triton) against the eager graph step, 16 teacher-forced steps, on the
     bounds of test_fused_decoder_matches_eager: fp32 within 1e-5 x max|logit| with the same greedy
-    tokens; bf16 no noisier than twice the eager bf16 step. Width 2048: the 1.5B's LoRA widths and tiles."""
+    tokens; bf16 no noisier than twice the eager bf16 step. Width 2048: the 1.5B's LoRA widths and tiles.
+    The eager step runs the plain recurrence (wkv_mode "recurrent"), the truth; it also keeps fla's
+    one-token kernel, which tunes itself on first use, out of the test (with it, the first such test
+    took 379 s on a cold H200; how much of that was fla's tuning is not measured)."""
     from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
+    from rwkv_hf.modeling.rwkv_paths import pick_path
+
+    def plain(m):
+        path = pick_path(m, DEV, 1, "recurrent", step=True, graph=True, compiled=False, batch=batch, triton=False)
+        return RwkvGraphDecoder(m, batch, path=path)
 
     ids = torch.randint(0, 65536, (batch, 20), generator=torch.Generator().manual_seed(5)).to(DEV)
     m32 = build(version, torch.float32, n_layer=3, n_embd=n_embd)
-    (eager32, fast32), fed = _teacher_forced(m32, [RwkvGraphDecoder(m32, batch), RwkvGraphDecoder(m32, batch, triton=True)], ids)
+    (eager32, fast32), fed = _teacher_forced(m32, [plain(m32), RwkvGraphDecoder(m32, batch, triton=True)], ids)
     m16 = build(version, torch.bfloat16, n_layer=3, n_embd=n_embd)
-    dec16 = [RwkvGraphDecoder(m16, batch), RwkvGraphDecoder(m16, batch, triton=True)]
+    dec16 = [plain(m16), RwkvGraphDecoder(m16, batch, triton=True)]
     (eager16, fast16), _ = _teacher_forced(m16, dec16, ids, feed=fed)
     assert dec16[1].path.triton, "the Triton step fell back to the eager one"
     scale = eager32.abs().amax(-1)
