@@ -204,6 +204,17 @@ if HAVE_TRITON:
             tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _head_inputs(buf_ptr, s_buf, C, N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """A per-head program's indices (row b, head h, the head's channels `cols`, its row of buf) and
+        its r, k, v, which lead every version's buf."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        n = tl.arange(0, N)
+        cols = h * N + n
+        base = buf_ptr + b * s_buf
+        return b, h, n, tl.arange(0, BLOCK_D), cols, base, tl.load(base + cols), tl.load(base + C + cols), tl.load(base + 2 * C + cols)
+
+    @triton.jit
     def _lora2(base, hid_off, D, w_ptr, cols, C, d):
         """sum_i hid[i] W[i, cols] for the head's columns: a LoRA's second stage (W [D, C])."""
         d_ok = d < D
@@ -219,15 +230,7 @@ if HAVE_TRITON:
     ):
         """Row b (axis 0), head h (axis 1): everything of the time mix between its products and O.
         buf[b] = [r | k | v | tanh(xw w1) | xa a1 | xv v1 | sigmoid(xg g1)], fp32."""
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        n = tl.arange(0, N)
-        d = tl.arange(0, BLOCK_D)
-        cols = h * N + n
-        base = buf_ptr + b * s_buf
-        r = tl.load(base + cols)
-        k = tl.load(base + C + cols)
-        v = tl.load(base + 2 * C + cols)
+        b, h, n, d, cols, base, r, k, v = _head_inputs(buf_ptr, s_buf, C, N, BLOCK_D)
         w = tl.load(w0_ptr + cols).to(tl.float32) + _lora2(base, o_w, DW, w2, cols, C, d)
         a = tl.sigmoid(tl.load(a0_ptr + cols).to(tl.float32) + _lora2(base, o_a, DA, a2, cols, C, d))
         g = _lora2(base, o_g, DG, g2, cols, C, d)
@@ -245,11 +248,7 @@ if HAVE_TRITON:
         sa = tl.sum(S * (-kk)[None, :], axis=1)
         S = S * decay[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
         tl.store(s_ptrs, S)
-        y = tl.sum(S * r[None, :], axis=1)
-        mean = tl.sum(y, 0) / N
-        dy = y - mean
-        var = tl.sum(dy * dy, 0) / N
-        y = dy * tl.rsqrt(var + eps) * tl.load(lnx_w + cols).to(tl.float32) + tl.load(lnx_b + cols).to(tl.float32)
+        y = _layer_norm(tl.sum(S * r[None, :], axis=1), lnx_w + h * N, lnx_b + h * N, n, n < N, N, eps)  # the head's group norm
         y += tl.sum(r * k * tl.load(rk_ptr + cols).to(tl.float32), 0) * v
         tl.store(out_ptr + b * C + cols, (y * g).to(out_ptr.dtype.element_ty))
 
@@ -291,15 +290,7 @@ if HAVE_TRITON:
         the gate. buf[b] = [r | k | v | g (silu(xg G), GATED) | tanh(xw D1) (DECAY_LORA)], fp32.
         The decay w = exp(-exp(d)): d = time_decay + the LoRA's second stage (v6), time_decay per
         channel with u = time_faaaa (5.2), or one per head with u = exp(time_first) (PER_HEAD: 5.0, 5.1)."""
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        n = tl.arange(0, N)
-        d = tl.arange(0, BLOCK_D)
-        cols = h * N + n
-        base = buf_ptr + b * s_buf
-        r = tl.load(base + cols)
-        k = tl.load(base + C + cols)
-        v = tl.load(base + 2 * C + cols)
+        b, h, n, d, cols, base, r, k, v = _head_inputs(buf_ptr, s_buf, C, N, BLOCK_D)
         if PER_HEAD:
             w = tl.zeros([N], dtype=tl.float32) + tl.load(decay_ptr + h).to(tl.float32)
             u = tl.exp(tl.zeros([N], dtype=tl.float32) + tl.load(u_ptr + h).to(tl.float32))
@@ -314,10 +305,7 @@ if HAVE_TRITON:
         a = k[:, None] * v[None, :]
         y = tl.sum(r[:, None] * (u[:, None] * a + S), axis=0)
         tl.store(s_ptrs, a + decay[:, None] * S)
-        mean = tl.sum(y, 0) / N
-        dy = y - mean
-        var = tl.sum(dy * dy, 0) / N
-        y = dy * tl.rsqrt(var + eps) * tl.load(lnx_w + cols).to(tl.float32) + tl.load(lnx_b + cols).to(tl.float32)
+        y = _layer_norm(y, lnx_w + h * N, lnx_b + h * N, n, n < N, N, eps)  # the head's group norm
         if GATED:
             y = y * tl.load(base + 3 * C + cols)
         tl.store(out_ptr + b * C + cols, y.to(out_ptr.dtype.element_ty))
