@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from .rwkv_cache import CACHE_FIELD, RwkvCache, copy_into, same_tensors
 from .rwkv_helpers import DirectCalls, ReduceCalls
 from .rwkv_paths import Path, pick_path, stop_auto_compiling, stop_triton_step
+from .rwkv_triton import make_plan, triton_step
 
 Tensor = torch.Tensor
 
@@ -113,8 +114,6 @@ class RwkvGraphDecoder:
         self._plan = None
         if path.triton:
             try:
-                from .rwkv_triton import make_plan  # (Triton is imported only where it runs)
-
                 self._plan = make_plan(model)
             except Exception as e:
                 self._eager_instead("Triton", e, stop=False)  # (this model's weights: another may do)
@@ -156,8 +155,6 @@ class RwkvGraphDecoder:
         # a cache over the static buffers, which the in-place block step overwrites; the ids range
         # check of a forward pass would synchronise, which capture forbids
         if self.path.triton:  # (its kernels update the state tensors in place)
-            from .rwkv_triton import triton_step
-
             return triton_step(self.model, self.ids, self.cache.layers_state, self._plan)
         tmp = RwkvCache(len(self.cache.layers_state))
         tmp.layers_state = list(self.cache.layers_state)

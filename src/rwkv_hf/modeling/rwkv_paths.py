@@ -38,6 +38,8 @@ import torch.nn as nn
 
 from .rwkv_fla import HAVE_FLA
 from .rwkv_helpers import exporting
+from .rwkv_triton import BY_DEFAULT as TRITON_BY_DEFAULT
+from .rwkv_triton import supports as triton_step_supports
 
 MODES = ("auto", "recurrent", "chunk", "fla")
 REDUCTION_MAX_BATCH = 4
@@ -228,11 +230,8 @@ def _compilable(model) -> bool:
 def _triton_step_runs(model, by_default: bool = False) -> bool:
     """A Triton step exists for this model (`rwkv_triton.supports`; `by_default`: one that has passed
     its GPU tests, `rwkv_triton.BY_DEFAULT`) and Triton runs on this card."""
-    if not _triton_runs():
-        return False
-    from .rwkv_triton import BY_DEFAULT, supports  # (imported here: Triton only matters on CUDA)
-
-    return not supports(model) and (not by_default or model.config.model_type in BY_DEFAULT)
+    return _triton_runs() and not triton_step_supports(model) and (
+        not by_default or model.config.model_type in TRITON_BY_DEFAULT)
 
 
 def _single_device(model) -> bool:

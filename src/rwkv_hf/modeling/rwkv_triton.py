@@ -510,7 +510,7 @@ def _step7(model, x: Tensor, states: list, plan: Plan) -> None:
     xs, yg, fk = x.new_empty(B, 6, C), x.new_empty(B, C), x.new_empty(B, 1, C)
     buf = torch.empty(B, plan.width, device=x.device, dtype=torch.float32)
     v_first = torch.empty(B, C, device=x.device, dtype=torch.float32)
-    hidden = None
+    hidden = x.new_empty(B, model.model.blocks[0].ffn.key.weight.shape[0])  # relu(xk K)^2
     for i, blk in enumerate(model.model.blocks):
         att, ffn = blk.att, blk.ffn
         att_shift, S, ffn_shift = states[i]
@@ -525,8 +525,6 @@ def _step7(model, x: Tensor, states: list, plan: Plan) -> None:
                            num_warps=4)
         _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
         _norm_mix_call(x, blk.ln2, ffn_shift, [ffn.x_k], fk)
-        if hidden is None:
-            hidden = x.new_empty(B, ffn.key.weight.shape[0])
         _gemv_call(fk, hidden, plan.metas["ffn"], [ffn.key.weight], hidden.shape[1])
         _gemv_call(hidden, x, plan.metas["c"], [ffn.value.weight], C, accumulate=True)
 
