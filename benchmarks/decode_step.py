@@ -42,6 +42,7 @@ def main():
     ap.add_argument("--src", help="import rwkv_hf from this directory (another checkout's src)")
     ap.add_argument("--shape", choices=["1.5b", "7b"], default="1.5b",
                     help="1.5b: gpu.py's model (24 layers, width 2048); 7b: 32 layers, width 4096, initialised on the card")
+    ap.add_argument("--version", default="7", help="the 1.5b shape's RWKV version (4, 5.2, 6, 7)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--step", choices=["eager", "compiled", "triton"], default="compiled",
@@ -61,10 +62,10 @@ def main():
     set_inductor(args.inductor)
 
     where = os.path.dirname(rwkv_hf.__file__)
-    m = (ours_model(state_dict()) if args.shape == "1.5b" else seven_b()).eval()
+    m = (ours_model(state_dict(version=args.version)) if args.shape == "1.5b" else seven_b()).eval()
     # what a step must read: every weight but the embedding, of which it reads one row per token
     step_bytes = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if not n.endswith("emb.weight"))
-    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rwkv_hf": where,
+    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rwkv_hf": where, "version": args.version,
            "inductor": args.inductor, "step": args.step}
     for B in args.batch:
         t = time.time()
@@ -79,7 +80,7 @@ def main():
         tb_s = step_bytes * rate / B / 1e12
         ran = "triton" if getattr(dec.path, "triton", False) else "compiled" if dec.fused else "eager"
         res[f"b{B}"] = {"tok_s": rate, "capture_s": capture_s, "kernels": prof, "step": ran, "weights_read_tb_s": tb_s}
-        print(f"{where} {args.shape} b{B}: {rate:,.1f} tok/s ({tb_s:.2f} TB/s of weights read, {step_bytes / 1e9:.2f} GB a step), "
+        print(f"{where} {args.shape} v{args.version} b{B}: {rate:,.1f} tok/s ({tb_s:.2f} TB/s of weights read, {step_bytes / 1e9:.2f} GB a step), "
               f"capture {capture_s:.0f} s, step {ran}, one step {prof}", flush=True)
         del dec
     with open(os.path.join(args.out, "decode_step.json"), "w") as f:

@@ -120,10 +120,11 @@ def kernel_profile(fn, grad=False):
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def state_dict(dtype=torch.bfloat16):
+def state_dict(dtype=torch.bfloat16, version="7"):
+    """A random BlinkDL state dict of the benchmark's shape (24 layers, width 2048): RWKV-7 unless asked."""
     from rwkv_hf.testing import make_state_dict
 
-    sd = make_state_dict("7", n_layer=L, n_embd=C, vocab_size=V, head_size=N, seed=0)
+    sd = make_state_dict(version, n_layer=L, n_embd=C, vocab_size=V, head_size=N, seed=0)
     return {k: v.to(dtype) for k, v in sd.items()}
 
 

@@ -316,14 +316,14 @@ def test_cpu_decode_takes_the_step(version, models, monkeypatch):
         assert torch.equal(fallback, plain)
 
 
-def test_triton_decode_default_picks_the_rwkv7_triton_step_for_captured_cuda_steps(models, monkeypatch):
-    """triton_decode None (the default): an RWKV-7's decode step captured on CUDA runs rwkv7_triton's
+def test_triton_decode_default_picks_the_rwkv_triton_step_for_captured_cuda_steps(models, monkeypatch):
+    """triton_decode None (the default): an RWKV-7's decode step captured on CUDA runs rwkv_triton's
     kernels (in place of the compiled step) where Triton runs; not on CPU, not without the graph, not
-    for another version, a DeepEmbed model, a wkv_mode other than "auto", triton_decode=False, or
-    after the Triton step failed in this process."""
+    for another version (theirs only when asked for), a DeepEmbed model, a wkv_mode other than
+    "auto", triton_decode=False, or after the Triton step failed in this process."""
     import types
 
-    from rwkv_hf.modeling import rwkv7_triton, rwkv_paths
+    from rwkv_hf.modeling import rwkv_triton, rwkv_paths
 
     def pick(m, device="cuda", **kw):
         return rwkv_paths.pick_path(m, device, 1, step=True, batch=1, **kw)
@@ -337,6 +337,7 @@ def test_triton_decode_default_picks_the_rwkv7_triton_step_for_captured_cuda_ste
         assert rwkv_paths.pick_path(m7, "cuda", 1, step=True, batch=33, triton=True).triton
         assert not pick(m7, wkv_mode="recurrent").triton and not pick(m7, wkv_mode="fla").triton
         assert not any(pick(models[v]).triton for v in models if v != "7")
+        assert all(pick(models[v], triton=True).triton for v in models)  # (v4-v6: not yet run on a GPU, asked for only)
         try:
             m7.config.triton_decode = False
             assert pick(m7) == ("graph", "recurrent", True, True, False)  # the compiled step instead
@@ -349,7 +350,7 @@ def test_triton_decode_default_picks_the_rwkv7_triton_step_for_captured_cuda_ste
         monkeypatch.setattr(rwkv_paths, "_TRITON", False)  # no Triton here
         assert not pick(m7).triton
     deep = types.SimpleNamespace(config=types.SimpleNamespace(model_type="rwkv7_world", deep_embed_size=32, head_size=64))
-    assert rwkv7_triton.supports(deep) == "DeepEmbed RWKV-7"
+    assert rwkv_triton.supports(deep) == "DeepEmbed RWKV-7"
 
 
 def test_compile_decode_default_compiles_only_the_captured_cuda_step(models, monkeypatch):

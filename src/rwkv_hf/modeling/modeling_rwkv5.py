@@ -40,7 +40,7 @@ from .rwkv_paths import pick_path  # noqa: F401
 from .rwkv_peft import register_lora_targets  # noqa: F401
 from .rwkv_saving import auto_map  # noqa: F401
 from .rwkv_state import RwkvStateMixin  # noqa: F401
-from .rwkv7_triton import HAVE_TRITON  # noqa: F401  (the Triton decode step, which rwkv_decode runs)
+from .rwkv_triton import HAVE_TRITON  # noqa: F401  (the Triton decode step, which rwkv_decode runs)
 
 WKV_FORMS = {"recurrent": wkv5_recurrent, "chunk": wkv5_chunk, "fla": wkv5_fla}
 

@@ -13,9 +13,10 @@ equations, written once in its `modeling_rwkvN.py`), called directly on the weig
   each chain of elementwise work into the kernel around it; at small batch on CUDA each product
   `x W^T` is a multiply-and-sum (`ReduceCalls`) that inductor turns into a reduction kernel reading W
   once near the memory bandwidth. It computes the same function, rounded differently in bf16/fp16;
-- Triton (config `triton_decode`, RWKV-7): the captured step is `rwkv7_triton.triton_step`, the
-  version's equations as seven hand-written kernels a layer, products included (inductor leaves
-  each product a kernel of its own beside the fused elementwise ones).
+- Triton (config `triton_decode`: RWKV-7 by default, the others when asked): the captured step is
+  `rwkv_triton.triton_step`, the version's equations as seven (RWKV-6: nine) hand-written kernels a
+  layer, products included (inductor leaves each product a kernel of its own beside the fused elementwise
+  ones).
 
 `generate()` uses this by itself. The cache being decoded by a graph holds the decoder's static
 buffers, so a step copies nothing; when another cache comes to the same decoder, the previous one
@@ -42,10 +43,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .rwkv7_triton import make_plan, triton_step
 from .rwkv_cache import CACHE_FIELD, RwkvCache, copy_into, same_tensors
 from .rwkv_helpers import DirectCalls, ReduceCalls
 from .rwkv_paths import Path, pick_path, stop_auto_compiling, stop_triton_step
+from .rwkv_triton import make_plan, triton_step
 
 Tensor = torch.Tensor
 

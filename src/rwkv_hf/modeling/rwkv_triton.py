@@ -1,0 +1,611 @@
+"""Every version's decode step as a few Triton kernels per layer: faster forms of each
+`modeling_rwkvN`'s `time_mix`/`channel_mix` for one token per row, beside the plain step that they
+are tested against (`tests/test_triton_step.py`: the plain step and the
+reference package; `tests/test_gpu.py`: compiled, in a captured graph).
+
+Why: a decode step reads every weight once, so its floor is the memory bandwidth; the plain step
+captured in a CUDA graph is ~68 kernels a layer, the compiled one ~23 (inductor does not fuse a
+product with the work around it), and at batch 1 the gaps between small kernels, not the bytes, set
+the time. An RWKV-7 layer here is seven kernels:
+
+1. `_norm_mix`: ln1 (block 0: ln0 first) of the residual x, the token shift (the state's previous
+   vector in, this one out) and the six mixes x + (x_prev - x) * x_{r,w,k,v,a,g};
+2. `_gemv`: the seven products of those mixes, one launch: r = xr R, k = xk K, v = xv V and the
+   first LoRA stages tanh(xw w1), xa a1, xv v1, sigmoid(xg g1);
+3. `_wkv7_head`: one program per (row, head) for everything after them, all of it local to a head:
+   the second LoRA stages (w, a, the v gate, g), kk = normalize(k k_k), k (1 + (a - 1) k_a), the
+   v_first mix, the decay, the state update S <- S diag(w) + (S a) b^T + v k^T and y = S r, the
+   head's group norm, the bonus sum(r k r_k) v and the gate: (y * g);
+4. `_gemv`: x += (y g) O;
+5. `_norm_mix`: ln2, its token shift and mix;
+6. `_gemv`: relu(xk K)^2;
+7. `_gemv`: x += h V.
+
+An RWKV-6 layer is nine: `_norm_mix` (ln1, the shift, xxx = x + sx maa_x, keeping x and sx),
+`_gemv` tanh(xxx W1), `_v6_mixes` (the five token-shift LoRAs' second stages and mixes), `_gemv`
+(r, k, v, silu(xg G), tanh(xw D1)), `_wkv5_head` (the decay's second stage, the WKV update, the
+head's group norm, the gate), `_gemv` x += (y g) O, then the channel mix of v4-v6 (`_channel_mix`):
+`_norm_mix` (ln2: xk, xr), `_gemv` (relu(xk K)^2, sigmoid(xr R)) and `_gemv` x += r * (k V).
+RWKV-5 (5.0, 5.1, 5.2) is seven: `_norm_mix` (xr, xk, xv [, xg]), `_gemv` (r, k, v [, silu(xg G)]),
+`_wkv5_head` (decay per channel or per head), `_gemv` O, and the channel mix. RWKV-4 is seven too:
+`_norm_mix` (xk, xv, xr), `_gemv` (k, v, sigmoid(xr R)), `_wkv4` (the (aa, bb, pp) step and r * wkv,
+per channel), `_gemv` O, and the channel mix. (Not v4-v6 in fp16, where they rescale.)
+
+The products `x W^T` (`_gemv`) read W once in tiles and multiply on the tensor cores with the batch
+padded to 16 rows, so batch 1 and batch 32 read the same bytes; arithmetic is fp32 throughout
+(inputs rounded to the model's dtype where the plain step rounds them: the residual stream, the
+mixes, the token-shift state, relu^2's output, the logits). The state is updated in place (the
+captured graph's buffers). Used by `rwkv_decode.RwkvGraphDecoder` when `rwkv_paths.pick_path` says
+`triton` (CUDA with Triton, wkv_mode "auto"; by default RWKV-7 without DeepEmbed, whose step has
+passed its GPU tests; the others' when asked for, `triton_decode=True`). Interpreted
+(TRITON_INTERPRET=1) the same kernels run on the CPU, which is how the CPU tests check them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import List, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .rwkv_helpers import DECAY_SCALE
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # (CPU-only installs without Triton: the plain step runs)
+    HAVE_TRITON = False
+
+Tensor = torch.Tensor
+ACT_NONE, ACT_TANH, ACT_SIGMOID, ACT_RELU2, ACT_SILU = 0, 1, 2, 3, 4
+MAX_SEGMENTS = 7
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _layer_norm(x, w_ptr, b_ptr, c, m, C, eps):
+        mean = tl.sum(x, 0) / C
+        d = tl.where(m, x - mean, 0.0)
+        var = tl.sum(d * d, 0) / C
+        w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
+        return d * tl.rsqrt(var + eps) * w + b
+
+    @triton.jit
+    def _mix_out(out_ptr, row, h, xx, coeff_ptr, c, m, FORM: tl.constexpr):
+        """h + (prev - h) * m (FORM 0: v6, v7), or h * m + prev * (1 - m) (FORM 1: v4, v5)."""
+        coeff = tl.load(coeff_ptr + c, mask=m, other=0.0).to(tl.float32)
+        if FORM == 1:
+            coeff = 1.0 - coeff
+        tl.store(out_ptr + row + c, (h + xx * coeff).to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _norm_mix(
+        x_ptr, ln0_w, ln0_b, ln_w, ln_b, shift_ptr, m0, m1, m2, m3, m4, m5, out_ptr, hx_ptr, C, eps,
+        HAS_LN0: tl.constexpr, N_MIX: tl.constexpr, MIX_FORM: tl.constexpr, SAVE_HX: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Row b: [x = ln0(x), stored;] h = ln(x); with mixes: prev = shift[b], shift[b] = h,
+        out[b, i] = h + (prev - h) * m_i for i < N_MIX (MIX_FORM 1, v4/v5: h m_i + prev (1 - m_i)) [and hx[b] = (h, prev - h) in fp32, for mixes
+        made later: RWKV-6's]; without (N_MIX 0): out[b] = h."""
+        b = tl.program_id(0)
+        c = tl.arange(0, BLOCK_C)
+        m = c < C
+        x = tl.load(x_ptr + b * C + c, mask=m, other=0.0).to(tl.float32)
+        if HAS_LN0:
+            x = _layer_norm(x, ln0_w, ln0_b, c, m, C, eps).to(x_ptr.dtype.element_ty)
+            tl.store(x_ptr + b * C + c, x, mask=m)
+            x = x.to(tl.float32)
+        h = _layer_norm(x, ln_w, ln_b, c, m, C, eps)
+        if N_MIX == 0:
+            tl.store(out_ptr + b * C + c, h.to(out_ptr.dtype.element_ty), mask=m)
+        else:
+            h = h.to(shift_ptr.dtype.element_ty)  # the state keeps the normalised vector as the model's dtype
+            prev = tl.load(shift_ptr + b * C + c, mask=m, other=0.0).to(tl.float32)
+            tl.store(shift_ptr + b * C + c, h, mask=m)
+            h = h.to(tl.float32)
+            xx = prev - h
+            if SAVE_HX:
+                tl.store(hx_ptr + b * 2 * C + c, h, mask=m)
+                tl.store(hx_ptr + b * 2 * C + C + c, xx, mask=m)
+            row = b * N_MIX * C
+            _mix_out(out_ptr, row, h, xx, m0, c, m, MIX_FORM)
+            if N_MIX > 1:
+                _mix_out(out_ptr, row + C, h, xx, m1, c, m, MIX_FORM)
+            if N_MIX > 2:
+                _mix_out(out_ptr, row + 2 * C, h, xx, m2, c, m, MIX_FORM)
+            if N_MIX > 3:
+                _mix_out(out_ptr, row + 3 * C, h, xx, m3, c, m, MIX_FORM)
+            if N_MIX > 4:
+                _mix_out(out_ptr, row + 4 * C, h, xx, m4, c, m, MIX_FORM)
+            if N_MIX > 5:
+                _mix_out(out_ptr, row + 5 * C, h, xx, m5, c, m, MIX_FORM)
+
+    @triton.jit
+    def _gemv(
+        x_ptr, sx_b, sx_r, out_ptr, so_b, mul_ptr, smul_b, meta_ptr, w0, w1, w2, w3, w4, w5, w6, B, K, n_max,
+        ACCUMULATE: tl.constexpr, MULTIPLY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Segment s (program axis 1) of out[b, off_s + n] (+)= [mul[b, n] *] act_s(sum_k x[b, row_s, k] W_s[n, k]).
+        meta[s] = (N_s, row_s, off_s, act_s, layout_s); layout 0: W_s is [N, K] (nn.Linear), 1: [K, N]
+        (a LoRA matrix, stored input-major). n_max = max N_s (the grid's extent; a tuning key).
+        UPCAST: multiply in fp32 (Triton's interpreter multiplies bf16 tiles wrongly; on a GPU the
+        tensor cores take the model's dtype, with fp32 sums). PRECISION: "ieee" for fp32 weights (no TF32)."""
+        pid_n = tl.program_id(0)
+        seg = tl.program_id(1)
+        pid_b = tl.program_id(2)
+        N = tl.load(meta_ptr + seg * 5)
+        if pid_n * BLOCK_N < N:
+            row = tl.load(meta_ptr + seg * 5 + 1)
+            off = tl.load(meta_ptr + seg * 5 + 2)
+            act = tl.load(meta_ptr + seg * 5 + 3)
+            lora = tl.load(meta_ptr + seg * 5 + 4)
+            w = w0
+            if seg == 1:
+                w = w1
+            if seg == 2:
+                w = w2
+            if seg == 3:
+                w = w3
+            if seg == 4:
+                w = w4
+            if seg == 5:
+                w = w5
+            if seg == 6:
+                w = w6
+            bs = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+            ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            b_ok = bs < B
+            n_ok = ns < N
+            x_row = x_ptr + bs[:, None] * sx_b + row * sx_r
+            acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+            if lora == 0:
+                for k0 in range(0, K, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = ks < K
+                    wt = tl.load(w + ns[:, None] * K + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                    xt = tl.load(x_row + ks[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(wt.dtype)
+                    if UPCAST:
+                        xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+                    acc += tl.dot(xt, tl.trans(wt), input_precision=PRECISION)
+            else:
+                for k0 in range(0, K, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = ks < K
+                    wt = tl.load(w + ks[:, None] * N + ns[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                    xt = tl.load(x_row + ks[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(wt.dtype)
+                    if UPCAST:
+                        xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+                    acc += tl.dot(xt, wt, input_precision=PRECISION)
+            if act == 1:  # tanh
+                acc = 2.0 * tl.sigmoid(2.0 * acc) - 1.0
+            if act == 2:
+                acc = tl.sigmoid(acc)
+            if act == 3:  # relu^2, squared as the plain step does: after rounding relu's input
+                acc = tl.maximum(acc.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
+                acc = acc * acc
+            if act == 4:  # silu
+                acc = acc * tl.sigmoid(acc)
+            dst = out_ptr + bs[:, None] * so_b + off + ns[None, :]
+            ok = b_ok[:, None] & n_ok[None, :]
+            if MULTIPLY:  # RWKV-6's channel mix: r * (k V), each product rounded as the plain step's
+                r = tl.load(mul_ptr + bs[:, None] * smul_b + ns[None, :], mask=ok, other=0.0).to(tl.float32)
+                acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) * r
+            if ACCUMULATE:  # the residual stream: x + (rounded product), as x + F.linear(...)
+                acc = tl.load(dst, mask=ok, other=0.0).to(tl.float32) + acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _head_inputs(buf_ptr, s_buf, C, N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """A per-head program's indices (row b, head h, the head's channels `cols`, its row of buf) and
+        its r, k, v, which lead every version's buf."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        n = tl.arange(0, N)
+        cols = h * N + n
+        base = buf_ptr + b * s_buf
+        return b, h, n, tl.arange(0, BLOCK_D), cols, base, tl.load(base + cols), tl.load(base + C + cols), tl.load(base + 2 * C + cols)
+
+    @triton.jit
+    def _lora2(base, hid_off, D, w_ptr, cols, C, d):
+        """sum_i hid[i] W[i, cols] for the head's columns: a LoRA's second stage (W [D, C])."""
+        d_ok = d < D
+        hid = tl.load(base + hid_off + d, mask=d_ok, other=0.0)
+        wt = tl.load(w_ptr + d[:, None] * C + cols[None, :], mask=d_ok[:, None], other=0.0).to(tl.float32)
+        return tl.sum(hid[:, None] * wt, axis=0)
+
+    @triton.jit
+    def _wkv7_head(
+        buf_ptr, s_buf, C, H, o_w, o_a, o_v, o_g, w2, a2, v2, g2, DW, DA, DV, DG,
+        w0_ptr, a0_ptr, v0_ptr, kk_ptr, ka_ptr, rk_ptr, lnx_w, lnx_b, eps, decay_scale, S_ptr, vfirst_ptr, out_ptr,
+        FIRST: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Row b (axis 0), head h (axis 1): everything of the time mix between its products and O.
+        buf[b] = [r | k | v | tanh(xw w1) | xa a1 | xv v1 | sigmoid(xg g1)], fp32."""
+        b, h, n, d, cols, base, r, k, v = _head_inputs(buf_ptr, s_buf, C, N, BLOCK_D)
+        w = tl.load(w0_ptr + cols).to(tl.float32) + _lora2(base, o_w, DW, w2, cols, C, d)
+        a = tl.sigmoid(tl.load(a0_ptr + cols).to(tl.float32) + _lora2(base, o_a, DA, a2, cols, C, d))
+        g = _lora2(base, o_g, DG, g2, cols, C, d)
+        kk = k * tl.load(kk_ptr + cols).to(tl.float32)
+        kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, 0)), 1e-12)  # F.normalize
+        k = k * (1.0 + (a - 1.0) * tl.load(ka_ptr + cols).to(tl.float32))
+        if FIRST:
+            tl.store(vfirst_ptr + b * C + cols, v)
+        else:
+            gate = tl.sigmoid(tl.load(v0_ptr + cols).to(tl.float32) + _lora2(base, o_v, DV, v2, cols, C, d))
+            v = v + (tl.load(vfirst_ptr + b * C + cols) - v) * gate
+        decay = tl.exp(-decay_scale * tl.sigmoid(w))
+        s_ptrs = S_ptr + ((b * H + h) * N + n[:, None]) * N + n[None, :]  # S[value, key]
+        S = tl.load(s_ptrs)
+        sa = tl.sum(S * (-kk)[None, :], axis=1)
+        S = S * decay[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
+        tl.store(s_ptrs, S)
+        y = _layer_norm(tl.sum(S * r[None, :], axis=1), lnx_w + h * N, lnx_b + h * N, n, n < N, N, eps)  # the head's group norm
+        y += tl.sum(r * k * tl.load(rk_ptr + cols).to(tl.float32), 0) * v
+        tl.store(out_ptr + b * C + cols, (y * g).to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _mix_lora(hid_ptr, w2_ptr, i, D, C, h, xx, coeff_ptr, out_ptr, c, m, d):
+        """RWKV-6's data-dependent mix i for columns c: h + xx * (maa_i + hid_i W2[i]), stored."""
+        d_ok = d < D
+        hid = tl.load(hid_ptr + i * D + d, mask=d_ok, other=0.0)
+        wt = tl.load(w2_ptr + (i * D + d[:, None]) * C + c[None, :], mask=d_ok[:, None] & m[None, :], other=0.0)
+        lora = tl.sum(hid[:, None] * wt.to(tl.float32), axis=0)
+        coeff = tl.load(coeff_ptr + c, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + i * C + c, (h + xx * (coeff + lora)).to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _v6_mixes(hid_ptr, w2_ptr, hx_ptr, mw, mk, mv, mr, mg, out_ptr, C, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Row b (axis 0), columns (axis 1): the five mixes xw, xk, xv, xr, xg = h + xx (maa_* + m_*), with
+        m_* the second stages of the token-shift LoRAs (hid: tanh(xxx W1), fp32; W2 [5, D, C])."""
+        b = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        m = c < C
+        d = tl.arange(0, BLOCK_D)
+        h = tl.load(hx_ptr + b * 2 * C + c, mask=m, other=0.0)
+        xx = tl.load(hx_ptr + b * 2 * C + C + c, mask=m, other=0.0)
+        hid, out = hid_ptr + b * 5 * D, out_ptr + b * 5 * C
+        _mix_lora(hid, w2_ptr, 0, D, C, h, xx, mw, out, c, m, d)
+        _mix_lora(hid, w2_ptr, 1, D, C, h, xx, mk, out, c, m, d)
+        _mix_lora(hid, w2_ptr, 2, D, C, h, xx, mv, out, c, m, d)
+        _mix_lora(hid, w2_ptr, 3, D, C, h, xx, mr, out, c, m, d)
+        _mix_lora(hid, w2_ptr, 4, D, C, h, xx, mg, out, c, m, d)
+
+    @triton.jit
+    def _wkv5_head(
+        buf_ptr, s_buf, C, H, o_d, dw2, DD, decay_ptr, u_ptr, lnx_w, lnx_b, eps, S_ptr, out_ptr,
+        N: tl.constexpr, BLOCK_D: tl.constexpr, DECAY_LORA: tl.constexpr, PER_HEAD: tl.constexpr,
+        GATED: tl.constexpr,
+    ):
+        """RWKV-5 and RWKV-6, row b (axis 0), head h (axis 1): the decay, the WKV update
+        y = r (S + diag(u) k^T v), S <- diag(w) S + k^T v (S [key, value]), the head's group norm and
+        the gate. buf[b] = [r | k | v | g (silu(xg G), GATED) | tanh(xw D1) (DECAY_LORA)], fp32.
+        The decay w = exp(-exp(d)): d = time_decay + the LoRA's second stage (v6), time_decay per
+        channel with u = time_faaaa (5.2), or one per head with u = exp(time_first) (PER_HEAD: 5.0, 5.1)."""
+        b, h, n, d, cols, base, r, k, v = _head_inputs(buf_ptr, s_buf, C, N, BLOCK_D)
+        if PER_HEAD:
+            w = tl.zeros([N], dtype=tl.float32) + tl.load(decay_ptr + h).to(tl.float32)
+            u = tl.exp(tl.zeros([N], dtype=tl.float32) + tl.load(u_ptr + h).to(tl.float32))
+        else:
+            w = tl.load(decay_ptr + cols).to(tl.float32)
+            u = tl.load(u_ptr + cols).to(tl.float32)  # time_faaaa [H, N]: row h is the head's
+        if DECAY_LORA:
+            w += _lora2(base, o_d, DD, dw2, cols, C, d)
+        decay = tl.exp(-tl.exp(w))
+        s_ptrs = S_ptr + ((b * H + h) * N + n[:, None]) * N + n[None, :]  # S[key, value]
+        S = tl.load(s_ptrs)
+        a = k[:, None] * v[None, :]
+        y = tl.sum(r[:, None] * (u[:, None] * a + S), axis=0)
+        tl.store(s_ptrs, a + decay[:, None] * S)
+        y = _layer_norm(y, lnx_w + h * N, lnx_b + h * N, n, n < N, N, eps)  # the head's group norm
+        if GATED:
+            y = y * tl.load(base + 3 * C + cols)
+        tl.store(out_ptr + b * C + cols, y.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _wkv4(buf_ptr, s_buf, A, decay_ptr, first_ptr, aa_ptr, bb_ptr, pp_ptr, out_ptr, BLOCK: tl.constexpr):
+        """RWKV-4, row b (axis 0), channels (axis 1): the overflow-free WKV step on the state (aa, bb, pp),
+        in place, and r * wkv. buf[b] = [k | v | sigmoid(xr R)], fp32."""
+        b = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = c < A
+        base = buf_ptr + b * s_buf
+        k = tl.load(base + c, mask=m, other=0.0)
+        v = tl.load(base + A + c, mask=m, other=0.0)
+        r = tl.load(base + 2 * A + c, mask=m, other=0.0)
+        log_w = -tl.exp(tl.load(decay_ptr + c, mask=m, other=0.0).to(tl.float32))
+        u = tl.load(first_ptr + c, mask=m, other=0.0).to(tl.float32)
+        st = b * A + c
+        aa = tl.load(aa_ptr + st, mask=m, other=0.0)
+        bb = tl.load(bb_ptr + st, mask=m, other=0.0)
+        pp = tl.load(pp_ptr + st, mask=m, other=0.0)
+        ww = u + k
+        p = tl.maximum(pp, ww)
+        e1, e2 = tl.exp(pp - p), tl.exp(ww - p)
+        y = (e1 * aa + e2 * v) / (e1 * bb + e2)
+        ww = log_w + pp
+        p = tl.maximum(ww, k)
+        e1, e2 = tl.exp(ww - p), tl.exp(k - p)
+        tl.store(aa_ptr + st, e1 * aa + e2 * v, mask=m)
+        tl.store(bb_ptr + st, e1 * bb + e2, mask=m)
+        tl.store(pp_ptr + st, p, mask=m)
+        # r * y.to(dtype), as the plain step rounds them
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + b * A + c, (r.to(out_ptr.dtype.element_ty).to(tl.float32) * y).to(out_ptr.dtype.element_ty), mask=m)
+
+    _GEMV_CONFIGS = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
+        for bn, bk, nw, ns in ((16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 512, 4, 2),
+                               (64, 256, 8, 3))
+    ]
+
+    def _prune(configs, named_args, **kwargs):
+        """fp32 weights (no tensor cores: "ieee" products): the two smallest tiles, which compile fast."""
+        if {**named_args, **kwargs}.get("PRECISION") == "ieee":
+            return [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 4096]
+        return configs
+
+    # the timings are kept on disk where this Triton can (cache_results): a new process skips the tuning
+    _tune_kw = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    _gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["K", "BLOCK_B", "ACCUMULATE", "MULTIPLY", "n_max"], restore_value=["out_ptr"],
+                                  prune_configs_by={"early_config_prune": _prune}, **_tune_kw)(_gemv)
+
+
+def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_max: int, accumulate: bool = False,
+               multiply: Optional[Tensor] = None) -> None:
+    """`_gemv` over x [B, rows, K] (or [B, K], rows may be strided) into out [B, *]; `weights` one per
+    row of `meta`; `multiply` [B, n_max]: the products are multiplied by it (before accumulating)."""
+    B, K = x.shape[0], x.shape[-1]
+    sx_r = x.stride(1) if x.dim() == 3 else 0
+    block_b = 16 if B <= 16 else (32 if B <= 32 else 64)
+    ws = list(weights) + [weights[0]] * (MAX_SEGMENTS - len(weights))
+    mul = out if multiply is None else multiply
+    args = (x, x.stride(0), sx_r, out, out.stride(0), mul, mul.stride(0), meta, *ws, B, K, n_max)
+    precision = "ieee" if weights[0].dtype == torch.float32 else "tf32"  # (only fp32 operands read it)
+    flags = dict(ACCUMULATE=accumulate, MULTIPLY=multiply is not None, PRECISION=precision, BLOCK_B=block_b)
+    if interpreted() or x.device.type != "cuda":
+        grid = (triton.cdiv(n_max, 64), len(weights), triton.cdiv(B, block_b))
+        _gemv[grid](*args, UPCAST=True, BLOCK_N=64, BLOCK_K=128, **flags)
+    else:
+        grid = lambda META: (triton.cdiv(n_max, META["BLOCK_N"]), len(weights), triton.cdiv(B, block_b))  # noqa: E731
+        _gemv_tuned[grid](*args, UPCAST=False, **flags)
+
+
+# ------------------------------------------------------------------------------------------ the step
+STEPS = ("rwkv7_world", "rwkv6_world", "rwkv5_world", "rwkv4_world")  # every version has a Triton step
+# the versions triton_decode None picks: RWKV-7's, which beats its compiled step. On an H200 (1.5B shape,
+# benchmarks/decode_step.py) the v4-v6 steps match the eager one but lose to their compiled steps at
+# batch 1 (v4 617 vs 684 tok/s, v5.2 572 vs 601, v6 399 vs 495) and win or tie at 32 (19,244 vs
+# 17,515, 15,647 vs 12,769, 10,737 vs 10,682): theirs is triton_decode=True, no compile to wait for
+BY_DEFAULT = ("rwkv7_world",)
+
+
+def supports(model) -> str:
+    """'' where `triton_step` can run `model` (a causal LM of ours), else why not."""
+    config = model.config
+    if not HAVE_TRITON:
+        return "Triton is not installed"
+    if config.model_type not in STEPS:
+        return f"no Triton step for {config.model_type}"
+    if getattr(config, "deep_embed_size", 0):
+        return "DeepEmbed RWKV-7"
+    if config.model_type != "rwkv4_world" and config.head_size & (config.head_size - 1):
+        return f"head size {config.head_size} is not a power of two"
+    if getattr(config, "rescale_every", 0) > 0 and model.get_input_embeddings().weight.dtype == torch.float16:
+        return "RWKV-4 to 6 in fp16 rescale their layers on the fly"
+    return ""
+
+
+class Plan(NamedTuple):
+    """What the kernels need besides the weights, made once per decoder (before a graph is captured):
+    each product launch's segment table, on the model's device, and the sizes."""
+
+    version: str
+    width: int  # of buf: the time mix's products and LoRA first stages, fp32
+    offsets: tuple  # where the LoRA first stages start in buf
+    dims: tuple  # their widths
+    metas: dict  # product launch -> its segment table
+
+
+def _matrices(version: str, a, f) -> tuple:
+    """A layer's matrices, which the products read (each must be in the embedding's dtype)."""
+    common = (a.receptance.weight, a.key.weight, a.value.weight, a.output.weight, f.key.weight, f.value.weight,
+              f.receptance.weight if version != "rwkv7_world" else f.key.weight)
+    if version == "rwkv7_world":
+        return common + (a.w1, a.a1, a.v1, a.g1)
+    if version == "rwkv6_world":
+        return common + (a.gate.weight, a.time_maa_w1, a.time_maa_w2, a.time_decay_w1, a.time_decay_w2)
+    return common + ((a.gate.weight,) if getattr(a, "gated", False) else ())
+
+
+def make_plan(model) -> Plan:
+    why = supports(model)
+    if why:
+        raise ValueError(f"the Triton decode step does not run this model: {why}")
+    body = model.model
+    version = model.config.model_type
+    blk0 = body.blocks[0]
+    att0 = blk0.att
+    C, Fw, V = model.config.hidden_size, blk0.ffn.key.weight.shape[0], model.lm_head.weight.shape[0]
+    A = att0.key.weight.shape[0]  # (RWKV-4's attention width; C elsewhere)
+    dims = {"rwkv7_world": lambda: tuple(getattr(att0, n).shape[1] for n in ("w1", "a1", "v1", "g1")),
+            "rwkv6_world": lambda: (att0.time_decay_w1.shape[1],)}.get(version, tuple)()
+    dtype = body.emb.weight.dtype
+    weights = [t for blk in body.blocks for t in _matrices(version, blk.att, blk.ffn)] + [model.lm_head.weight]
+    if any(t.dtype != dtype or not t.is_contiguous() for t in weights):
+        raise ValueError("the Triton decode step needs every matrix contiguous and in the embedding's dtype")
+    offs, o = [], {"rwkv7_world": 3 * C, "rwkv4_world": 3 * A}.get(version, 4 * C)
+    for d in dims:
+        offs.append(o)
+        o += d
+    dev = body.emb.weight.device
+    table = lambda rows: torch.tensor(rows, dtype=torch.int32, device=dev)  # noqa: E731
+    # rows: (N, input row, output offset, activation, layout 0 [N, K] / 1 [K, N])
+    metas = {"c": table([(C, 0, 0, ACT_NONE, 0)]), "vocab": table([(V, 0, 0, ACT_NONE, 0)]),
+             # the v4-v6 channel mix, input rows xk xr: relu(xk K)^2 | sigmoid(xr R)
+             "ffn": table([(Fw, 0, 0, ACT_RELU2, 0), (C, 1, Fw, ACT_SIGMOID, 0)])}
+    if version == "rwkv7_world":  # input rows: xr xw xk xv xa xg
+        metas["in"] = table([(C, 0, 0, ACT_NONE, 0), (C, 2, C, ACT_NONE, 0), (C, 3, 2 * C, ACT_NONE, 0),
+                             (dims[0], 1, offs[0], ACT_TANH, 1), (dims[1], 4, offs[1], ACT_NONE, 1),
+                             (dims[2], 3, offs[2], ACT_NONE, 1), (dims[3], 5, offs[3], ACT_SIGMOID, 1)])
+        metas["ffn"] = table([(Fw, 0, 0, ACT_RELU2, 0)])
+    elif version == "rwkv6_world":  # input rows: xw xk xv xr xg
+        metas["maa"] = table([(att0.time_maa_w1.shape[1], 0, 0, ACT_TANH, 1)])
+        metas["in"] = table([(C, 3, 0, ACT_NONE, 0), (C, 1, C, ACT_NONE, 0), (C, 2, 2 * C, ACT_NONE, 0),
+                             (C, 4, 3 * C, ACT_SILU, 0), (dims[0], 0, offs[0], ACT_TANH, 1)])
+    elif version == "rwkv5_world":  # input rows: xr xk xv [xg]
+        metas["in"] = table([(C, 0, 0, ACT_NONE, 0), (C, 1, C, ACT_NONE, 0), (C, 2, 2 * C, ACT_NONE, 0),
+                             (C, 3, 3 * C, ACT_SILU, 0)][: 4 if att0.gated else 3])
+    else:  # RWKV-4, input rows: xk xv xr
+        metas["in"] = table([(A, 0, 0, ACT_NONE, 0), (A, 1, A, ACT_NONE, 0), (A, 2, 2 * A, ACT_SIGMOID, 0)])
+    return Plan(version, o, tuple(offs), dims, metas)
+
+
+def _norm_mix_call(x: Tensor, ln, shift, mixes, out: Tensor, ln0=None, hx: Optional[Tensor] = None, form: int = 0) -> None:
+    """`_norm_mix` over the rows of x [B, C]: ln (after ln0, if given, whose output replaces x), the
+    token shift through `shift` and `mixes` (up to six coefficient vectors, `form` 0 or 1 as
+    `_mix_out`; none: out = ln(x))."""
+    B, C = x.shape
+    block_c = triton.next_power_of_2(C)
+    first = ln if ln0 is None else ln0
+    ms = list(mixes) + [ln.weight] * (6 - len(mixes))
+    _norm_mix[(B,)](x, first.weight, first.bias, ln.weight, ln.bias, x if shift is None else shift, *ms, out,
+                    out if hx is None else hx, C, ln.eps, HAS_LN0=ln0 is not None, N_MIX=len(mixes), MIX_FORM=form,
+                    SAVE_HX=hx is not None, BLOCK_C=block_c, num_warps=min(16, max(4, block_c // 256)))
+
+
+def _lora_block(dims) -> int:
+    return max(16, triton.next_power_of_2(max(dims, default=1)))
+
+
+def _head(model, x: Tensor, plan: Plan) -> Tensor:
+    """ln_out and the LM head: logits [B, V] in the model's dtype."""
+    xn = torch.empty_like(x)
+    _norm_mix_call(x, model.model.ln_out, None, [], xn)
+    head = model.lm_head.weight
+    logits = x.new_empty(x.shape[0], head.shape[0])
+    _gemv_call(xn, logits, plan.metas["vocab"], [head], head.shape[0])
+    return logits
+
+
+def _channel_mix(x: Tensor, blk, shift: Tensor, plan: Plan, form: int) -> None:
+    """The channel mix of v4-v6: x += sigmoid(xr R) * (relu(xk K)^2 V) (v6's mixes: `form` 0)."""
+    ffn = blk.ffn
+    B, C = x.shape
+    Fw = ffn.key.weight.shape[0]
+    mixes = [ffn.time_maa_k, ffn.time_maa_r] if form == 0 else [ffn.time_mix_k, ffn.time_mix_r]
+    fx, fbuf = x.new_empty(B, 2, C), x.new_empty(B, Fw + C)  # [xk, xr]; [relu(xk K)^2 | sigmoid(xr R)]
+    _norm_mix_call(x, blk.ln2, shift, mixes, fx, form=form)
+    _gemv_call(fx, fbuf, plan.metas["ffn"], [ffn.key.weight, ffn.receptance.weight], Fw)
+    _gemv_call(fbuf[:, :Fw], x, plan.metas["c"], [ffn.value.weight], C, accumulate=True, multiply=fbuf[:, Fw:])
+
+
+def _step7(model, x: Tensor, states: list, plan: Plan) -> None:
+    B, C = x.shape
+    dw, da, dv, dg = plan.dims
+    xs, yg, fk = x.new_empty(B, 6, C), x.new_empty(B, C), x.new_empty(B, 1, C)
+    buf = torch.empty(B, plan.width, device=x.device, dtype=torch.float32)
+    v_first = torch.empty(B, C, device=x.device, dtype=torch.float32)
+    hidden = x.new_empty(B, model.model.blocks[0].ffn.key.weight.shape[0])  # relu(xk K)^2
+    for i, blk in enumerate(model.model.blocks):
+        att, ffn = blk.att, blk.ffn
+        att_shift, S, ffn_shift = states[i]
+        _norm_mix_call(x, blk.ln1, att_shift, [att.x_r, att.x_w, att.x_k, att.x_v, att.x_a, att.x_g], xs,
+                       ln0=blk.ln0 if i == 0 else None)
+        _gemv_call(xs, buf, plan.metas["in"], [att.receptance.weight, att.key.weight, att.value.weight, att.w1, att.a1,
+                                               att.v1, att.g1], C)
+        H, N = att.r_k.shape
+        _wkv7_head[(B, H)](buf, buf.stride(0), C, H, *plan.offsets, att.w2, att.a2, att.v2, att.g2, dw, da, dv, dg,
+                           att.w0, att.a0, att.v0, att.k_k, att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias,
+                           att.ln_x.eps, DECAY_SCALE, S, v_first, yg, FIRST=i == 0, N=N, BLOCK_D=_lora_block(plan.dims),
+                           num_warps=4)
+        _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
+        _norm_mix_call(x, blk.ln2, ffn_shift, [ffn.x_k], fk)
+        _gemv_call(fk, hidden, plan.metas["ffn"], [ffn.key.weight], hidden.shape[1])
+        _gemv_call(hidden, x, plan.metas["c"], [ffn.value.weight], C, accumulate=True)
+
+
+def _step6(model, x: Tensor, states: list, plan: Plan) -> None:
+    B, C = x.shape
+    f32 = dict(device=x.device, dtype=torch.float32)
+    blocks = model.model.blocks
+    d_mix = blocks[0].att.time_maa_w2.shape[1]
+    hx, hid = torch.empty(B, 2, C, **f32), torch.empty(B, 5 * d_mix, **f32)
+    buf = torch.empty(B, plan.width, **f32)
+    xxx, xs, yg = x.new_empty(B, 1, C), x.new_empty(B, 5, C), x.new_empty(B, C)
+    block_c = 256
+    for i, blk in enumerate(blocks):
+        att = blk.att
+        att_shift, S, ffn_shift = states[i]
+        _norm_mix_call(x, blk.ln1, att_shift, [att.time_maa_x], xxx, ln0=blk.ln0 if i == 0 else None, hx=hx)
+        _gemv_call(xxx, hid, plan.metas["maa"], [att.time_maa_w1], hid.shape[1])
+        _v6_mixes[(B, triton.cdiv(C, block_c))](hid, att.time_maa_w2, hx, att.time_maa_w, att.time_maa_k, att.time_maa_v,
+                                                att.time_maa_r, att.time_maa_g, xs, C, d_mix, BLOCK_C=block_c,
+                                                BLOCK_D=_lora_block((d_mix,)), num_warps=4)
+        _gemv_call(xs, buf, plan.metas["in"], [att.receptance.weight, att.key.weight, att.value.weight, att.gate.weight,
+                                               att.time_decay_w1], C)
+        H, N = att.time_faaaa.shape
+        _wkv5_head[(B, H)](buf, buf.stride(0), C, H, plan.offsets[0], att.time_decay_w2, plan.dims[0], att.time_decay,
+                           att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps, S, yg, N=N,
+                           BLOCK_D=_lora_block(plan.dims), DECAY_LORA=True, PER_HEAD=False, GATED=True, num_warps=4)
+        _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
+        _channel_mix(x, blk, ffn_shift, plan, form=0)
+
+
+def _step5(model, x: Tensor, states: list, plan: Plan) -> None:
+    B, C = x.shape
+    buf = torch.empty(B, plan.width, device=x.device, dtype=torch.float32)
+    yg = x.new_empty(B, C)
+    gated = model.model.blocks[0].att.gated
+    xs = x.new_empty(B, 4 if gated else 3, C)
+    for i, blk in enumerate(model.model.blocks):
+        att = blk.att
+        att_shift, S, ffn_shift = states[i]
+        mixes = [att.time_mix_r, att.time_mix_k, att.time_mix_v] + ([att.time_mix_g] if gated else [])
+        _norm_mix_call(x, blk.ln1, att_shift, mixes, xs, ln0=blk.ln0 if i == 0 else None, form=1)
+        mats = [att.receptance.weight, att.key.weight, att.value.weight] + ([att.gate.weight] if gated else [])
+        _gemv_call(xs, buf, plan.metas["in"], mats, C)
+        per_head = att.version != "5.2"
+        H, N = att.n_head, att.head_size
+        _wkv5_head[(B, H)](buf, buf.stride(0), C, H, 0, att.time_decay, 1, att.time_decay,
+                           att.time_first if per_head else att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps,
+                           S, yg, N=N, BLOCK_D=16, DECAY_LORA=False, PER_HEAD=per_head, GATED=gated, num_warps=4)
+        _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
+        _channel_mix(x, blk, ffn_shift, plan, form=1)
+
+
+def _step4(model, x: Tensor, states: list, plan: Plan) -> None:
+    B, C = x.shape
+    A = model.model.blocks[0].att.key.weight.shape[0]
+    buf = torch.empty(B, plan.width, device=x.device, dtype=torch.float32)
+    xs, ry = x.new_empty(B, 3, C), x.new_empty(B, A)
+    block = 256
+    for i, blk in enumerate(model.model.blocks):
+        att = blk.att
+        att_shift, (aa, bb, pp), ffn_shift = states[i]
+        _norm_mix_call(x, blk.ln1, att_shift, [att.time_mix_k, att.time_mix_v, att.time_mix_r], xs,
+                       ln0=blk.ln0 if i == 0 else None, form=1)
+        _gemv_call(xs, buf, plan.metas["in"], [att.key.weight, att.value.weight, att.receptance.weight], A)
+        _wkv4[(B, triton.cdiv(A, block))](buf, buf.stride(0), A, att.time_decay, att.time_first, aa, bb, pp, ry,
+                                          BLOCK=block, num_warps=4)
+        _gemv_call(ry, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
+        _channel_mix(x, blk, ffn_shift, plan, form=1)
+
+
+_STEP_FNS = {"rwkv7_world": _step7, "rwkv6_world": _step6, "rwkv5_world": _step5, "rwkv4_world": _step4}
+
+
+def triton_step(model, ids: Tensor, states: list, plan: Plan) -> Tensor:
+    """One token per row (ids [B, 1]) through the whole model from `states` (each block's
+    (att_shift, wkv, ffn_shift), updated in place): logits [B, V] in the model's dtype."""
+    x = F.embedding(ids.reshape(-1), model.model.emb.weight)  # [B, C], a fresh tensor: the residual stream
+    _STEP_FNS[plan.version](model, x, states, plan)
+    return _head(model, x, plan)
