@@ -50,7 +50,12 @@ def main():
         from transformers import Trainer, TrainingArguments
 
         model = build()
-        data = [{"input_ids": row, "labels": row} for row in ids.cpu()]  # any map-style dataset will do
+        # labels[0] = -100: no token predicts a row's first one anyway (the same loss), and transformers
+        # 4.57's Trainer counts it in num_items_in_batch (5.x counts labels[..., 1:]), which would scale
+        # every model's step by (T - 1) / T
+        labels = ids.cpu().clone()
+        labels[:, 0] = -100
+        data = [{"input_ids": x, "labels": y} for x, y in zip(ids.cpu(), labels)]  # any map-style dataset will do
         args = TrainingArguments(
             output_dir=sys.argv[3], per_device_train_batch_size=B // int(os.environ["WORLD_SIZE"]), max_steps=1,
             learning_rate=LR, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
