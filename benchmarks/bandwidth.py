@@ -1,0 +1,158 @@
+"""How fast one kernel a product reads a decode step's weights on this card: the ceiling of a step made
+of one kernel per matrix product (issue 14: 1,000 tok/s for the 1.5B RWKV-7 at batch 1 is a whole step
+in 1.0 ms, its ~2.8 GB of weights read at ~2.8 TB/s).
+
+For each weight shape of the RWKV-7 step (bf16, [out, in]), as many distinct copies as one step reads
+(so that the 50 MB L2 cache holds none of them from one read to the next), one CUDA graph of a kernel
+per copy, at each batch size, three ways:
+
+- `read`: `W.sum(dtype=float32)`, a kernel that only reads the bytes (no product);
+- `cuBLAS`: `x @ W.T` (torch.matmul);
+- `ours`: `rwkv_triton`'s tuned `_gemv`, the products of the Triton step (one segment a launch here;
+  the step puts r, k and v in one launch).
+
+Then every product of a step in the order a step runs them (per layer r, k, v, the eight LoRA stages,
+o, the channel mix's key and value; then the head) as one graph, cuBLAS and ours: the time a step
+spends in products alone, and the tok/s that leaves as a ceiling. Times: median of 5 replays after 2.
+
+    python benchmarks/bandwidth.py [--shape 1.5b|7b|tiny] [--batch 1 32] [--out DIR]
+
+`--shape tiny` (2 layers, width 256) runs on the CPU too (plain calls, Triton's interpreter), to try
+the script without a GPU; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+SHAPES = {"1.5b": (24, 2048, 65536), "7b": (32, 4096, 65536), "tiny": (2, 256, 1024)}
+LORA = (64, 64, 32, 128)  # RWKV-7's decay, in-context rate, value and gate LoRA widths at the 1.5B shape
+
+
+def timed(fn, device) -> float:
+    """Median seconds of fn() (a CUDA graph replay on CUDA) over 5 runs after 2."""
+    for _ in range(2):
+        fn()
+    ts = []
+    for _ in range(5):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def as_graph(calls, device):
+    """One callable running `calls` in order: captured in a CUDA graph on CUDA (after one eager run,
+    which also lets Triton tune), else called one by one."""
+    def run():
+        for c in calls:
+            c()
+
+    if device.type != "cuda":
+        return run
+    run()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    return g.replay
+
+
+def product(way: str, x, w, out, meta):
+    """One kernel computing out = x @ w.T (`cublas`, `ours`) or reading w (`read`)."""
+    from rwkv_hf.modeling.rwkv_triton import _gemv_call
+
+    if way == "read":
+        total = torch.empty((), device=w.device, dtype=torch.float32)
+        return lambda: torch.sum(w, dim=(0, 1), dtype=torch.float32, out=total)
+    if way == "cublas":
+        return lambda: torch.matmul(x, w.T, out=out)
+    return lambda: _gemv_call(x, out, meta, [w], w.shape[0])
+
+
+def step_matrices(L: int, C: int, V: int, device, dtype):
+    """The [out, in] weights of one step, in the order a step multiplies by them."""
+    mk = lambda n, k: torch.randn(n, k, device=device, dtype=dtype) / k**0.5  # noqa: E731
+    mats = []
+    for _ in range(L):
+        mats += [mk(C, C) for _ in range(3)]  # r, k, v
+        for d in LORA:
+            mats += [mk(d, C), mk(C, d)]  # a LoRA's two stages
+        mats += [mk(C, C), mk(4 * C, C), mk(C, 4 * C)]  # o, the channel mix's key and value
+    return mats + [mk(V, C)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1.5b")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and args.shape != "tiny":
+        raise SystemExit("bandwidth.py: no CUDA device here; --shape tiny tries the script on the CPU")
+    L, C, V = SHAPES[args.shape]
+    dtype = torch.bfloat16
+    mats = step_matrices(L, C, V, device, dtype)
+    groups = {}  # shape -> the step's copies of it
+    for w in mats:
+        groups.setdefault(tuple(w.shape), []).append(w)
+    total_gb = sum(w.numel() * w.element_size() for w in mats) / 1e9
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"{name}, torch {torch.__version__}; {args.shape} RWKV-7 step: {L} layers, width {C}, "
+          f"{len(mats)} products, {total_gb:.2f} GB of weights", flush=True)
+    res = {"device": name, "torch": torch.__version__, "shape": args.shape, "step_gb": total_gb, "rows": [], "step": []}
+    ways = ("read", "cublas", "ours")
+    print("| [out, in] | MB | copies | batch | " + " | ".join(f"{w} TB/s (us a kernel)" for w in ways) + " |")
+    print("| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in ways) + " |")
+    meta = {}
+    for B in args.batch:
+        for shape, ws in sorted(groups.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
+            n, k = shape
+            meta[n] = torch.tensor([[n, 0, 0, 0, 0]], dtype=torch.int32, device=device)
+            x = torch.randn(B, k, device=device, dtype=dtype)
+            out = torch.empty(B, n, device=device, dtype=dtype)
+            row = {"shape": shape, "batch": B, "copies": len(ws)}
+            product("ours", x, ws[0], out, meta[n])()  # the kernel computes the product it is timed as
+            want = (x.float() @ ws[0].float().T)
+            err = float((out.float() - want).abs().max() / want.abs().max())
+            assert err < 2e-2, f"_gemv of {shape} at batch {B}: {err:.2e} of the largest product off"
+            for way in ways:
+                s = timed(as_graph([product(way, x, w, out, meta[n]) for w in ws], device), device)
+                row[way] = {"tb_s": len(ws) * n * k * 2 / s / 1e12, "us": s / len(ws) * 1e6}
+            res["rows"].append(row)
+            print(f"| {n} x {k} | {n * k * 2 / 1e6:.1f} | {len(ws)} | {B} | "
+                  + " | ".join(f"{row[w]['tb_s']:.2f} ({row[w]['us']:.1f})" for w in ways) + " |", flush=True)
+        outs = {}
+        calls = {way: [] for way in ("cublas", "ours")}
+        for w in mats:
+            n, k = w.shape
+            x = torch.randn(B, k, device=device, dtype=dtype)
+            outs.setdefault(n, torch.empty(B, n, device=device, dtype=dtype))
+            for way in calls:
+                calls[way].append(product(way, x, w, outs[n], meta[n]))
+        for way, cs in calls.items():
+            s = timed(as_graph(cs, device), device)
+            res["step"].append({"batch": B, "way": way, "ms": s * 1e3, "tb_s": total_gb / s / 1e3, "tok_s": B / s})
+            print(f"all {len(mats)} products of a step, batch {B}, {way}: {s * 1e3:.3f} ms ({total_gb / s / 1e3:.2f} TB/s), "
+                  f"a ceiling of {B / s:,.0f} tok/s for a step of one kernel a product", flush=True)
+    with open(os.path.join(args.out, "bandwidth.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
