@@ -9,7 +9,11 @@ per copy, at each batch size, three ways:
 - `read`: `W.sum(dtype=float32)`, a kernel that only reads the bytes (no product);
 - `cuBLAS`: `x @ W.T` (torch.matmul);
 - `ours`: `rwkv_triton`'s tuned `_gemv`, the products of the Triton step (one segment a launch here;
-  the step puts r, k and v in one launch).
+  the step puts r, k and v in one launch). Its grid is one program per 16-64 output rows, whole rows
+  of K each: 32-128 programs for a [2048, *] matrix on a card of 132 SMs;
+- `splitk`: the same product with K split as well (a question, not a library kernel: this file's
+  `_splitk`, tuned over tile and split, adding fp32 partial sums atomically into a zeroed buffer, the
+  zeroing timed with it), to see what more programs in flight buy.
 
 Then every product of a step in the order a step runs them (per layer r, k, v, the eight LoRA stages,
 o, the channel mix's key and value; then the head) as one graph, cuBLAS and ours: the time a step
@@ -30,6 +34,12 @@ import statistics
 import time
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # (the CPU-only check of this script needs Triton too: its interpreter)
+    triton = None
 
 SHAPES = {"1.5b": (24, 2048, 65536), "7b": (32, 4096, 65536), "tiny": (2, 256, 1024)}
 LORA = (64, 64, 32, 128)  # RWKV-7's decay, in-context rate, value and gate LoRA widths at the 1.5B shape
@@ -72,8 +82,62 @@ def as_graph(calls, device):
     return g.replay
 
 
+if triton is not None:
+    @triton.jit
+    def _splitk_kernel(x_ptr, w_ptr, out_ptr, B, N, K, K_PER, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[b, n] += sum over k in this program's K slice of x[b, k] W[n, k] (fp32, atomically)."""
+        ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        bs = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
+        k_lo = tl.program_id(1) * K_PER
+        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_lo + K_PER, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            wt = tl.load(w_ptr + ns[:, None] * K + ks[None, :], mask=(ns[:, None] < N) & (ks[None, :] < K), other=0.0)
+            xt = tl.load(x_ptr + bs[:, None] * K + ks[None, :], mask=(bs[:, None] < B) & (ks[None, :] < K), other=0.0)
+            if UPCAST:  # (Triton's interpreter multiplies bf16 tiles wrongly)
+                xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+            acc += tl.dot(xt, tl.trans(wt))
+        tl.atomic_add(out_ptr + bs[:, None] * N + ns[None, :], acc, mask=(bs[:, None] < B) & (ns[None, :] < N))
+
+    _SPLITK_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp}, num_warps=4, num_stages=3)
+                       for bn in (16, 32, 64) for bk in (64, 128) for sp in (1, 4, 8, 16)]
+
+    def _splitk_call(x, w, acc, BLOCK_N, BLOCK_K, SPLIT):
+        B, K = x.shape
+        N = w.shape[0]
+        k_per = triton.cdiv(triton.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+        block_b = 16 if B <= 16 else 32 if B <= 32 else 64
+        grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(K, k_per), triton.cdiv(B, block_b))
+        _splitk_kernel[grid](x, w, acc, B, N, K, k_per, UPCAST=x.device.type != "cuda", BLOCK_B=block_b,
+                             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+
+    _SPLITK_BEST = {}
+
+    def splitk(x, w, acc):
+        """acc (fp32, [B, N]) = x @ w.T with K split: the config that ran fastest for this shape (tuned on
+        the first call, each config checked against the fp32 product)."""
+        key = (tuple(x.shape), tuple(w.shape))
+        if key not in _SPLITK_BEST:
+            configs = _SPLITK_CONFIGS if x.is_cuda else _SPLITK_CONFIGS[:1]
+            want = x.float() @ w.float().T
+            best = None
+            for c in configs:
+                run = lambda c=c: (acc.zero_(), _splitk_call(x, w, acc, **c.kwargs))  # noqa: E731
+                run()
+                if float((acc - want).abs().max()) > 2e-2 * float(want.abs().max()):
+                    raise AssertionError(f"split-K {c.kwargs} computes another product")
+                t = timed(run, x.device)
+                if best is None or t < best[0]:
+                    best = (t, c.kwargs)
+            _SPLITK_BEST[key] = best[1]
+        acc.zero_()
+        _splitk_call(x, w, acc, **_SPLITK_BEST[key])
+
+
 def product(way: str, x, w, out, meta):
-    """One kernel computing out = x @ w.T (`cublas`, `ours`) or reading w (`read`)."""
+    """A call computing x @ w.T (`cublas` and `ours` into out, `splitk` into an fp32 buffer of its own)
+    or reading w (`read`): one kernel, `splitk` two (the zeroing)."""
     from rwkv_hf.modeling.rwkv_triton import _gemv_call
 
     if way == "read":
@@ -81,6 +145,9 @@ def product(way: str, x, w, out, meta):
         return lambda: torch.sum(w, dim=(0, 1), dtype=torch.float32, out=total)
     if way == "cublas":
         return lambda: torch.matmul(x, w.T, out=out)
+    if way == "splitk":
+        acc = torch.empty(out.shape, device=out.device, dtype=torch.float32)
+        return lambda: splitk(x, w, acc)
     return lambda: _gemv_call(x, out, meta, [w], w.shape[0])
 
 
@@ -116,7 +183,7 @@ def main(argv=None):
     print(f"{name}, torch {torch.__version__}; {args.shape} RWKV-7 step: {L} layers, width {C}, "
           f"{len(mats)} products, {total_gb:.2f} GB of weights", flush=True)
     res = {"device": name, "torch": torch.__version__, "shape": args.shape, "step_gb": total_gb, "rows": [], "step": []}
-    ways = ("read", "cublas", "ours")
+    ways = ("read", "cublas", "ours", "splitk")
     print("| [out, in] | MB | copies | batch | " + " | ".join(f"{w} TB/s (us a kernel)" for w in ways) + " |")
     print("| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in ways) + " |")
     meta = {}
@@ -138,7 +205,7 @@ def main(argv=None):
             print(f"| {n} x {k} | {n * k * 2 / 1e6:.1f} | {len(ws)} | {B} | "
                   + " | ".join(f"{row[w]['tb_s']:.2f} ({row[w]['us']:.1f})" for w in ways) + " |", flush=True)
         outs = {}
-        calls = {way: [] for way in ("cublas", "ours")}
+        calls = {way: [] for way in ("cublas", "ours", "splitk")}
         for w in mats:
             n, k = w.shape
             x = torch.randn(B, k, device=device, dtype=dtype)
