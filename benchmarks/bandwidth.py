@@ -31,9 +31,13 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu import cuda_time  # noqa: E402
 
 try:
     import triton
@@ -46,22 +50,17 @@ LORA = (64, 64, 32, 128)  # RWKV-7's decay, in-context rate, value and gate LoRA
 
 
 def timed(fn, device) -> float:
-    """Median seconds of fn() (a CUDA graph replay on CUDA) over 5 runs after 2."""
+    """Median seconds of fn() over 5 runs after 2: CUDA events on CUDA (gpu.py's `cuda_time`), else the
+    wall clock."""
+    if device.type == "cuda":
+        return cuda_time(fn, warmup=2, reps=5)
     for _ in range(2):
         fn()
     ts = []
     for _ in range(5):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
 
