@@ -337,7 +337,7 @@ def test_triton_decode_default_picks_the_rwkv_triton_step_for_captured_cuda_step
         assert rwkv_paths.pick_path(m7, "cuda", 1, step=True, batch=33, triton=True).triton
         assert not pick(m7, wkv_mode="recurrent").triton and not pick(m7, wkv_mode="fla").triton
         assert not any(pick(models[v]).triton for v in models if v != "7")
-        assert all(pick(models[v], triton=True).triton for v in models)  # (v4-v6: not yet run on a GPU, asked for only)
+        assert all(pick(models[v], triton=True).triton for v in models)  # (v4-v6: asked for only, see rwkv_triton.BY_DEFAULT)
         try:
             m7.config.triton_decode = False
             assert pick(m7) == ("graph", "recurrent", True, True, False)  # the compiled step instead

@@ -4,8 +4,9 @@ TRITON_INTERPRET=1 must be set before the kernels are defined, so the step runs 
 (`run_without_rwkv_hf`'s way: a script and its JSON answer). There the same kernels the GPU runs are
 checked against the plain decode step (`rwkv_decode.model_step`, the equations of `modeling_rwkv7`)
 and against BlinkDL's reference package on the same checkpoint. The GPU tests (`test_gpu.py`) check
-them compiled, inside a captured graph, at the 1.5B's width (RWKV-7's have passed there; the others
-are not yet run on a GPU, so `triton_decode` None does not pick their steps).
+them compiled, inside a captured graph, at the 1.5B's width (on an H200: RWKV-7's, RWKV-4's and
+RWKV-6's; `triton_decode` None picks RWKV-7's only, the others being slower than their compiled
+steps at batch 1).
 """
 
 from __future__ import annotations
