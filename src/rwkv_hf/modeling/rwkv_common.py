@@ -329,8 +329,8 @@ class RwkvModelBase(RwkvPreTrainedModel):
         for g, docs in enumerate(groups):
             for i, d in enumerate(docs):
                 group_of[d], slot[d] = g, i
-        group_of, slot = torch.tensor(group_of, device=x.device), torch.tensor(slot, device=x.device)
-        col_group, col_slot = group_of[rows], slot[rows]
+        col_group = torch.tensor(group_of, device=x.device)[rows]
+        col_slot = torch.tensor(slot, device=x.device)[rows]
         first_list, last_list = first.tolist(), (first + count - 1).tolist()
         flat = {"x": x.reshape(B * T, C), "real": (torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None
                                                    else mask).reshape(-1)}
@@ -354,7 +354,7 @@ class RwkvModelBase(RwkvPreTrainedModel):
                 docs_cache = RwkvCache(len(self.blocks))
                 # the rows whose first document is in this group: that document continues the row's state
                 row_idx = [b for b in range(B) if group_of[first_list[b]] == g]
-                into = slot[[first_list[b] for b in row_idx]]
+                into = torch.tensor([slot[first_list[b]] for b in row_idx], device=x.device)
                 for i, block in enumerate(self.blocks):
                     if cache.layers_state[i] is not None:
                         zero = block.zero_state(n, x.device, x.dtype)
@@ -370,7 +370,8 @@ class RwkvModelBase(RwkvPreTrainedModel):
             if cache is not None:  # the rows whose last document is in this group: their state
                 ends = [b for b in range(B) if group_of[last_list[b]] == g]
                 if ends:
-                    rows_t, take = torch.tensor(ends, device=x.device), slot[[last_list[b] for b in ends]]
+                    rows_t = torch.tensor(ends, device=x.device)
+                    take = torch.tensor([slot[last_list[b]] for b in ends], device=x.device)
                     final = [zip_tensors(lambda dst, src: dst.index_put((rows_t,), src[take].to(dst.dtype)), done, st)
                              for done, st in zip(final, docs_cache.layers_state)]
         if all_hidden is not None:
