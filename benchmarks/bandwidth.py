@@ -185,11 +185,11 @@ def main(argv=None):
     ways = ("read", "cublas", "ours", "splitk")
     print("| [out, in] | MB | copies | batch | " + " | ".join(f"{w} TB/s (us a kernel)" for w in ways) + " |")
     print("| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in ways) + " |")
-    meta = {}
+    # _gemv's one segment a launch: (N, row 0, offset 0, no activation, [N, K] layout), one per N
+    meta = {n: torch.tensor([[n, 0, 0, 0, 0]], dtype=torch.int32, device=device) for n, _ in groups}
     for B in args.batch:
         for shape, ws in sorted(groups.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
             n, k = shape
-            meta[n] = torch.tensor([[n, 0, 0, 0, 0]], dtype=torch.int32, device=device)
             x = torch.randn(B, k, device=device, dtype=dtype)
             out = torch.empty(B, n, device=device, dtype=dtype)
             row = {"shape": shape, "batch": B, "copies": len(ws)}
