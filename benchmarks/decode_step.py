@@ -9,6 +9,7 @@ the same card in one session, one process each:
     python benchmarks/decode_step.py --src ../before/src; python benchmarks/decode_step.py
     python benchmarks/decode_step.py --inductor combo_kernels=1
     python benchmarks/decode_step.py --shape 7b --step triton   # issue 14's larger model, RWKV-7's Triton step
+    python benchmarks/decode_step.py --step triton --variant split_k=0,pdl=0 --variant split_k=1,pdl=1
 
 Prints one line per batch size and writes decode_step.json to --out (default $OUT, else .).
 """
@@ -49,6 +50,9 @@ def main():
                     help="the captured step: eager ops, compiled by inductor (compile_decode), or RWKV-7's Triton kernels")
     ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                     help="set a torch._inductor.config option (dotted for sections: triton.NAME; ints and true/false), repeatable")
+    ap.add_argument("--variant", action="append", default=[], metavar="SPLIT_K=0|1,PDL=0|1",
+                    help="the Triton step under these rwkv_triton settings (repeatable: each a row per batch, in one "
+                         "process, so the rows compare)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     if args.src:
@@ -67,22 +71,37 @@ def main():
     step_bytes = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if not n.endswith("emb.weight"))
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rwkv_hf": where, "version": args.version,
            "inductor": args.inductor, "step": args.step}
+    variants = [dict((k.strip().upper(), v.strip() == "1") for k, v in (kv.split("=") for kv in spec.split(",")))
+                for spec in args.variant] or [{}]
+    from rwkv_hf.modeling import rwkv_triton
+
     for B in args.batch:
-        t = time.time()
-        kind = {"triton": True} if args.step == "triton" else {}  # (older decoders have no Triton step)
-        dec = RwkvGraphDecoder(m, batch_size=B, fused=args.step == "compiled", **kind)
-        dec.step(torch.zeros(B, dtype=torch.long, device="cuda"))
-        torch.cuda.synchronize()
-        capture_s = time.time() - t
-        rate = decode_rate(dec.step, B, args.steps)
-        # one step unrolled (not replayed), to count its kernels; older decoders named it _step_fn
-        prof = kernel_profile(getattr(dec, "_step", None) or dec._step_fn)
-        tb_s = step_bytes * rate / B / 1e12
-        ran = "triton" if getattr(dec.path, "triton", False) else "compiled" if dec.fused else "eager"
-        res[f"b{B}"] = {"tok_s": rate, "capture_s": capture_s, "kernels": prof, "step": ran, "weights_read_tb_s": tb_s}
-        print(f"{where} {args.shape} v{args.version} b{B}: {rate:,.1f} tok/s ({tb_s:.2f} TB/s of weights read, {step_bytes / 1e9:.2f} GB a step), "
-              f"capture {capture_s:.0f} s, step {ran}, one step {prof}", flush=True)
-        del dec
+        for var in variants:
+            for name, on in var.items():
+                if not hasattr(rwkv_triton, name):
+                    raise SystemExit(f"decode_step.py: rwkv_triton has no setting {name}")
+                setattr(rwkv_triton, name, on)
+            label = ",".join(f"{k}={int(v)}" for k, v in var.items()) or "default"
+            t = time.time()
+            kind = {"triton": True} if args.step == "triton" else {}  # (older decoders have no Triton step)
+            dec = RwkvGraphDecoder(m, batch_size=B, fused=args.step == "compiled", **kind)
+            dec.step(torch.zeros(B, dtype=torch.long, device="cuda"))
+            torch.cuda.synchronize()
+            capture_s = time.time() - t
+            rate = decode_rate(dec.step, B, args.steps)
+            # one step unrolled (not replayed), to count its kernels; older decoders named it _step_fn
+            prof = kernel_profile(getattr(dec, "_step", None) or dec._step_fn)
+            tb_s = step_bytes * rate / B / 1e12
+            ran = "triton" if getattr(dec.path, "triton", False) else "compiled" if dec.fused else "eager"
+            res[f"b{B}" + ("" if label == "default" else f" {label}")] = {
+                "tok_s": rate, "capture_s": capture_s, "kernels": prof, "step": ran, "weights_read_tb_s": tb_s}
+            chosen = getattr(rwkv_triton, "_CHOSEN", {})
+            res.setdefault("tuned", {}).update({str(k): (dict(c.kwargs), c.num_warps, c.num_stages) for k, c in chosen.items()})
+            print(f"{where} {args.shape} v{args.version} b{B} [{label}]: {rate:,.1f} tok/s ({tb_s:.2f} TB/s of weights "
+                  f"read, {step_bytes / 1e9:.2f} GB a step), capture {capture_s:.0f} s, step {ran}, one step {prof}", flush=True)
+            del dec
+    for k, c in res.get("tuned", {}).items():
+        print("tuned", k, c)
     with open(os.path.join(args.out, "decode_step.json"), "w") as f:
         json.dump(res, f, indent=1)
 

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from .rwkv_cache import CACHE_FIELD, RwkvCache, copy_into, same_tensors
 from .rwkv_helpers import DirectCalls, ReduceCalls
 from .rwkv_paths import Path, pick_path, stop_auto_compiling, stop_triton_step
-from .rwkv_triton import make_plan, triton_step
+from . import rwkv_triton
+from .rwkv_triton import make_plan, triton_step, tune_step
 
 Tensor = torch.Tensor
 
@@ -190,6 +191,8 @@ class RwkvGraphDecoder:
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
+            if self.path.triton and rwkv_triton.STEP_TUNING:
+                tune_step(self._step)  # each product's tiles timed as the step runs them (once a process)
             for _ in range(self.warmup):
                 self._step()
         torch.cuda.current_stream(self.device).wait_stream(s)

@@ -34,7 +34,12 @@ per channel), `_gemv` O, and the channel mix. (Not v4-v6 in fp16, where they res
 The products `x W^T` (`_gemv`) read W once in tiles and multiply on the tensor cores with the batch
 padded to 16 rows, so batch 1 and batch 32 read the same bytes; arithmetic is fp32 throughout
 (inputs rounded to the model's dtype where the plain step rounds them: the residual stream, the
-mixes, the token-shift state, relu^2's output, the logits). The state is updated in place (the
+mixes, the token-shift state, relu^2's output, the logits). A one-segment product (O, the channel
+mix's value, the head) may also split K over more programs, each slice's fp32 sums added up in a
+fixed order by the tile's last program (the same logits whichever ends last). Which tile and split
+each kind of product uses is timed the way the step runs them, all layers' launches of that kind in
+one captured graph (`tune_step`, before the decoder captures its step): Triton's autotuner, timing
+one launch at a time, picked tiles up to 2x slower. The state is updated in place (the
 captured graph's buffers). Used by `rwkv_decode.RwkvGraphDecoder` when `rwkv_paths.pick_path` says
 `triton` (CUDA with Triton, wkv_mode "auto"; by default RWKV-7 without DeepEmbed, whose step has
 passed its GPU tests; the others' when asked for, `triton_decode=True`). Interpreted
@@ -55,11 +60,11 @@ from .rwkv_helpers import DECAY_SCALE
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 
     HAVE_TRITON = True
 except ImportError:  # (CPU-only installs without Triton: the plain step runs)
     HAVE_TRITON = False
-
 Tensor = torch.Tensor
 ACT_NONE, ACT_TANH, ACT_SIGMOID, ACT_RELU2, ACT_SILU = 0, 1, 2, 3, 4
 MAX_SEGMENTS = 7
@@ -130,78 +135,116 @@ if HAVE_TRITON:
                 _mix_out(out_ptr, row + 5 * C, h, xx, m5, c, m, MIX_FORM)
 
     @triton.jit
+    def _gemv_out(acc, act, out_ptr, so_b, off, mul_ptr, smul_b, bs, ns, ok, ACCUMULATE: tl.constexpr, MULTIPLY: tl.constexpr):
+        """The end of `_gemv`: the segment's activation, [times mul,] [added to out,] stored."""
+        if act == 1:  # tanh
+            acc = 2.0 * tl.sigmoid(2.0 * acc) - 1.0
+        if act == 2:
+            acc = tl.sigmoid(acc)
+        if act == 3:  # relu^2, squared as the plain step does: after rounding relu's input
+            acc = tl.maximum(acc.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
+            acc = acc * acc
+        if act == 4:  # silu
+            acc = acc * tl.sigmoid(acc)
+        dst = out_ptr + bs[:, None] * so_b + off + ns[None, :]
+        if MULTIPLY:  # RWKV-6's channel mix: r * (k V), each product rounded as the plain step's
+            r = tl.load(mul_ptr + bs[:, None] * smul_b + ns[None, :], mask=ok, other=0.0).to(tl.float32)
+            acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) * r
+        if ACCUMULATE:  # the residual stream: x + (rounded product), as x + F.linear(...)
+            acc = tl.load(dst, mask=ok, other=0.0).to(tl.float32) + acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _gemv(
-        x_ptr, sx_b, sx_r, out_ptr, so_b, mul_ptr, smul_b, meta_ptr, w0, w1, w2, w3, w4, w5, w6, B, K, n_max,
-        ACCUMULATE: tl.constexpr, MULTIPLY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr, sx_b, sx_r, out_ptr, so_b, mul_ptr, smul_b, meta_ptr, w0, w1, w2, w3, w4, w5, w6, part_ptr, count_ptr,
+        B, K, n_max,
+        ACCUMULATE: tl.constexpr, MULTIPLY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     ):
-        """Segment s (program axis 1) of out[b, off_s + n] (+)= [mul[b, n] *] act_s(sum_k x[b, row_s, k] W_s[n, k]).
+        """Segment s of out[b, off_s + n] (+)= [mul[b, n] *] act_s(sum_k x[b, row_s, k] W_s[n, k]).
         meta[s] = (N_s, row_s, off_s, act_s, layout_s); layout 0: W_s is [N, K] (nn.Linear), 1: [K, N]
         (a LoRA matrix, stored input-major). n_max = max N_s (the grid's extent; a tuning key).
+        Program axes: 0 the tile of BLOCK_N outputs, 2 the tile of BLOCK_B rows, 1 the segment, or
+        with SPLIT > 1 (one segment) the slice of K: then each program stores its fp32 partial sums
+        in part [slice, b, n] and counts itself in count[tile]; the last of a tile adds the slices up
+        in their order (the same sums whichever program ends last), resets the count and finishes.
+        More programs in flight for a narrow, deep product (the channel mix's value: 2048 outputs,
+        8192 inputs) than one per BLOCK_N rows.
         UPCAST: multiply in fp32 (Triton's interpreter multiplies bf16 tiles wrongly; on a GPU the
-        tensor cores take the model's dtype, with fp32 sums). PRECISION: "ieee" for fp32 weights (no TF32)."""
+        tensor cores take the model's dtype, with fp32 sums). PRECISION: "ieee" for fp32 weights (no
+        TF32)."""
         pid_n = tl.program_id(0)
-        seg = tl.program_id(1)
         pid_b = tl.program_id(2)
+        if SPLIT == 1:
+            seg = tl.program_id(1)
+            k_per = K
+            kid = 0
+        else:
+            seg = 0
+            k_per = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+            kid = tl.program_id(1)
+        k_lo = kid * k_per
+        k_hi = tl.minimum(K, k_lo + k_per)
         N = tl.load(meta_ptr + seg * 5)
+        row = tl.load(meta_ptr + seg * 5 + 1)
+        off = tl.load(meta_ptr + seg * 5 + 2)
+        act = tl.load(meta_ptr + seg * 5 + 3)
+        lora = tl.load(meta_ptr + seg * 5 + 4)
+        w = w0
+        if seg == 1:
+            w = w1
+        if seg == 2:
+            w = w2
+        if seg == 3:
+            w = w3
+        if seg == 4:
+            w = w4
+        if seg == 5:
+            w = w5
+        if seg == 6:
+            w = w6
+        bs = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        b_ok = bs < B
+        n_ok = ns < N
         if pid_n * BLOCK_N < N:
-            row = tl.load(meta_ptr + seg * 5 + 1)
-            off = tl.load(meta_ptr + seg * 5 + 2)
-            act = tl.load(meta_ptr + seg * 5 + 3)
-            lora = tl.load(meta_ptr + seg * 5 + 4)
-            w = w0
-            if seg == 1:
-                w = w1
-            if seg == 2:
-                w = w2
-            if seg == 3:
-                w = w3
-            if seg == 4:
-                w = w4
-            if seg == 5:
-                w = w5
-            if seg == 6:
-                w = w6
-            bs = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-            ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            b_ok = bs < B
-            n_ok = ns < N
             x_row = x_ptr + bs[:, None] * sx_b + row * sx_r
             acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
             if lora == 0:
-                for k0 in range(0, K, BLOCK_K):
+                for k0 in range(k_lo, k_hi, BLOCK_K):
                     ks = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = ks < K
+                    k_ok = ks < k_hi
                     wt = tl.load(w + ns[:, None] * K + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                     xt = tl.load(x_row + ks[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(wt.dtype)
                     if UPCAST:
                         xt, wt = xt.to(tl.float32), wt.to(tl.float32)
                     acc += tl.dot(xt, tl.trans(wt), input_precision=PRECISION)
             else:
-                for k0 in range(0, K, BLOCK_K):
+                for k0 in range(k_lo, k_hi, BLOCK_K):
                     ks = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = ks < K
+                    k_ok = ks < k_hi
                     wt = tl.load(w + ks[:, None] * N + ns[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                     xt = tl.load(x_row + ks[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(wt.dtype)
                     if UPCAST:
                         xt, wt = xt.to(tl.float32), wt.to(tl.float32)
                     acc += tl.dot(xt, wt, input_precision=PRECISION)
-            if act == 1:  # tanh
-                acc = 2.0 * tl.sigmoid(2.0 * acc) - 1.0
-            if act == 2:
-                acc = tl.sigmoid(acc)
-            if act == 3:  # relu^2, squared as the plain step does: after rounding relu's input
-                acc = tl.maximum(acc.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
-                acc = acc * acc
-            if act == 4:  # silu
-                acc = acc * tl.sigmoid(acc)
-            dst = out_ptr + bs[:, None] * so_b + off + ns[None, :]
             ok = b_ok[:, None] & n_ok[None, :]
-            if MULTIPLY:  # RWKV-6's channel mix: r * (k V), each product rounded as the plain step's
-                r = tl.load(mul_ptr + bs[:, None] * smul_b + ns[None, :], mask=ok, other=0.0).to(tl.float32)
-                acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) * r
-            if ACCUMULATE:  # the residual stream: x + (rounded product), as x + F.linear(...)
-                acc = tl.load(dst, mask=ok, other=0.0).to(tl.float32) + acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-            tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=ok)
+            if SPLIT == 1:
+                _gemv_out(acc, act, out_ptr, so_b, off, mul_ptr, smul_b, bs, ns, ok, ACCUMULATE, MULTIPLY)
+            else:
+                n_split = tl.cdiv(K, k_per)
+                rows_p = tl.num_programs(2) * BLOCK_B
+                part = part_ptr + bs[:, None] * n_max + ns[None, :]
+                tl.store(part + kid * rows_p * n_max, acc, mask=ok)
+                tl.debug_barrier()  # every thread's partial sums stored before the count says so
+                tile = count_ptr + pid_b * tl.num_programs(0) + pid_n
+                if tl.atomic_add(tile, 1, sem="acq_rel") == n_split - 1:
+                    tl.debug_barrier()
+                    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+                    for s in range(0, n_split):
+                        acc += tl.load(part + s * rows_p * n_max, mask=ok, other=0.0, cache_modifier=".cg")
+                    tl.atomic_xchg(tile, 0)
+                    _gemv_out(acc, act, out_ptr, so_b, off, mul_ptr, smul_b, bs, ns, ok, ACCUMULATE, MULTIPLY)
 
     @triton.jit
     def _head_inputs(buf_ptr, s_buf, C, N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -341,22 +384,52 @@ if HAVE_TRITON:
         y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
         tl.store(out_ptr + b * A + c, (r.to(out_ptr.dtype.element_ty).to(tl.float32) * y).to(out_ptr.dtype.element_ty), mask=m)
 
+    # the tiles the step tunes over (`tune_step`): on an H200 (1.5B RWKV-7, session 11) a step picked
+    # (32, 256) for r/k/v and the LoRAs, (16, 256) for O and the channel mix's key, (32, 256, K in 4
+    # slices) for its value and (64, 128) for the head, at batch 1 and 32
     _GEMV_CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
-        for bn, bk, nw, ns in ((16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 512, 4, 2),
-                               (64, 256, 8, 3))
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": 1}, num_warps=nw, num_stages=ns)
+        for bn, bk, nw, ns in ((16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 512, 4, 2), (64, 256, 8, 3))
     ]
+    # one-segment launches (O, the channel mix's value, the head) may split K too
+    _SPLIT_CONFIGS = _GEMV_CONFIGS + [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": 256, "SPLIT": sp}, num_warps=4, num_stages=3)
+        for bn, sp in ((16, 2), (16, 4), (32, 2), (32, 4))
+    ]
+    MAX_SPLIT = max(c.kwargs["SPLIT"] for c in _SPLIT_CONFIGS)
 
     def _prune(configs, named_args, **kwargs):
-        """fp32 weights (no tensor cores: "ieee" products): the two smallest tiles, which compile fast."""
+        """fp32 weights (no tensor cores: "ieee" products): the small tiles (`_small`)."""
         if {**named_args, **kwargs}.get("PRECISION") == "ieee":
-            return [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 4096]
+            return [c for c in configs if _small(c)]
         return configs
 
     # the timings are kept on disk where this Triton can (cache_results): a new process skips the tuning
     _tune_kw = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    _gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["K", "BLOCK_B", "ACCUMULATE", "MULTIPLY", "n_max"], restore_value=["out_ptr"],
-                                  prune_configs_by={"early_config_prune": _prune}, **_tune_kw)(_gemv)
+    _tune = lambda configs: triton.autotune(  # noqa: E731
+        configs, key=["K", "BLOCK_B", "ACCUMULATE", "MULTIPLY", "n_max"], restore_value=["out_ptr"],
+        prune_configs_by={"early_config_prune": _prune}, **_tune_kw)(_gemv)
+    _gemv_tuned, _gemv_split_tuned = _tune(_GEMV_CONFIGS), _tune(_SPLIT_CONFIGS)
+
+# Module settings, read at each launch, so that a benchmark compares them in one process. SPLIT_K:
+# one-segment products may be tuned with K split as well. STEP_TUNING: `RwkvGraphDecoder` tunes the
+# products with `tune_step` before capturing (else Triton's autotuner picks, launch by launch).
+SPLIT_K = True
+STEP_TUNING = True
+_SCRATCH: dict = {}
+_CHOSEN: dict = {}  # a launch's tuning key -> the config `tune_step` timed fastest
+_RECORD: Optional[dict] = None  # while `tune_step` records a step: tuning key -> that step's launches
+
+
+def _scratch(device: torch.device, rows: int, n: int, split: int):
+    """Split-K's partial sums [split, rows, n] (fp32) and its per-tile counts (zeros; each launch leaves
+    them zero), one pair per device and size, kept for the process (a captured graph holds them)."""
+    key = (str(device), rows, n, split)
+    if key not in _SCRATCH:
+        tiles = triton.cdiv(n, 16) * triton.cdiv(rows, 16)
+        _SCRATCH[key] = (torch.empty(split * rows * n, device=device, dtype=torch.float32),
+                         torch.zeros(tiles, device=device, dtype=torch.int32))
+    return _SCRATCH[key]
 
 
 def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_max: int, accumulate: bool = False,
@@ -366,17 +439,104 @@ def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_ma
     B, K = x.shape[0], x.shape[-1]
     sx_r = x.stride(1) if x.dim() == 3 else 0
     block_b = 16 if B <= 16 else (32 if B <= 32 else 64)
+    rows = triton.cdiv(B, block_b) * block_b
+    one = len(weights) == 1
     ws = list(weights) + [weights[0]] * (MAX_SEGMENTS - len(weights))
     mul = out if multiply is None else multiply
-    args = (x, x.stride(0), sx_r, out, out.stride(0), mul, mul.stride(0), meta, *ws, B, K, n_max)
+    cpu = interpreted() or x.device.type != "cuda"
+    # interpreted, a one-segment product of 256 or more inputs splits K in 128-wide slices (up to 4):
+    # the CPU tests run the split path too
+    split = min(4, triton.cdiv(K, 128)) if cpu and one else 1
+    part, count = _scratch(x.device, rows, n_max, split if cpu else MAX_SPLIT) if one else (out, meta)
+    args = (x, x.stride(0), sx_r, out, out.stride(0), mul, mul.stride(0), meta, *ws, part, count, B, K, n_max)
     precision = "ieee" if weights[0].dtype == torch.float32 else "tf32"  # (only fp32 operands read it)
     flags = dict(ACCUMULATE=accumulate, MULTIPLY=multiply is not None, PRECISION=precision, BLOCK_B=block_b)
-    if interpreted() or x.device.type != "cuda":
-        grid = (triton.cdiv(n_max, 64), len(weights), triton.cdiv(B, block_b))
-        _gemv[grid](*args, UPCAST=True, BLOCK_N=64, BLOCK_K=128, **flags)
+    if cpu:
+        k_per = triton.cdiv(triton.cdiv(K, split), 128) * 128
+        grid = (triton.cdiv(n_max, 64), triton.cdiv(K, k_per) if one else len(weights), triton.cdiv(B, block_b))
+        _gemv[grid](*args, UPCAST=True, BLOCK_N=64, BLOCK_K=128, SPLIT=split, **flags)
+        return
+    split_ok = one and SPLIT_K
+    key = (str(x.device), K, block_b, accumulate, multiply is not None, n_max, len(weights), precision, split_ok)
+
+    def launch(cfg):
+        kw = dict(cfg.kwargs)
+        k_per = triton.cdiv(triton.cdiv(K, kw["SPLIT"]), kw["BLOCK_K"]) * kw["BLOCK_K"]
+        grid = (triton.cdiv(n_max, kw["BLOCK_N"]), len(weights) if kw["SPLIT"] == 1 else triton.cdiv(K, k_per),
+                triton.cdiv(B, block_b))
+        _gemv[grid](*args, UPCAST=False, **flags, **kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if _RECORD is not None:  # `tune_step` is recording: this launch's kind, with the first config meanwhile
+        configs = [c for c in (_SPLIT_CONFIGS if split_ok else _GEMV_CONFIGS) if precision != "ieee" or _small(c)]
+        _RECORD.setdefault(key, {"configs": configs, "launches": []})["launches"].append(launch)
+        launch(_GEMV_CONFIGS[0])
+    elif key in _CHOSEN:
+        launch(_CHOSEN[key])
     else:
-        grid = lambda META: (triton.cdiv(n_max, META["BLOCK_N"]), len(weights), triton.cdiv(B, block_b))  # noqa: E731
-        _gemv_tuned[grid](*args, UPCAST=False, **flags)
+        def grid(META):
+            if META["SPLIT"] == 1:
+                return triton.cdiv(n_max, META["BLOCK_N"]), len(weights), triton.cdiv(B, block_b)
+            k_per = triton.cdiv(triton.cdiv(K, META["SPLIT"]), META["BLOCK_K"]) * META["BLOCK_K"]
+            return triton.cdiv(n_max, META["BLOCK_N"]), triton.cdiv(K, k_per), triton.cdiv(B, block_b)
+
+        tuned = _gemv_split_tuned if split_ok else _gemv_tuned
+        tuned[grid](*args, UPCAST=False, **flags)
+
+
+def _small(cfg) -> bool:
+    """A config fp32 weights may use (no tensor cores, "ieee" products): small tiles, which compile fast."""
+    return cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] <= 4096 and cfg.kwargs["SPLIT"] <= 2
+
+
+def tune_step(step, reps: int = 5) -> dict:
+    """Pick each product launch's tile and K split the way the step runs them: `step()` (one decode
+    step on CUDA) is recorded once, its `_gemv` launches grouped by kind (the same shapes and flags:
+    a layer's r/k/v, O, the channel mix's key, its value, the head); then for each kind and each
+    candidate config, all of the step's launches of that kind (one per layer, each reading its own
+    matrix, so the cache holds none) are captured in a CUDA graph, replayed and timed (median of
+    `reps`); the fastest is kept for the process (`_CHOSEN`), for every later launch of that kind.
+    Triton's autotuner times one launch of one matrix at a time: at these sizes (5-25 us a launch) it
+    picked tiles up to 2x slower than the best in a step (benchmarks/README.md). The step's outputs
+    meanwhile are garbage (the caller restores the state). Returns {kind: (config, us a launch)}."""
+    global _RECORD
+    _RECORD = {}
+    try:
+        step()
+        recorded = _RECORD
+    finally:
+        _RECORD = None
+    picked = {}
+    for key, rec in recorded.items():
+        if key in _CHOSEN:
+            continue
+        best = None
+        for cfg in rec["configs"]:
+            try:
+                for launch in rec["launches"]:  # compile (Triton's cache) and warm, outside the capture
+                    launch(cfg)
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for launch in rec["launches"]:
+                        launch(cfg)
+            except OutOfResources:  # (a tile this card's shared memory cannot hold)
+                continue
+            times = []
+            for _ in range(reps + 1):
+                t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0.record()
+                g.replay()
+                t1.record()
+                t1.synchronize()
+                times.append(t0.elapsed_time(t1) * 1e3 / len(rec["launches"]))
+            us = sorted(times[1:])[reps // 2]
+            if best is None or us < best[1]:
+                best = (cfg, us)
+            del g
+        if best is not None:
+            _CHOSEN[key] = best[0]
+            picked[key] = (dict(best[0].kwargs, num_warps=best[0].num_warps, num_stages=best[0].num_stages), best[1])
+    return picked
 
 
 # ------------------------------------------------------------------------------------------ the step
