@@ -90,7 +90,7 @@ def main():
             capture_s = time.time() - t
             rate = decode_rate(dec.step, B, args.steps)
             # one step unrolled (not replayed), to count its kernels; older decoders named it _step_fn
-            prof = kernel_profile(getattr(dec, "_step", None) or dec._step_fn)
+            prof = kernel_profile(getattr(dec, "_step", None) or dec._step_fn, top=8)
             tb_s = step_bytes * rate / B / 1e12
             ran = "triton" if getattr(dec.path, "triton", False) else "compiled" if dec.fused else "eager"
             res[f"b{B}" + ("" if label == "default" else f" {label}")] = {

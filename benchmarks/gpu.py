@@ -95,10 +95,11 @@ def trace_call(fn, path):
     print(p.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
 
 
-def kernel_profile(fn, grad=False):
-    """Milliseconds of GPU kernel time of one fn() call by kind: matrix products (cuBLAS), WKV
+def kernel_profile(fn, grad=False, top=0):
+    """Milliseconds of GPU kernel time of one fn() call by kind: matrix products (cuBLAS, our `_gemv`), WKV
     (flash-linear-attention's recurrence kernels, forward and backward), everything else; and the kernel
-    count. Under no_grad unless `grad` (a training step)."""
+    count. Under no_grad unless `grad` (a training step). `top`: also the `top` kernels by time, as
+    {name: [ms, calls]} under "by_name"."""
     from torch.profiler import ProfilerActivity, profile
 
     with contextlib.nullcontext() if grad else torch.no_grad():
@@ -117,7 +118,11 @@ def kernel_profile(fn, grad=False):
                 else "other_ms")
         out[kind] += e.device_time_total / 1e3
         out["kernels"] += e.count
-    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
+    res = {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
+    if top:
+        rows = sorted((e for e in p.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
+        res["by_name"] = {e.key[:60]: [round(e.device_time_total / 1e3, 3), e.count] for e in rows[:top]}
+    return res
 
 
 def state_dict(dtype=torch.bfloat16, version="7"):
