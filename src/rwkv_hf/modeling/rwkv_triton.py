@@ -422,7 +422,9 @@ _RECORD: Optional[dict] = None  # while `tune_step` records a step: tuning key -
 
 def _scratch(device: torch.device, rows: int, n: int, split: int):
     """Split-K's partial sums [split, rows, n] (fp32) and its per-tile counts (zeros; each launch leaves
-    them zero), one pair per device and size, kept for the process (a captured graph holds them)."""
+    them zero), one pair per device and size, kept for the process (a captured graph holds them).
+    Shared by every launch of that size: safe in one stream, whose launches run one after another;
+    two graphs replayed at once on two streams would race on the counts (nothing here does that)."""
     key = (str(device), rows, n, split)
     if key not in _SCRATCH:
         tiles = triton.cdiv(n, 16) * triton.cdiv(rows, 16)
