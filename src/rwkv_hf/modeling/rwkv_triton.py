@@ -433,6 +433,13 @@ def _scratch(device: torch.device, rows: int, n: int, split: int):
     return _SCRATCH[key]
 
 
+def _grid(n_max: int, segments: int, K: int, B: int, block_b: int, BLOCK_N: int, BLOCK_K: int, SPLIT: int) -> tuple:
+    """`_gemv`'s grid: output tiles, then the segments (SPLIT 1) or the slices of K (as the kernel cuts
+    them: SPLIT slices rounded up to whole BLOCK_K, so there may be fewer), then row tiles."""
+    k_per = triton.cdiv(triton.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+    return triton.cdiv(n_max, BLOCK_N), segments if SPLIT == 1 else triton.cdiv(K, k_per), triton.cdiv(B, block_b)
+
+
 def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_max: int, accumulate: bool = False,
                multiply: Optional[Tensor] = None) -> None:
     """`_gemv` over x [B, rows, K] (or [B, K], rows may be strided) into out [B, *]; `weights` one per
@@ -453,21 +460,18 @@ def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_ma
     head, tail = (x, x.stride(0), sx_r, out, out.stride(0), mul, mul.stride(0), meta, *ws), (B, K, n_max)
     precision = "ieee" if weights[0].dtype == torch.float32 else "tf32"  # (only fp32 operands read it)
     flags = dict(ACCUMULATE=accumulate, MULTIPLY=multiply is not None, PRECISION=precision, BLOCK_B=block_b)
+    sizes = dict(n_max=n_max, segments=len(weights), K=K, B=B, block_b=block_b)
     if cpu:
-        k_per = triton.cdiv(triton.cdiv(K, split), 128) * 128
-        grid = (triton.cdiv(n_max, 64), triton.cdiv(K, k_per) if one else len(weights), triton.cdiv(B, block_b))
-        _gemv[grid](*head, *scratch(split), *tail, UPCAST=True, BLOCK_N=64, BLOCK_K=128, SPLIT=split, **flags)
+        tile = dict(BLOCK_N=64, BLOCK_K=128, SPLIT=split)
+        _gemv[_grid(**sizes, **tile)](*head, *scratch(split), *tail, UPCAST=True, **tile, **flags)
         return
     split_ok = one and SPLIT_K
     key = (str(x.device), K, block_b, accumulate, multiply is not None, n_max, len(weights), precision, split_ok)
 
     def launch(cfg):
-        kw = dict(cfg.kwargs)
-        k_per = triton.cdiv(triton.cdiv(K, kw["SPLIT"]), kw["BLOCK_K"]) * kw["BLOCK_K"]
-        grid = (triton.cdiv(n_max, kw["BLOCK_N"]), len(weights) if kw["SPLIT"] == 1 else triton.cdiv(K, k_per),
-                triton.cdiv(B, block_b))
-        _gemv[grid](*head, *scratch(kw["SPLIT"]), *tail, UPCAST=False, **flags, **kw, num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages)
+        kw = cfg.kwargs
+        _gemv[_grid(**sizes, **kw)](*head, *scratch(kw["SPLIT"]), *tail, UPCAST=False, **flags, **kw,
+                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if _RECORD is not None:  # `tune_step` is recording: this launch's kind, with the first config meanwhile
         configs = [c for c in (_SPLIT_CONFIGS if split_ok else _GEMV_CONFIGS) if precision != "ieee" or _small(c)]
@@ -475,14 +479,9 @@ def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_ma
         launch(_GEMV_CONFIGS[0])
     elif key in _CHOSEN:
         launch(_CHOSEN[key])
-    else:
-        def grid(META):
-            if META["SPLIT"] == 1:
-                return triton.cdiv(n_max, META["BLOCK_N"]), len(weights), triton.cdiv(B, block_b)
-            k_per = triton.cdiv(triton.cdiv(K, META["SPLIT"]), META["BLOCK_K"]) * META["BLOCK_K"]
-            return triton.cdiv(n_max, META["BLOCK_N"]), triton.cdiv(K, k_per), triton.cdiv(B, block_b)
-
+    else:  # Triton's autotuner picks, launch by launch (META: the arguments and the config's tile)
         tuned = _gemv_split_tuned if split_ok else _gemv_tuned
+        grid = lambda META: _grid(**sizes, **{k: META[k] for k in ("BLOCK_N", "BLOCK_K", "SPLIT")})  # noqa: E731
         tuned[grid](*head, *scratch(MAX_SPLIT), *tail, UPCAST=False, **flags)
 
 
