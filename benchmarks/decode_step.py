@@ -71,7 +71,7 @@ def main():
     step_bytes = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if not n.endswith("emb.weight"))
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rwkv_hf": where, "version": args.version,
            "inductor": args.inductor, "step": args.step}
-    variants = [dict((k.strip().upper(), v.strip() == "1") for k, v in (kv.split("=") for kv in spec.split(",")))
+    variants = [dict((k.strip().upper(), int(v)) for k, v in (kv.split("=") for kv in spec.split(",")))
                 for spec in args.variant] or [{}]
     from rwkv_hf.modeling import rwkv_triton
 

@@ -27,6 +27,7 @@ needs_reference = pytest.mark.usefixtures("reference_package")
 SCRIPT = r"""
 import json, sys
 import torch
+from rwkv_hf.modeling import rwkv_triton
 from rwkv_hf.modeling.rwkv_triton import make_plan, triton_step
 from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD, map_tensors
 from rwkv_hf.modeling.rwkv_decode import model_step
@@ -34,6 +35,7 @@ from rwkv_hf.modeling.rwkv_paths import Path
 from rwkv_hf.testing import build_model
 
 ckpt, tokens, prompt, batch = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rwkv_triton.LORA_APART_FROM = int(sys.argv[5])
 sd = torch.load(ckpt, weights_only=True)
 ids = torch.tensor([tokens] * batch)
 ids[1:] = torch.randint(0, 65536, ids[1:].shape, generator=torch.Generator().manual_seed(1))
@@ -62,13 +64,15 @@ print(json.dumps(res))
 def test_triton_step_matches_plain_step_and_reference(tmp_path, version, batch):
     """Two Triton steps after a 4-token prompt (our prefill), rows 1.. of the batch random: in fp32 the
     logits match the plain step's and the reference package's to 1e-5 x max|logit|, the state the plain
-    step's; in bf16 they are no further from the fp32 plain step than twice the bf16 plain step is."""
+    step's; in bf16 they are no further from the fp32 plain step than twice the bf16 plain step is.
+    RWKV-7 at batch 5 computes its second LoRA stages apart (LORA_APART_FROM 2 here), at batch 1 in
+    `_wkv7_head`."""
     sd = make_state_dict(version, n_layer=2, n_embd=128, head_size=64, seed=21)
     ckpt = tmp_path / f"rwkv{version}.pth"
     torch.save(sd, ckpt)
     tokens = torch.randint(1, 65536, (6,), generator=torch.Generator().manual_seed(8)).tolist()
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ckpt), json.dumps(tokens), "4", str(batch)],
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ckpt), json.dumps(tokens), "4", str(batch), "2"],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -94,7 +98,7 @@ for K in (640, 128):  # 640: K split in three slices (256, 256, 128); 128: one s
     B, N = 3, 96
     x, w = torch.randn(B, K, generator=g), torch.randn(N, K, generator=g) / K**0.5
     mul, base = torch.rand(B, N, generator=g), torch.randn(B, N, generator=g)
-    meta = torch.tensor([[N, 0, 0, rt.ACT_NONE, 0]], dtype=torch.int32)
+    meta = torch.tensor([[N, 0, 0, rt.ACT_NONE, 0, K]], dtype=torch.int32)
     out = base.clone()
     rt._gemv_call(x, out, meta, [w], N, accumulate=True, multiply=mul)
     want = base + mul * (x.double() @ w.double().T).float()

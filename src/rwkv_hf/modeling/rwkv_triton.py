@@ -21,6 +21,11 @@ the time. An RWKV-7 layer here is seven kernels:
 6. `_gemv`: relu(xk K)^2;
 7. `_gemv`: x += h V.
 
+From batch `LORA_APART_FROM` (8) on it is eight: the second LoRA stages leave `_wkv7_head` for one
+`_gemv` launch between 2 and 3 that reads each matrix once for every row; inside `_wkv7_head`
+each (row, head) program reads its slices again (on an H200 at batch 32, 1.5B shape: the head
+kernels 0.89 -> 0.29 ms a step, the new launches 0.17 ms; at batch 1 the two forms tie).
+
 An RWKV-6 layer is nine: `_norm_mix` (ln1, the shift, xxx = x + sx maa_x, keeping x and sx),
 `_gemv` tanh(xxx W1), `_v6_mixes` (the five token-shift LoRAs' second stages and mixes), `_gemv`
 (r, k, v, silu(xg G), tanh(xw D1)), `_wkv5_head` (the decay's second stage, the WKV update, the
@@ -67,6 +72,7 @@ except ImportError:  # (CPU-only installs without Triton: the plain step runs)
 Tensor = torch.Tensor
 ACT_NONE, ACT_TANH, ACT_SIGMOID, ACT_RELU2, ACT_SILU = 0, 1, 2, 3, 4
 MAX_SEGMENTS = 7
+META_FIELDS = 6  # a `_gemv` segment's row: (N, input row, output offset, activation, layout, K)
 
 
 def interpreted() -> bool:
@@ -74,6 +80,7 @@ def interpreted() -> bool:
 
 
 if HAVE_TRITON:
+    _META = tl.constexpr(META_FIELDS)
 
     @triton.jit
     def _layer_norm(x, w_ptr, b_ptr, c, m, C, eps):
@@ -161,8 +168,9 @@ if HAVE_TRITON:
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     ):
         """Segment s of out[b, off_s + n] (+)= [mul[b, n] *] act_s(sum_k x[b, row_s, k] W_s[n, k]).
-        meta[s] = (N_s, row_s, off_s, act_s, layout_s); layout 0: W_s is [N, K] (nn.Linear), 1: [K, N]
-        (a LoRA matrix, stored input-major). n_max = max N_s (the grid's extent; a tuning key).
+        meta[s] = (N_s, row_s, off_s, act_s, layout_s, K_s); layout 0: W_s is [N, K] (nn.Linear), 1:
+        [K_s, N] (a LoRA matrix, stored input-major; K_s <= K: the second stages' widths differ).
+        n_max = max N_s (the grid's extent; a tuning key). x's row s starts at row_s * sx_r.
         Program axes: 0 the tile of BLOCK_N outputs, 2 the tile of BLOCK_B rows, 1 the segment, or
         with SPLIT > 1 (one segment) the slice of K: then each program stores its fp32 partial sums
         in part [slice, b, n] and counts itself in count[tile]; the last of a tile adds the slices up
@@ -184,11 +192,11 @@ if HAVE_TRITON:
             kid = tl.program_id(1)
         k_lo = kid * k_per
         k_hi = tl.minimum(K, k_lo + k_per)
-        N = tl.load(meta_ptr + seg * 5)
-        row = tl.load(meta_ptr + seg * 5 + 1)
-        off = tl.load(meta_ptr + seg * 5 + 2)
-        act = tl.load(meta_ptr + seg * 5 + 3)
-        lora = tl.load(meta_ptr + seg * 5 + 4)
+        N = tl.load(meta_ptr + seg * _META)
+        row = tl.load(meta_ptr + seg * _META + 1)
+        off = tl.load(meta_ptr + seg * _META + 2)
+        act = tl.load(meta_ptr + seg * _META + 3)
+        lora = tl.load(meta_ptr + seg * _META + 4)
         w = w0
         if seg == 1:
             w = w1
@@ -218,10 +226,11 @@ if HAVE_TRITON:
                     if UPCAST:
                         xt, wt = xt.to(tl.float32), wt.to(tl.float32)
                     acc += tl.dot(xt, tl.trans(wt), input_precision=PRECISION)
-            else:
-                for k0 in range(k_lo, k_hi, BLOCK_K):
+            else:  # (a LoRA stage: its own depth K_s, up to K)
+                k_end = tl.minimum(k_hi, tl.load(meta_ptr + seg * _META + 5))
+                for k0 in range(k_lo, k_end, BLOCK_K):
                     ks = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = ks < k_hi
+                    k_ok = ks < k_end
                     wt = tl.load(w + ks[:, None] * N + ns[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                     xt = tl.load(x_row + ks[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(wt.dtype)
                     if UPCAST:
@@ -265,24 +274,37 @@ if HAVE_TRITON:
         return tl.sum(hid[:, None] * wt, axis=0)
 
     @triton.jit
+    def _second(base, hid_off, D, w_ptr, cols, C, d, lo_ptr, j, APART: tl.constexpr):
+        """LoRA j's second stage for the head's columns: `_lora2` here, or (APART) read from lo [b]
+        = [w | a | v | g] (fp32), which `_gemv` computed for all rows at once."""
+        if APART:
+            y = tl.load(lo_ptr + j * C + cols)
+        else:
+            y = _lora2(base, hid_off, D, w_ptr, cols, C, d)
+        return y
+
+    @triton.jit
     def _wkv7_head(
         buf_ptr, s_buf, C, H, o_w, o_a, o_v, o_g, w2, a2, v2, g2, DW, DA, DV, DG,
         w0_ptr, a0_ptr, v0_ptr, kk_ptr, ka_ptr, rk_ptr, lnx_w, lnx_b, eps, decay_scale, S_ptr, vfirst_ptr, out_ptr,
-        FIRST: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr,
+        lo_ptr, FIRST: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr, APART: tl.constexpr,
     ):
         """Row b (axis 0), head h (axis 1): everything of the time mix between its products and O.
-        buf[b] = [r | k | v | tanh(xw w1) | xa a1 | xv v1 | sigmoid(xg g1)], fp32."""
+        buf[b] = [r | k | v | tanh(xw w1) | xa a1 | xv v1 | sigmoid(xg g1)], fp32. APART: the second
+        LoRA stages are in lo [b] (`_second`): at a larger batch, each program reading the head's
+        slices of w2, a2, v2, g2 again is what the kernel's time goes to."""
         b, h, n, d, cols, base, r, k, v = _head_inputs(buf_ptr, s_buf, C, N, BLOCK_D)
-        w = tl.load(w0_ptr + cols).to(tl.float32) + _lora2(base, o_w, DW, w2, cols, C, d)
-        a = tl.sigmoid(tl.load(a0_ptr + cols).to(tl.float32) + _lora2(base, o_a, DA, a2, cols, C, d))
-        g = _lora2(base, o_g, DG, g2, cols, C, d)
+        lo = lo_ptr + b * 4 * C
+        w = tl.load(w0_ptr + cols).to(tl.float32) + _second(base, o_w, DW, w2, cols, C, d, lo, 0, APART)
+        a = tl.sigmoid(tl.load(a0_ptr + cols).to(tl.float32) + _second(base, o_a, DA, a2, cols, C, d, lo, 1, APART))
+        g = _second(base, o_g, DG, g2, cols, C, d, lo, 3, APART)
         kk = k * tl.load(kk_ptr + cols).to(tl.float32)
         kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, 0)), 1e-12)  # F.normalize
         k = k * (1.0 + (a - 1.0) * tl.load(ka_ptr + cols).to(tl.float32))
         if FIRST:
             tl.store(vfirst_ptr + b * C + cols, v)
         else:
-            gate = tl.sigmoid(tl.load(v0_ptr + cols).to(tl.float32) + _lora2(base, o_v, DV, v2, cols, C, d))
+            gate = tl.sigmoid(tl.load(v0_ptr + cols).to(tl.float32) + _second(base, o_v, DV, v2, cols, C, d, lo, 2, APART))
             v = v + (tl.load(vfirst_ptr + b * C + cols) - v) * gate
         decay = tl.exp(-decay_scale * tl.sigmoid(w))
         s_ptrs = S_ptr + ((b * H + h) * N + n[:, None]) * N + n[None, :]  # S[value, key]
@@ -415,6 +437,9 @@ if HAVE_TRITON:
 # products with `tune_step` before capturing (else Triton's autotuner picks, launch by launch).
 SPLIT_K = True
 STEP_TUNING = True
+# RWKV-7 from this batch on: the second LoRA stages as one `_gemv` launch for all rows, not inside
+# `_wkv7_head`, where every (row, head) program reads its slices of the four matrices again
+LORA_APART_FROM = 8
 _SCRATCH: dict = {}
 _CHOSEN: dict = {}  # a launch's tuning key -> the config `tune_step` timed fastest
 _RECORD: Optional[dict] = None  # while `tune_step` records a step: tuning key -> that step's launches
@@ -441,11 +466,13 @@ def _grid(n_max: int, segments: int, K: int, B: int, block_b: int, BLOCK_N: int,
 
 
 def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_max: int, accumulate: bool = False,
-               multiply: Optional[Tensor] = None) -> None:
+               multiply: Optional[Tensor] = None, depth: Optional[int] = None) -> None:
     """`_gemv` over x [B, rows, K] (or [B, K], rows may be strided) into out [B, *]; `weights` one per
-    row of `meta`; `multiply` [B, n_max]: the products are multiplied by it (before accumulating)."""
-    B, K = x.shape[0], x.shape[-1]
-    sx_r = x.stride(1) if x.dim() == 3 else 0
+    row of `meta`; `multiply` [B, n_max]: the products are multiplied by it (before accumulating).
+    `depth`: the second LoRA stages, x [B, *] whose segment s starts at column row_s, K = depth (the
+    widest; each its own K_s)."""
+    B, K = x.shape[0], x.shape[-1] if depth is None else depth
+    sx_r = 1 if depth is not None else (x.stride(1) if x.dim() == 3 else 0)
     block_b = 16 if B <= 16 else (32 if B <= 32 else 64)
     rows = triton.cdiv(B, block_b) * block_b
     one = len(weights) == 1
@@ -493,7 +520,7 @@ def _small(cfg) -> bool:
 def tune_step(step, reps: int = 5) -> dict:
     """Pick each product launch's tile and K split the way the step runs them: `step()` (one decode
     step on CUDA) is recorded once, its `_gemv` launches grouped by kind (the same shapes and flags:
-    a layer's r/k/v, O, the channel mix's key, its value, the head); then for each kind and each
+    a layer's r/k/v, the second LoRA stages, O, the channel mix's key, its value, the head); then for each kind and each
     candidate config, all of the step's launches of that kind (one per layer, each reading its own
     matrix, so the cache holds none) are captured in a CUDA graph, replayed and timed (median of
     `reps`); the fastest is kept for the process (`_CHOSEN`), for every later launch of that kind.
@@ -609,25 +636,29 @@ def make_plan(model) -> Plan:
         offs.append(o)
         o += d
     dev = body.emb.weight.device
-    table = lambda rows: torch.tensor(rows, dtype=torch.int32, device=dev)  # noqa: E731
-    # rows: (N, input row, output offset, activation, layout 0 [N, K] / 1 [K, N])
-    metas = {"c": table([(C, 0, 0, ACT_NONE, 0)]), "vocab": table([(V, 0, 0, ACT_NONE, 0)]),
+    # rows: (N, input row, output offset, activation, layout 0 [N, K] / 1 [K, N], K); K, which only
+    # layout 1 reads, the input's width, but for the second LoRA stages, whose inputs (`offs`) lie
+    # side by side in buf
+    table = lambda rows, K: torch.tensor([(*r, K) if len(r) == 5 else r for r in rows], dtype=torch.int32, device=dev)  # noqa: E731
+    metas = {"c": table([(C, 0, 0, ACT_NONE, 0)], C), "vocab": table([(V, 0, 0, ACT_NONE, 0)], C),
              # the v4-v6 channel mix, input rows xk xr: relu(xk K)^2 | sigmoid(xr R)
-             "ffn": table([(Fw, 0, 0, ACT_RELU2, 0), (C, 1, Fw, ACT_SIGMOID, 0)])}
+             "ffn": table([(Fw, 0, 0, ACT_RELU2, 0), (C, 1, Fw, ACT_SIGMOID, 0)], C)}
     if version == "rwkv7_world":  # input rows: xr xw xk xv xa xg
         metas["in"] = table([(C, 0, 0, ACT_NONE, 0), (C, 2, C, ACT_NONE, 0), (C, 3, 2 * C, ACT_NONE, 0),
                              (dims[0], 1, offs[0], ACT_TANH, 1), (dims[1], 4, offs[1], ACT_NONE, 1),
-                             (dims[2], 3, offs[2], ACT_NONE, 1), (dims[3], 5, offs[3], ACT_SIGMOID, 1)])
-        metas["ffn"] = table([(Fw, 0, 0, ACT_RELU2, 0)])
+                             (dims[2], 3, offs[2], ACT_NONE, 1), (dims[3], 5, offs[3], ACT_SIGMOID, 1)], C)
+        metas["ffn"] = table([(Fw, 0, 0, ACT_RELU2, 0)], C)
+        # the second LoRA stages apart (`_step7`, larger batches): input "rows" are buf's offsets
+        metas["lora2"] = table([(C, o, j * C, ACT_NONE, 1, d) for j, (o, d) in enumerate(zip(offs, dims))], max(dims))
     elif version == "rwkv6_world":  # input rows: xw xk xv xr xg
-        metas["maa"] = table([(att0.time_maa_w1.shape[1], 0, 0, ACT_TANH, 1)])
+        metas["maa"] = table([(att0.time_maa_w1.shape[1], 0, 0, ACT_TANH, 1)], C)
         metas["in"] = table([(C, 3, 0, ACT_NONE, 0), (C, 1, C, ACT_NONE, 0), (C, 2, 2 * C, ACT_NONE, 0),
-                             (C, 4, 3 * C, ACT_SILU, 0), (dims[0], 0, offs[0], ACT_TANH, 1)])
+                             (C, 4, 3 * C, ACT_SILU, 0), (dims[0], 0, offs[0], ACT_TANH, 1)], C)
     elif version == "rwkv5_world":  # input rows: xr xk xv [xg]
         metas["in"] = table([(C, 0, 0, ACT_NONE, 0), (C, 1, C, ACT_NONE, 0), (C, 2, 2 * C, ACT_NONE, 0),
-                             (C, 3, 3 * C, ACT_SILU, 0)][: 4 if att0.gated else 3])
+                             (C, 3, 3 * C, ACT_SILU, 0)][: 4 if att0.gated else 3], C)
     else:  # RWKV-4, input rows: xk xv xr
-        metas["in"] = table([(A, 0, 0, ACT_NONE, 0), (A, 1, A, ACT_NONE, 0), (A, 2, 2 * A, ACT_SIGMOID, 0)])
+        metas["in"] = table([(A, 0, 0, ACT_NONE, 0), (A, 1, A, ACT_NONE, 0), (A, 2, 2 * A, ACT_SIGMOID, 0)], C)
     return Plan(version, o, tuple(offs), dims, metas)
 
 
@@ -677,6 +708,8 @@ def _step7(model, x: Tensor, states: list, plan: Plan) -> None:
     buf = torch.empty(B, plan.width, device=x.device, dtype=torch.float32)
     v_first = torch.empty(B, C, device=x.device, dtype=torch.float32)
     hidden = x.new_empty(B, model.model.blocks[0].ffn.key.weight.shape[0])  # relu(xk K)^2
+    apart = B >= LORA_APART_FROM
+    lo = torch.empty(B, 4 * C, device=x.device, dtype=torch.float32) if apart else buf  # (unread unless apart)
     for i, blk in enumerate(model.model.blocks):
         att, ffn = blk.att, blk.ffn
         att_shift, S, ffn_shift = states[i]
@@ -684,11 +717,13 @@ def _step7(model, x: Tensor, states: list, plan: Plan) -> None:
                        ln0=blk.ln0 if i == 0 else None)
         _gemv_call(xs, buf, plan.metas["in"], [att.receptance.weight, att.key.weight, att.value.weight, att.w1, att.a1,
                                                att.v1, att.g1], C)
+        if apart:
+            _gemv_call(buf, lo, plan.metas["lora2"], [att.w2, att.a2, att.v2, att.g2], C, depth=max(plan.dims))
         H, N = att.r_k.shape
         _wkv7_head[(B, H)](buf, buf.stride(0), C, H, *plan.offsets, att.w2, att.a2, att.v2, att.g2, dw, da, dv, dg,
                            att.w0, att.a0, att.v0, att.k_k, att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias,
-                           att.ln_x.eps, DECAY_SCALE, S, v_first, yg, FIRST=i == 0, N=N, BLOCK_D=_lora_block(plan.dims),
-                           num_warps=4)
+                           att.ln_x.eps, DECAY_SCALE, S, v_first, yg, lo, FIRST=i == 0, N=N,
+                           BLOCK_D=_lora_block(plan.dims), APART=apart, num_warps=4)
         _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
         _norm_mix_call(x, blk.ln2, ffn_shift, [ffn.x_k], fk)
         _gemv_call(fk, hidden, plan.metas["ffn"], [ffn.key.weight], hidden.shape[1])
