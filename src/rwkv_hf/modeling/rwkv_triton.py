@@ -440,6 +440,8 @@ STEP_TUNING = True
 # RWKV-7 from this batch on: the second LoRA stages as one `_gemv` launch for all rows, not inside
 # `_wkv7_head`, where every (row, head) program reads its slices of the four matrices again
 LORA_APART_FROM = 8
+# RWKV-6's `_v6_mixes`: columns a program (its grid: rows x C / this)
+V6_MIX_BLOCK = 64
 _SCRATCH: dict = {}
 _CHOSEN: dict = {}  # a launch's tuning key -> the config `tune_step` timed fastest
 _RECORD: Optional[dict] = None  # while `tune_step` records a step: tuning key -> that step's launches
@@ -738,7 +740,7 @@ def _step6(model, x: Tensor, states: list, plan: Plan) -> None:
     hx, hid = torch.empty(B, 2, C, **f32), torch.empty(B, 5 * d_mix, **f32)
     buf = torch.empty(B, plan.width, **f32)
     xxx, xs, yg = x.new_empty(B, 1, C), x.new_empty(B, 5, C), x.new_empty(B, C)
-    block_c = 256
+    block_c = V6_MIX_BLOCK
     for i, blk in enumerate(blocks):
         att = blk.att
         att_shift, S, ffn_shift = states[i]
