@@ -9,7 +9,11 @@ the same card in one session, one process each:
     python benchmarks/decode_step.py --src ../before/src; python benchmarks/decode_step.py
     python benchmarks/decode_step.py --inductor combo_kernels=1
     python benchmarks/decode_step.py --shape 7b --step triton   # issue 14's larger model, RWKV-7's Triton step
-    python benchmarks/decode_step.py --step triton --variant split_k=0,pdl=0 --variant split_k=1,pdl=1
+    python benchmarks/decode_step.py --step triton --variant step_tuning=1 --variant step_tuning=2
+    python benchmarks/decode_step.py --step triton --variant lora_apart_from=1000 --variant lora_apart_from=1
+
+Each --variant sets `rwkv_triton` settings (integers) and tunes the product tiles afresh; the
+candidates' times (us a launch alone, and with step_tuning=2 us a whole step) are printed.
 
 Prints one line per batch size and writes decode_step.json to --out (default $OUT, else .).
 """
@@ -50,7 +54,7 @@ def main():
                     help="the captured step: eager ops, compiled by inductor (compile_decode), or RWKV-7's Triton kernels")
     ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                     help="set a torch._inductor.config option (dotted for sections: triton.NAME; ints and true/false), repeatable")
-    ap.add_argument("--variant", action="append", default=[], metavar="SPLIT_K=0|1,PDL=0|1",
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=INT[,NAME=INT]",
                     help="the Triton step under these rwkv_triton settings (repeatable: each a row per batch, in one "
                          "process, so the rows compare)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -75,6 +79,7 @@ def main():
                 for spec in args.variant] or [{}]
     from rwkv_hf.modeling import rwkv_triton
 
+    shown = set()  # tuning keys whose tile timings were printed
     for B in args.batch:
         for var in variants:
             for name, on in var.items():
@@ -82,6 +87,10 @@ def main():
                     raise SystemExit(f"decode_step.py: rwkv_triton has no setting {name}")
                 setattr(rwkv_triton, name, on)
             label = ",".join(f"{k}={int(v)}" for k, v in var.items()) or "default"
+            if var:  # each variant tunes its own tiles (`tune_step` keeps a kind's pick for the process)
+                getattr(rwkv_triton, "_CHOSEN", {}).clear()
+                getattr(rwkv_triton, "_TIMINGS", {}).clear()
+                shown.clear()
             t = time.time()
             kind = {"triton": True} if args.step == "triton" else {}  # (older decoders have no Triton step)
             dec = RwkvGraphDecoder(m, batch_size=B, fused=args.step == "compiled", **kind)
@@ -97,6 +106,11 @@ def main():
                 "tok_s": rate, "capture_s": capture_s, "kernels": prof, "step": ran, "weights_read_tb_s": tb_s}
             chosen = getattr(rwkv_triton, "_CHOSEN", {})
             res.setdefault("tuned", {}).update({str(k): (dict(c.kwargs), c.num_warps, c.num_stages) for k, c in chosen.items()})
+            timings = {str(k): v for k, v in getattr(rwkv_triton, "_TIMINGS", {}).items() if str(k) not in shown}
+            shown.update(timings)
+            res[f"b{B}" + ("" if label == "default" else f" {label}")]["tile_timings"] = timings
+            for k, v in timings.items():  # each candidate tile: us a launch alone [, us a whole step]
+                print(f"  b{B} [{label}] {k}: {v}", flush=True)
             print(f"{where} {args.shape} v{args.version} b{B} [{label}]: {rate:,.1f} tok/s ({tb_s:.2f} TB/s of weights "
                   f"read, {step_bytes / 1e9:.2f} GB a step), capture {capture_s:.0f} s, step {ran}, one step {prof}", flush=True)
             del dec

@@ -434,7 +434,9 @@ if HAVE_TRITON:
 
 # Module settings, read at each launch, so that a benchmark compares them in one process. SPLIT_K:
 # one-segment products may be tuned with K split as well. STEP_TUNING: `RwkvGraphDecoder` tunes the
-# products with `tune_step` before capturing (else Triton's autotuner picks, launch by launch).
+# products with `tune_step` before capturing (else Triton's autotuner picks, launch by launch); 2:
+# its best few of each kind alone are timed again in the whole step (not measured yet: an option
+# for benchmarks/decode_step.py to compare).
 SPLIT_K = True
 STEP_TUNING = True
 # RWKV-7 from this batch on: the second LoRA stages as one `_gemv` launch for all rows, not inside
@@ -445,6 +447,8 @@ V6_MIX_BLOCK = 64
 _SCRATCH: dict = {}
 _CHOSEN: dict = {}  # a launch's tuning key -> the config `tune_step` timed fastest
 _RECORD: Optional[dict] = None  # while `tune_step` records a step: tuning key -> that step's launches
+_TIMINGS: dict = {}  # tuning key -> `tune_step`'s times of its candidates (us a launch alone, us a step)
+IN_STEP_TOP = 3  # STEP_TUNING 2: how many of a kind's fastest alone `tune_step` times in the step
 
 
 def _scratch(device: torch.device, rows: int, n: int, split: int):
@@ -519,16 +523,41 @@ def _small(cfg) -> bool:
     return cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] <= 4096 and cfg.kwargs["SPLIT"] <= 2
 
 
+def _graph_us(fn, reps: int) -> float:
+    """Microseconds a replay of fn() captured in a CUDA graph: the median of `reps` timings of three
+    replays in a row, each behind an untimed replay (the GPU is busy with it while the host queues
+    the timed ones, so a slow host, another process building kernels, is not timed as a gap)."""
+    fn()  # (warm, outside the capture)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        g.replay()
+        t0.record()
+        for _ in range(3):
+            g.replay()
+        t1.record()
+        t1.synchronize()
+        times.append(t0.elapsed_time(t1) * 1e3 / 3)
+    del g
+    return sorted(times)[reps // 2]
+
+
 def tune_step(step, reps: int = 5) -> dict:
     """Pick each product launch's tile and K split the way the step runs them: `step()` (one decode
     step on CUDA) is recorded once, its `_gemv` launches grouped by kind (the same shapes and flags:
-    a layer's r/k/v, the second LoRA stages, O, the channel mix's key, its value, the head); then for each kind and each
-    candidate config, all of the step's launches of that kind (one per layer, each reading its own
-    matrix, so the cache holds none) are captured in a CUDA graph, replayed and timed (median of
-    `reps` timings of three replays in a row); the fastest is kept for the process (`_CHOSEN`), for every later launch of that kind.
-    Triton's autotuner times one launch of one matrix at a time: at these sizes (5-25 us a launch) it
-    picked tiles up to 2x slower than the best in a step (benchmarks/README.md). The step's outputs
-    meanwhile are garbage (the caller restores the state). Returns {kind: (config, us a launch)}."""
+    a layer's r/k/v, the second LoRA stages, O, the channel mix's key, its value, the head); then for
+    each kind and each candidate config, all of the step's launches of that kind (one per layer, each
+    reading its own matrix, so the cache holds none) are captured in a CUDA graph, replayed and timed
+    (`_graph_us`); the fastest is kept for the process (`_CHOSEN`), for every later launch of that
+    kind. With STEP_TUNING 2, each kind's IN_STEP_TOP fastest alone are then timed again inside
+    the whole step (`step()` captured, the other kinds at their picks), kind after kind, and the
+    fastest there is kept. Triton's autotuner times one launch of one matrix at a time: at these
+    sizes (5-25 us a launch) it picked tiles up to 2x slower than the best in a step
+    (benchmarks/README.md). The step's outputs meanwhile are garbage (the caller restores the
+    state). Returns {kind: (config, us a launch)}; `_TIMINGS` keeps every candidate's times."""
     global _RECORD
     _RECORD = {}
     try:
@@ -536,42 +565,39 @@ def tune_step(step, reps: int = 5) -> dict:
         recorded = _RECORD
     finally:
         _RECORD = None
-    picked = {}
+    ranked = {}
     for key, rec in recorded.items():
         if key in _CHOSEN:
             continue
-        best = None
+        launches = rec["launches"]
+        timed = []
         for cfg in rec["configs"]:
             try:
-                for launch in rec["launches"]:  # compile (Triton's cache) and warm, outside the capture
+                for launch in launches:  # compile (Triton's cache) and warm, outside the capture
                     launch(cfg)
                 torch.cuda.synchronize()
             except Exception:  # (a tile this card cannot build or hold: the others compete)
                 continue
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for launch in rec["launches"]:
-                    launch(cfg)
-            times = []
-            for _ in range(reps):
-                # an untimed replay first: the GPU is busy with it while the host queues the timed
-                # ones, so a slow host (another process's compiles) is not timed as the kernels' gap
-                t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                g.replay()
-                t0.record()
-                for _ in range(3):
-                    g.replay()
-                t1.record()
-                t1.synchronize()
-                times.append(t0.elapsed_time(t1) * 1e3 / (3 * len(rec["launches"])))
-            us = sorted(times)[reps // 2]
-            if best is None or us < best[1]:
-                best = (cfg, us)
-            del g
-        if best is not None:
-            _CHOSEN[key] = best[0]
-            picked[key] = (dict(best[0].kwargs, num_warps=best[0].num_warps, num_stages=best[0].num_stages), best[1])
-    return picked
+            timed.append((cfg, _graph_us(lambda: [launch(cfg) for launch in launches], reps) / len(launches)))
+        if timed:
+            ranked[key] = sorted(timed, key=lambda t: t[1])
+            _CHOSEN[key] = ranked[key][0][0]
+            _TIMINGS[key] = {"alone": [(_describe(c), round(us, 2)) for c, us in ranked[key]]}
+    if STEP_TUNING == 2:
+        for key, timed in ranked.items():
+            if len(timed) < 2:
+                continue
+            in_step = []
+            for cfg, _ in timed[:IN_STEP_TOP]:
+                _CHOSEN[key] = cfg
+                in_step.append((cfg, _graph_us(step, reps)))
+            _CHOSEN[key] = min(in_step, key=lambda t: t[1])[0]
+            _TIMINGS[key]["in_step"] = [(_describe(c), round(us, 1)) for c, us in in_step]
+    return {key: (_describe(_CHOSEN[key]), next(us for c, us in timed if c is _CHOSEN[key])) for key, timed in ranked.items()}
+
+
+def _describe(cfg) -> dict:
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 # ------------------------------------------------------------------------------------------ the step
