@@ -134,10 +134,10 @@ if triton is not None:
         _splitk_call(x, w, acc, **_SPLITK_BEST[key])
 
 
-def product(way: str, x, w, out, meta):
+def product(way: str, x, w, out):
     """A call computing x @ w.T (`cublas` and `ours` into out, `splitk` into an fp32 buffer of its own)
     or reading w (`read`): one kernel, `splitk` two (the zeroing)."""
-    from rwkv_hf.modeling.rwkv_triton import _gemv_call
+    from rwkv_hf.modeling.rwkv_triton import ACT_NONE, _gemv_call, segment_table
 
     if way == "read":
         total = torch.empty((), device=w.device, dtype=torch.float32)
@@ -147,6 +147,8 @@ def product(way: str, x, w, out, meta):
     if way == "splitk":
         acc = torch.empty(out.shape, device=out.device, dtype=torch.float32)
         return lambda: splitk(x, w, acc)
+    # `ours`: one segment, (N, row 0, offset 0, no activation, layout [N, K])
+    meta = segment_table([(w.shape[0], 0, 0, ACT_NONE, 0)], w.shape[1], w.device)
     return lambda: _gemv_call(x, out, meta, [w], w.shape[0])
 
 
@@ -185,20 +187,18 @@ def main(argv=None):
     ways = ("read", "cublas", "ours", "splitk")
     print("| [out, in] | MB | copies | batch | " + " | ".join(f"{w} TB/s (us a kernel)" for w in ways) + " |")
     print("| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in ways) + " |")
-    # _gemv's one segment a launch: (N, row 0, offset 0, no activation, [N, K] layout), one per N
-    meta = {n: torch.tensor([[n, 0, 0, 0, 0]], dtype=torch.int32, device=device) for n, _ in groups}
     for B in args.batch:
         for shape, ws in sorted(groups.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
             n, k = shape
             x = torch.randn(B, k, device=device, dtype=dtype)
             out = torch.empty(B, n, device=device, dtype=dtype)
             row = {"shape": shape, "batch": B, "copies": len(ws)}
-            product("ours", x, ws[0], out, meta[n])()  # the kernel computes the product it is timed as
+            product("ours", x, ws[0], out)()  # the kernel computes the product it is timed as
             want = (x.float() @ ws[0].float().T)
             err = float((out.float() - want).abs().max() / want.abs().max())
             assert err < 2e-2, f"_gemv of {shape} at batch {B}: {err:.2e} of the largest product off"
             for way in ways:
-                s = timed(as_graph([product(way, x, w, out, meta[n]) for w in ws], device), device)
+                s = timed(as_graph([product(way, x, w, out) for w in ws], device), device)
                 row[way] = {"tb_s": len(ws) * n * k * 2 / s / 1e12, "us": s / len(ws) * 1e6}
             res["rows"].append(row)
             print(f"| {n} x {k} | {n * k * 2 / 1e6:.1f} | {len(ws)} | {B} | "
@@ -210,7 +210,7 @@ def main(argv=None):
             x = torch.randn(B, k, device=device, dtype=dtype)
             outs.setdefault(n, torch.empty(B, n, device=device, dtype=dtype))
             for way in calls:
-                calls[way].append(product(way, x, w, outs[n], meta[n]))
+                calls[way].append(product(way, x, w, outs[n]))
         for way, cs in calls.items():
             s = timed(as_graph(cs, device), device)
             res["step"].append({"batch": B, "way": way, "ms": s * 1e3, "tb_s": total_gb / s / 1e3, "tok_s": B / s})

@@ -102,13 +102,13 @@ def main():
             prof = kernel_profile(getattr(dec, "_step", None) or dec._step_fn, top=8)
             tb_s = step_bytes * rate / B / 1e12
             ran = "triton" if getattr(dec.path, "triton", False) else "compiled" if dec.fused else "eager"
-            res[f"b{B}" + ("" if label == "default" else f" {label}")] = {
+            row = res[f"b{B}" + ("" if label == "default" else f" {label}")] = {
                 "tok_s": rate, "capture_s": capture_s, "kernels": prof, "step": ran, "weights_read_tb_s": tb_s}
             chosen = getattr(rwkv_triton, "_CHOSEN", {})
             res.setdefault("tuned", {}).update({str(k): (dict(c.kwargs), c.num_warps, c.num_stages) for k, c in chosen.items()})
             timings = {str(k): v for k, v in getattr(rwkv_triton, "_TIMINGS", {}).items() if str(k) not in shown}
             shown.update(timings)
-            res[f"b{B}" + ("" if label == "default" else f" {label}")]["tile_timings"] = timings
+            row["tile_timings"] = timings
             for k, v in timings.items():  # each candidate tile: us a launch alone [, us a whole step]
                 print(f"  b{B} [{label}] {k}: {v}", flush=True)
             print(f"{where} {args.shape} v{args.version} b{B} [{label}]: {rate:,.1f} tok/s ({tb_s:.2f} TB/s of weights "

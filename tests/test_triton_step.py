@@ -98,7 +98,7 @@ for K in (640, 128):  # 640: K split in three slices (256, 256, 128); 128: one s
     B, N = 3, 96
     x, w = torch.randn(B, K, generator=g), torch.randn(N, K, generator=g) / K**0.5
     mul, base = torch.rand(B, N, generator=g), torch.randn(B, N, generator=g)
-    meta = torch.tensor([[N, 0, 0, rt.ACT_NONE, 0, K]], dtype=torch.int32)
+    meta = rt.segment_table([(N, 0, 0, rt.ACT_NONE, 0)], K, "cpu")
     out = base.clone()
     rt._gemv_call(x, out, meta, [w], N, accumulate=True, multiply=mul)
     want = base + mul * (x.double() @ w.double().T).float()

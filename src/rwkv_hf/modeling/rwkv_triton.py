@@ -647,6 +647,12 @@ def _matrices(version: str, a, f) -> tuple:
     return common + ((a.gate.weight,) if getattr(a, "gated", False) else ())
 
 
+def segment_table(rows, K: int, device) -> Tensor:
+    """`_gemv`'s segment table: one row (N, input row, output offset, activation, layout 0 [N, K] /
+    1 [K, N][, K_s]) per segment; K_s, where a row leaves it out, is K."""
+    return torch.tensor([(*r, K) if len(r) == META_FIELDS - 1 else r for r in rows], dtype=torch.int32, device=device)
+
+
 def make_plan(model) -> Plan:
     why = supports(model)
     if why:
@@ -668,10 +674,9 @@ def make_plan(model) -> Plan:
         offs.append(o)
         o += d
     dev = body.emb.weight.device
-    # rows: (N, input row, output offset, activation, layout 0 [N, K] / 1 [K, N], K); K, which only
-    # layout 1 reads, the input's width, but for the second LoRA stages, whose inputs (`offs`) lie
-    # side by side in buf
-    table = lambda rows, K: torch.tensor([(*r, K) if len(r) == 5 else r for r in rows], dtype=torch.int32, device=dev)  # noqa: E731
+    # K, which only layout 1 reads: the input's width, but for the second LoRA stages, whose inputs
+    # (`offs`) lie side by side in buf
+    table = lambda rows, K: segment_table(rows, K, dev)  # noqa: E731
     metas = {"c": table([(C, 0, 0, ACT_NONE, 0)], C), "vocab": table([(V, 0, 0, ACT_NONE, 0)], C),
              # the v4-v6 channel mix, input rows xk xr: relu(xk K)^2 | sigmoid(xr R)
              "ffn": table([(Fw, 0, 0, ACT_RELU2, 0), (C, 1, Fw, ACT_SIGMOID, 0)], C)}
