@@ -87,6 +87,73 @@ def test_triton_step_matches_plain_step_and_reference(tmp_path, version, batch):
     assert e_fast16 <= 2 * e_plain16 + 1e-2, (e_fast16, e_plain16)
 
 
+PROMPT_SCRIPT = r"""
+import json, sys
+import torch
+from rwkv_hf.modeling import rwkv_triton
+from rwkv_hf.modeling.rwkv_triton import make_plan, triton_step
+from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD, map_tensors
+from rwkv_hf.testing import build_model
+
+ckpt, tokens, batch = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+rwkv_triton.LORA_APART_FROM = int(sys.argv[4])
+sd = torch.load(ckpt, weights_only=True)
+ids = torch.tensor([tokens] * batch)
+ids[1:] = torch.randint(0, 65536, ids[1:].shape, generator=torch.Generator().manual_seed(1))
+flat = lambda s: [t for part in s for t in (part if isinstance(part, tuple) else (part,))]  # (v4: (aa, bb, pp))
+res = {}
+for dtype in (torch.float32, torch.bfloat16):
+    m = build_model(sd).to(dtype).eval()
+    plan = make_plan(m)
+    name = str(dtype).split(".")[-1]
+    with torch.no_grad():
+        whole = m(ids, use_cache=True, wkv_mode="recurrent")
+        want = getattr(whole, CACHE_FIELD).layers_state
+        # all at once from the starting state; the last four continuing the first two's state
+        zero = [blk.zero_state(batch, "cpu", dtype) for blk in m.model.blocks]
+        head = getattr(m(ids[:, :2], use_cache=True, wkv_mode="recurrent"), CACHE_FIELD).layers_state
+        rest = [map_tensors(lambda t: t.clone(), s) for s in head]
+        for how, states, part in (("all", zero, ids), ("rest", rest, ids[:, 2:])):
+            logits = triton_step(m, part, states, plan).float()
+            state_err = max(float((a.float() - b.float()).abs().max() / max(1.0, a.float().abs().max()))
+                            for s1, s2 in zip(want, states) for a, b in zip(flat(s1), flat(s2)))
+            res[f"{name} {how}"] = {"plain": whole.logits[:, -1].float().tolist(), "fast": logits.tolist(),
+                                    "state_err": state_err}
+print(json.dumps(res))
+"""
+
+
+@needs_reference
+@pytest.mark.parametrize("version,batch,apart", [("7", 1, 1000), ("7", 3, 2), ("6", 3, 2), ("5.2", 2, 2), ("5.0", 2, 2),
+                                                 ("4", 3, 2)])
+def test_triton_step_takes_a_prompt_at_once(tmp_path, version, batch, apart):
+    """The Triton step with T tokens a row (a prompt: each launch takes every row's tokens, the
+    recurrences in turn): 6 tokens from the starting state, and the last 4 after the modules took
+    the first 2, against the modules' recurrence over all 6. In fp32 the last logits match to 1e-5 x
+    max|logit| (row 0: also the reference package's) and the state to 1e-5 x max(1, max|state|); in bf16 they are no
+    further from fp32 than twice the modules' bf16 logits are. RWKV-7 with its second LoRA stages in
+    `_wkv7_head` (apart 1000) and apart (2)."""
+    sd = make_state_dict(version, n_layer=2, n_embd=128, head_size=64, seed=23)
+    ckpt = tmp_path / f"rwkv{version}.pth"
+    torch.save(sd, ckpt)
+    tokens = torch.randint(1, 65536, (6,), generator=torch.Generator().manual_seed(9)).tolist()
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", PROMPT_SCRIPT, str(ckpt), json.dumps(tokens), str(batch), str(apart)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    ref = run_reference(ckpt, tokens, version)["logits"][-1]
+    for how in ("all", "rest"):
+        plain32, fast32 = torch.tensor(res[f"float32 {how}"]["plain"]), torch.tensor(res[f"float32 {how}"]["fast"])
+        err = lambda x: float(((x - plain32).abs().amax(-1) / plain32.abs().amax(-1)).max())  # noqa: E731
+        assert err(fast32) <= 1e-5, (how, err(fast32))
+        assert res[f"float32 {how}"]["state_err"] <= 1e-5, (how, res[f"float32 {how}"]["state_err"])
+        assert float((fast32[0] - ref).abs().max() / ref.abs().max()) <= 1e-5
+        b16 = res[f"bfloat16 {how}"]
+        e_plain16, e_fast16 = err(torch.tensor(b16["plain"])), err(torch.tensor(b16["fast"]))
+        assert e_fast16 <= 2 * e_plain16 + 1e-2, (how, e_fast16, e_plain16)
+
+
 GEMV_SCRIPT = r"""
 import json
 import torch

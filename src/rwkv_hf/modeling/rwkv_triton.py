@@ -3,6 +3,12 @@
 are tested against (`tests/test_triton_step.py`: the plain step and the
 reference package; `tests/test_gpu.py`: compiled, in a captured graph).
 
+The same launches take a short prompt at once (`triton_step` with T tokens a row): the products run
+on B T rows, and `_norm_mix` and the per-head kernels go through a row's T tokens in turn, carrying
+the token shift and the state from one to the next (`rwkv_decode.prompt_logits`; where, see
+`rwkv_paths.TRITON_PROMPT_MAX`). The products of such a launch, which no step tuned, take one tile
+(`_UNTUNED`).
+
 Why: a decode step reads every weight once, so its floor is the memory bandwidth; the plain step
 captured in a CUDA graph is ~68 kernels a layer, the compiled one ~23 (inductor does not fuse a
 product with the work around it), and at batch 1 the gaps between small kernels, not the bytes, set
@@ -101,44 +107,50 @@ if HAVE_TRITON:
 
     @triton.jit
     def _norm_mix(
-        x_ptr, ln0_w, ln0_b, ln_w, ln_b, shift_ptr, m0, m1, m2, m3, m4, m5, out_ptr, hx_ptr, C, eps,
+        x_ptr, ln0_w, ln0_b, ln_w, ln_b, shift_ptr, m0, m1, m2, m3, m4, m5, out_ptr, hx_ptr, C, eps, T,
         HAS_LN0: tl.constexpr, N_MIX: tl.constexpr, MIX_FORM: tl.constexpr, SAVE_HX: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        """Row b: [x = ln0(x), stored;] h = ln(x); with mixes: prev = shift[b], shift[b] = h,
-        out[b, i] = h + (prev - h) * m_i for i < N_MIX (MIX_FORM 1, v4/v5: h m_i + prev (1 - m_i)) [and hx[b] = (h, prev - h) in fp32, for mixes
-        made later: RWKV-6's]; without (N_MIX 0): out[b] = h."""
+        """Row b's T tokens in turn, each row r = b T + t of x: [x = ln0(x), stored;] h = ln(x); with
+        mixes: prev = the token before's h (the first's: shift[b]), out[r, i] = h + (prev - h) * m_i for
+        i < N_MIX (MIX_FORM 1, v4/v5: h m_i + prev (1 - m_i)) [and hx[r] = (h, prev - h) in fp32, for
+        mixes made later: RWKV-6's], and at the end shift[b] = the last h; without (N_MIX 0): out[r] = h."""
         b = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         m = c < C
-        x = tl.load(x_ptr + b * C + c, mask=m, other=0.0).to(tl.float32)
-        if HAS_LN0:
-            x = _layer_norm(x, ln0_w, ln0_b, c, m, C, eps).to(x_ptr.dtype.element_ty)
-            tl.store(x_ptr + b * C + c, x, mask=m)
-            x = x.to(tl.float32)
-        h = _layer_norm(x, ln_w, ln_b, c, m, C, eps)
-        if N_MIX == 0:
-            tl.store(out_ptr + b * C + c, h.to(out_ptr.dtype.element_ty), mask=m)
-        else:
-            h = h.to(shift_ptr.dtype.element_ty)  # the state keeps the normalised vector as the model's dtype
+        if N_MIX > 0:
             prev = tl.load(shift_ptr + b * C + c, mask=m, other=0.0).to(tl.float32)
-            tl.store(shift_ptr + b * C + c, h, mask=m)
-            h = h.to(tl.float32)
-            xx = prev - h
-            if SAVE_HX:
-                tl.store(hx_ptr + b * 2 * C + c, h, mask=m)
-                tl.store(hx_ptr + b * 2 * C + C + c, xx, mask=m)
-            row = b * N_MIX * C
-            _mix_out(out_ptr, row, h, xx, m0, c, m, MIX_FORM)
-            if N_MIX > 1:
-                _mix_out(out_ptr, row + C, h, xx, m1, c, m, MIX_FORM)
-            if N_MIX > 2:
-                _mix_out(out_ptr, row + 2 * C, h, xx, m2, c, m, MIX_FORM)
-            if N_MIX > 3:
-                _mix_out(out_ptr, row + 3 * C, h, xx, m3, c, m, MIX_FORM)
-            if N_MIX > 4:
-                _mix_out(out_ptr, row + 4 * C, h, xx, m4, c, m, MIX_FORM)
-            if N_MIX > 5:
-                _mix_out(out_ptr, row + 5 * C, h, xx, m5, c, m, MIX_FORM)
+        for t in range(T):
+            r = b * T + t
+            x = tl.load(x_ptr + r * C + c, mask=m, other=0.0).to(tl.float32)
+            if HAS_LN0:
+                x = _layer_norm(x, ln0_w, ln0_b, c, m, C, eps).to(x_ptr.dtype.element_ty)
+                tl.store(x_ptr + r * C + c, x, mask=m)
+                x = x.to(tl.float32)
+            h = _layer_norm(x, ln_w, ln_b, c, m, C, eps)
+            if N_MIX == 0:
+                tl.store(out_ptr + r * C + c, h.to(out_ptr.dtype.element_ty), mask=m)
+            else:
+                # the state keeps the normalised vector as the model's dtype
+                h = h.to(shift_ptr.dtype.element_ty).to(tl.float32)
+                xx = prev - h
+                if SAVE_HX:
+                    tl.store(hx_ptr + r * 2 * C + c, h, mask=m)
+                    tl.store(hx_ptr + r * 2 * C + C + c, xx, mask=m)
+                row = r * N_MIX * C
+                _mix_out(out_ptr, row, h, xx, m0, c, m, MIX_FORM)
+                if N_MIX > 1:
+                    _mix_out(out_ptr, row + C, h, xx, m1, c, m, MIX_FORM)
+                if N_MIX > 2:
+                    _mix_out(out_ptr, row + 2 * C, h, xx, m2, c, m, MIX_FORM)
+                if N_MIX > 3:
+                    _mix_out(out_ptr, row + 3 * C, h, xx, m3, c, m, MIX_FORM)
+                if N_MIX > 4:
+                    _mix_out(out_ptr, row + 4 * C, h, xx, m4, c, m, MIX_FORM)
+                if N_MIX > 5:
+                    _mix_out(out_ptr, row + 5 * C, h, xx, m5, c, m, MIX_FORM)
+                prev = h
+        if N_MIX > 0:
+            tl.store(shift_ptr + b * C + c, prev.to(shift_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _gemv_out(acc, act, out_ptr, so_b, off, mul_ptr, smul_b, bs, ns, ok, ACCUMULATE: tl.constexpr, MULTIPLY: tl.constexpr):
@@ -255,15 +267,10 @@ if HAVE_TRITON:
                     _gemv_out(acc, act, out_ptr, so_b, off, mul_ptr, smul_b, bs, ns, ok, ACCUMULATE, MULTIPLY)
 
     @triton.jit
-    def _head_inputs(buf_ptr, s_buf, C, N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """A per-head program's indices (row b, head h, the head's channels `cols`, its row of buf) and
-        its r, k, v, which lead every version's buf."""
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        n = tl.arange(0, N)
-        cols = h * N + n
-        base = buf_ptr + b * s_buf
-        return b, h, n, tl.arange(0, BLOCK_D), cols, base, tl.load(base + cols), tl.load(base + C + cols), tl.load(base + 2 * C + cols)
+    def _head_inputs(buf_ptr, s_buf, r, C, cols):
+        """Row r of buf (where it starts) and the head's r, k, v there, which lead every version's buf."""
+        base = buf_ptr + r * s_buf
+        return base, tl.load(base + cols), tl.load(base + C + cols), tl.load(base + 2 * C + cols)
 
     @triton.jit
     def _lora2(base, hid_off, D, w_ptr, cols, C, d):
@@ -287,34 +294,42 @@ if HAVE_TRITON:
     def _wkv7_head(
         buf_ptr, s_buf, C, H, o_w, o_a, o_v, o_g, w2, a2, v2, g2, DW, DA, DV, DG,
         w0_ptr, a0_ptr, v0_ptr, kk_ptr, ka_ptr, rk_ptr, lnx_w, lnx_b, eps, decay_scale, S_ptr, vfirst_ptr, out_ptr,
-        lo_ptr, FIRST: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr, APART: tl.constexpr,
+        lo_ptr, T, FIRST: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr, APART: tl.constexpr,
     ):
-        """Row b (axis 0), head h (axis 1): everything of the time mix between its products and O.
-        buf[b] = [r | k | v | tanh(xw w1) | xa a1 | xv v1 | sigmoid(xg g1)], fp32. APART: the second
-        LoRA stages are in lo [b] (`_second`): at a larger batch, each program reading the head's
+        """Row b (axis 0), head h (axis 1): everything of the time mix between its products and O, for
+        the row's T tokens in turn (rows r = b T + t of buf, v_first, out; the state carried between).
+        buf[r] = [r | k | v | tanh(xw w1) | xa a1 | xv v1 | sigmoid(xg g1)], fp32. APART: the second
+        LoRA stages are in lo [r] (`_second`): at a larger batch, each program reading the head's
         slices of w2, a2, v2, g2 again is what the kernel's time goes to."""
-        b, h, n, d, cols, base, r, k, v = _head_inputs(buf_ptr, s_buf, C, N, BLOCK_D)
-        lo = lo_ptr + b * 4 * C
-        w = tl.load(w0_ptr + cols).to(tl.float32) + _second(base, o_w, DW, w2, cols, C, d, lo, 0, APART)
-        a = tl.sigmoid(tl.load(a0_ptr + cols).to(tl.float32) + _second(base, o_a, DA, a2, cols, C, d, lo, 1, APART))
-        g = _second(base, o_g, DG, g2, cols, C, d, lo, 3, APART)
-        kk = k * tl.load(kk_ptr + cols).to(tl.float32)
-        kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, 0)), 1e-12)  # F.normalize
-        k = k * (1.0 + (a - 1.0) * tl.load(ka_ptr + cols).to(tl.float32))
-        if FIRST:
-            tl.store(vfirst_ptr + b * C + cols, v)
-        else:
-            gate = tl.sigmoid(tl.load(v0_ptr + cols).to(tl.float32) + _second(base, o_v, DV, v2, cols, C, d, lo, 2, APART))
-            v = v + (tl.load(vfirst_ptr + b * C + cols) - v) * gate
-        decay = tl.exp(-decay_scale * tl.sigmoid(w))
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        n = tl.arange(0, N)
+        d = tl.arange(0, BLOCK_D)
+        cols = h * N + n
         s_ptrs = S_ptr + ((b * H + h) * N + n[:, None]) * N + n[None, :]  # S[value, key]
         S = tl.load(s_ptrs)
-        sa = tl.sum(S * (-kk)[None, :], axis=1)
-        S = S * decay[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
+        for t in range(T):
+            row = b * T + t
+            base, r, k, v = _head_inputs(buf_ptr, s_buf, row, C, cols)
+            lo = lo_ptr + row * 4 * C
+            w = tl.load(w0_ptr + cols).to(tl.float32) + _second(base, o_w, DW, w2, cols, C, d, lo, 0, APART)
+            a = tl.sigmoid(tl.load(a0_ptr + cols).to(tl.float32) + _second(base, o_a, DA, a2, cols, C, d, lo, 1, APART))
+            g = _second(base, o_g, DG, g2, cols, C, d, lo, 3, APART)
+            kk = k * tl.load(kk_ptr + cols).to(tl.float32)
+            kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, 0)), 1e-12)  # F.normalize
+            k = k * (1.0 + (a - 1.0) * tl.load(ka_ptr + cols).to(tl.float32))
+            if FIRST:
+                tl.store(vfirst_ptr + row * C + cols, v)
+            else:
+                gate = tl.sigmoid(tl.load(v0_ptr + cols).to(tl.float32) + _second(base, o_v, DV, v2, cols, C, d, lo, 2, APART))
+                v = v + (tl.load(vfirst_ptr + row * C + cols) - v) * gate
+            decay = tl.exp(-decay_scale * tl.sigmoid(w))
+            sa = tl.sum(S * (-kk)[None, :], axis=1)
+            S = S * decay[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
+            y = _layer_norm(tl.sum(S * r[None, :], axis=1), lnx_w + h * N, lnx_b + h * N, n, n < N, N, eps)  # the head's group norm
+            y += tl.sum(r * k * tl.load(rk_ptr + cols).to(tl.float32), 0) * v
+            tl.store(out_ptr + row * C + cols, (y * g).to(out_ptr.dtype.element_ty))
         tl.store(s_ptrs, S)
-        y = _layer_norm(tl.sum(S * r[None, :], axis=1), lnx_w + h * N, lnx_b + h * N, n, n < N, N, eps)  # the head's group norm
-        y += tl.sum(r * k * tl.load(rk_ptr + cols).to(tl.float32), 0) * v
-        tl.store(out_ptr + b * C + cols, (y * g).to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _mix_lora(hid_ptr, w2_ptr, i, D, C, h, xx, coeff_ptr, out_ptr, c, m, d):
@@ -345,65 +360,81 @@ if HAVE_TRITON:
 
     @triton.jit
     def _wkv5_head(
-        buf_ptr, s_buf, C, H, o_d, dw2, DD, decay_ptr, u_ptr, lnx_w, lnx_b, eps, S_ptr, out_ptr,
+        buf_ptr, s_buf, C, H, o_d, dw2, DD, decay_ptr, u_ptr, lnx_w, lnx_b, eps, S_ptr, out_ptr, T,
         N: tl.constexpr, BLOCK_D: tl.constexpr, DECAY_LORA: tl.constexpr, PER_HEAD: tl.constexpr,
         GATED: tl.constexpr,
     ):
-        """RWKV-5 and RWKV-6, row b (axis 0), head h (axis 1): the decay, the WKV update
-        y = r (S + diag(u) k^T v), S <- diag(w) S + k^T v (S [key, value]), the head's group norm and
-        the gate. buf[b] = [r | k | v | g (silu(xg G), GATED) | tanh(xw D1) (DECAY_LORA)], fp32.
-        The decay w = exp(-exp(d)): d = time_decay + the LoRA's second stage (v6), time_decay per
-        channel with u = time_faaaa (5.2), or one per head with u = exp(time_first) (PER_HEAD: 5.0, 5.1)."""
-        b, h, n, d, cols, base, r, k, v = _head_inputs(buf_ptr, s_buf, C, N, BLOCK_D)
+        """RWKV-5 and RWKV-6, row b (axis 0), head h (axis 1), its T tokens in turn (rows r = b T + t):
+        the decay, the WKV update y = r (S + diag(u) k^T v), S <- diag(w) S + k^T v (S [key, value]),
+        the head's group norm and the gate. buf[r] = [r | k | v | g (silu(xg G), GATED) | tanh(xw D1)
+        (DECAY_LORA)], fp32. The decay w = exp(-exp(d)): d = time_decay + the LoRA's second stage (v6),
+        time_decay per channel with u = time_faaaa (5.2), or one per head with u = exp(time_first)
+        (PER_HEAD: 5.0, 5.1)."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        n = tl.arange(0, N)
+        d = tl.arange(0, BLOCK_D)
+        cols = h * N + n
         if PER_HEAD:
-            w = tl.zeros([N], dtype=tl.float32) + tl.load(decay_ptr + h).to(tl.float32)
+            w0 = tl.zeros([N], dtype=tl.float32) + tl.load(decay_ptr + h).to(tl.float32)
             u = tl.exp(tl.zeros([N], dtype=tl.float32) + tl.load(u_ptr + h).to(tl.float32))
         else:
-            w = tl.load(decay_ptr + cols).to(tl.float32)
+            w0 = tl.load(decay_ptr + cols).to(tl.float32)
             u = tl.load(u_ptr + cols).to(tl.float32)  # time_faaaa [H, N]: row h is the head's
-        if DECAY_LORA:
-            w += _lora2(base, o_d, DD, dw2, cols, C, d)
-        decay = tl.exp(-tl.exp(w))
         s_ptrs = S_ptr + ((b * H + h) * N + n[:, None]) * N + n[None, :]  # S[key, value]
         S = tl.load(s_ptrs)
-        a = k[:, None] * v[None, :]
-        y = tl.sum(r[:, None] * (u[:, None] * a + S), axis=0)
-        tl.store(s_ptrs, a + decay[:, None] * S)
-        y = _layer_norm(y, lnx_w + h * N, lnx_b + h * N, n, n < N, N, eps)  # the head's group norm
-        if GATED:
-            y = y * tl.load(base + 3 * C + cols)
-        tl.store(out_ptr + b * C + cols, y.to(out_ptr.dtype.element_ty))
+        for t in range(T):
+            row = b * T + t
+            base, r, k, v = _head_inputs(buf_ptr, s_buf, row, C, cols)
+            w = w0
+            if DECAY_LORA:
+                w += _lora2(base, o_d, DD, dw2, cols, C, d)
+            decay = tl.exp(-tl.exp(w))
+            a = k[:, None] * v[None, :]
+            y = tl.sum(r[:, None] * (u[:, None] * a + S), axis=0)
+            S = a + decay[:, None] * S
+            y = _layer_norm(y, lnx_w + h * N, lnx_b + h * N, n, n < N, N, eps)  # the head's group norm
+            if GATED:
+                y = y * tl.load(base + 3 * C + cols)
+            tl.store(out_ptr + row * C + cols, y.to(out_ptr.dtype.element_ty))
+        tl.store(s_ptrs, S)
 
     @triton.jit
-    def _wkv4(buf_ptr, s_buf, A, decay_ptr, first_ptr, aa_ptr, bb_ptr, pp_ptr, out_ptr, BLOCK: tl.constexpr):
-        """RWKV-4, row b (axis 0), channels (axis 1): the overflow-free WKV step on the state (aa, bb, pp),
-        in place, and r * wkv. buf[b] = [k | v | sigmoid(xr R)], fp32."""
+    def _wkv4(buf_ptr, s_buf, A, decay_ptr, first_ptr, aa_ptr, bb_ptr, pp_ptr, out_ptr, T, BLOCK: tl.constexpr):
+        """RWKV-4, row b (axis 0), channels (axis 1), its T tokens in turn (rows r = b T + t): the
+        overflow-free WKV step on the state (aa, bb, pp), in place, and r * wkv. buf[r] = [k | v |
+        sigmoid(xr R)], fp32."""
         b = tl.program_id(0)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = c < A
-        base = buf_ptr + b * s_buf
-        k = tl.load(base + c, mask=m, other=0.0)
-        v = tl.load(base + A + c, mask=m, other=0.0)
-        r = tl.load(base + 2 * A + c, mask=m, other=0.0)
         log_w = -tl.exp(tl.load(decay_ptr + c, mask=m, other=0.0).to(tl.float32))
         u = tl.load(first_ptr + c, mask=m, other=0.0).to(tl.float32)
         st = b * A + c
         aa = tl.load(aa_ptr + st, mask=m, other=0.0)
         bb = tl.load(bb_ptr + st, mask=m, other=0.0)
         pp = tl.load(pp_ptr + st, mask=m, other=0.0)
-        ww = u + k
-        p = tl.maximum(pp, ww)
-        e1, e2 = tl.exp(pp - p), tl.exp(ww - p)
-        y = (e1 * aa + e2 * v) / (e1 * bb + e2)
-        ww = log_w + pp
-        p = tl.maximum(ww, k)
-        e1, e2 = tl.exp(ww - p), tl.exp(k - p)
-        tl.store(aa_ptr + st, e1 * aa + e2 * v, mask=m)
-        tl.store(bb_ptr + st, e1 * bb + e2, mask=m)
-        tl.store(pp_ptr + st, p, mask=m)
-        # r * y.to(dtype), as the plain step rounds them
-        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(out_ptr + b * A + c, (r.to(out_ptr.dtype.element_ty).to(tl.float32) * y).to(out_ptr.dtype.element_ty), mask=m)
+        for t in range(T):
+            row = b * T + t
+            base = buf_ptr + row * s_buf
+            k = tl.load(base + c, mask=m, other=0.0)
+            v = tl.load(base + A + c, mask=m, other=0.0)
+            r = tl.load(base + 2 * A + c, mask=m, other=0.0)
+            ww = u + k
+            p = tl.maximum(pp, ww)
+            e1, e2 = tl.exp(pp - p), tl.exp(ww - p)
+            y = (e1 * aa + e2 * v) / (e1 * bb + e2)
+            ww = log_w + pp
+            p = tl.maximum(ww, k)
+            e1, e2 = tl.exp(ww - p), tl.exp(k - p)
+            aa = e1 * aa + e2 * v
+            bb = e1 * bb + e2
+            pp = p
+            # r * y.to(dtype), as the plain step rounds them
+            y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(out_ptr + row * A + c, (r.to(out_ptr.dtype.element_ty).to(tl.float32) * y).to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(aa_ptr + st, aa, mask=m)
+        tl.store(bb_ptr + st, bb, mask=m)
+        tl.store(pp_ptr + st, pp, mask=m)
 
     # the tiles the step tunes over (`tune_step`): on an H200 (1.5B RWKV-7, session 11) a step picked
     # (32, 256) for r/k/v and the LoRAs, (16, 256) for O and the channel mix's key, (32, 256, K in 4
@@ -418,6 +449,9 @@ if HAVE_TRITON:
         for bn, sp in ((16, 2), (16, 4), (32, 2), (32, 4))
     ]
     MAX_SPLIT = max(c.kwargs["SPLIT"] for c in _SPLIT_CONFIGS)
+    # the tile of a product no step tuned (a prompt's, `triton_step` with T tokens a row), by precision:
+    # Triton's autotuner built 9 variants of each kind and timed them, 8 to 41 s on a cold H200
+    _UNTUNED = {"tf32": _GEMV_CONFIGS[2], "ieee": _GEMV_CONFIGS[0]}
 
     def _prune(configs, named_args, **kwargs):
         """fp32 weights (no tensor cores: "ieee" products): the small tiles (`_small`)."""
@@ -512,6 +546,8 @@ def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_ma
         launch(_GEMV_CONFIGS[0])
     elif key in _CHOSEN:
         launch(_CHOSEN[key])
+    elif STEP_TUNING:  # a launch no step tuned, a prompt's (B T rows): one tile, built once and not timed
+        launch(_UNTUNED[precision])
     else:  # Triton's autotuner picks, launch by launch (META: the arguments and the config's tile)
         tuned = _gemv_split_tuned if split_ok else _gemv_tuned
         grid = lambda META: _grid(**sizes, **{k: META[k] for k in ("BLOCK_N", "BLOCK_K", "SPLIT")})  # noqa: E731
@@ -699,16 +735,17 @@ def make_plan(model) -> Plan:
     return Plan(version, o, tuple(offs), dims, metas)
 
 
-def _norm_mix_call(x: Tensor, ln, shift, mixes, out: Tensor, ln0=None, hx: Optional[Tensor] = None, form: int = 0) -> None:
-    """`_norm_mix` over the rows of x [B, C]: ln (after ln0, if given, whose output replaces x), the
-    token shift through `shift` and `mixes` (up to six coefficient vectors, `form` 0 or 1 as
-    `_mix_out`; none: out = ln(x))."""
-    B, C = x.shape
+def _norm_mix_call(x: Tensor, ln, shift, mixes, out: Tensor, ln0=None, hx: Optional[Tensor] = None, form: int = 0,
+                   T: int = 1) -> None:
+    """`_norm_mix` over the rows of x [B T, C] (T tokens a row in turn): ln (after ln0, if given, whose
+    output replaces x), the token shift through `shift` and `mixes` (up to six coefficient vectors,
+    `form` 0 or 1 as `_mix_out`; none: out = ln(x))."""
+    B, C = x.shape[0] // T, x.shape[1]
     block_c = triton.next_power_of_2(C)
     first = ln if ln0 is None else ln0
     ms = list(mixes) + [ln.weight] * (6 - len(mixes))
     _norm_mix[(B,)](x, first.weight, first.bias, ln.weight, ln.bias, x if shift is None else shift, *ms, out,
-                    out if hx is None else hx, C, ln.eps, HAS_LN0=ln0 is not None, N_MIX=len(mixes), MIX_FORM=form,
+                    out if hx is None else hx, C, ln.eps, T, HAS_LN0=ln0 is not None, N_MIX=len(mixes), MIX_FORM=form,
                     SAVE_HX=hx is not None, BLOCK_C=block_c, num_warps=min(16, max(4, block_c // 256)))
 
 
@@ -717,7 +754,7 @@ def _lora_block(dims) -> int:
 
 
 def _head(model, x: Tensor, plan: Plan) -> Tensor:
-    """ln_out and the LM head: logits [B, V] in the model's dtype."""
+    """ln_out and the LM head for x [B, C]: logits [B, V] in the model's dtype."""
     xn = torch.empty_like(x)
     _norm_mix_call(x, model.model.ln_out, None, [], xn)
     head = model.lm_head.weight
@@ -726,20 +763,20 @@ def _head(model, x: Tensor, plan: Plan) -> Tensor:
     return logits
 
 
-def _channel_mix(x: Tensor, blk, shift: Tensor, plan: Plan, form: int) -> None:
+def _channel_mix(x: Tensor, blk, shift: Tensor, plan: Plan, form: int, T: int) -> None:
     """The channel mix of v4-v6: x += sigmoid(xr R) * (relu(xk K)^2 V) (v6's mixes: `form` 0)."""
     ffn = blk.ffn
     B, C = x.shape
     Fw = ffn.key.weight.shape[0]
     mixes = [ffn.time_maa_k, ffn.time_maa_r] if form == 0 else [ffn.time_mix_k, ffn.time_mix_r]
     fx, fbuf = x.new_empty(B, 2, C), x.new_empty(B, Fw + C)  # [xk, xr]; [relu(xk K)^2 | sigmoid(xr R)]
-    _norm_mix_call(x, blk.ln2, shift, mixes, fx, form=form)
+    _norm_mix_call(x, blk.ln2, shift, mixes, fx, form=form, T=T)
     _gemv_call(fx, fbuf, plan.metas["ffn"], [ffn.key.weight, ffn.receptance.weight], Fw)
     _gemv_call(fbuf[:, :Fw], x, plan.metas["c"], [ffn.value.weight], C, accumulate=True, multiply=fbuf[:, Fw:])
 
 
-def _step7(model, x: Tensor, states: list, plan: Plan) -> None:
-    B, C = x.shape
+def _step7(model, x: Tensor, states: list, plan: Plan, T: int) -> None:
+    B, C = x.shape  # (B: rows, T tokens each)
     dw, da, dv, dg = plan.dims
     xs, yg, fk = x.new_empty(B, 6, C), x.new_empty(B, C), x.new_empty(B, 1, C)
     buf = torch.empty(B, plan.width, device=x.device, dtype=torch.float32)
@@ -751,23 +788,23 @@ def _step7(model, x: Tensor, states: list, plan: Plan) -> None:
         att, ffn = blk.att, blk.ffn
         att_shift, S, ffn_shift = states[i]
         _norm_mix_call(x, blk.ln1, att_shift, [att.x_r, att.x_w, att.x_k, att.x_v, att.x_a, att.x_g], xs,
-                       ln0=blk.ln0 if i == 0 else None)
+                       ln0=blk.ln0 if i == 0 else None, T=T)
         _gemv_call(xs, buf, plan.metas["in"], [att.receptance.weight, att.key.weight, att.value.weight, att.w1, att.a1,
                                                att.v1, att.g1], C)
         if apart:
             _gemv_call(buf, lo, plan.metas["lora2"], [att.w2, att.a2, att.v2, att.g2], C, depth=max(plan.dims))
         H, N = att.r_k.shape
-        _wkv7_head[(B, H)](buf, buf.stride(0), C, H, *plan.offsets, att.w2, att.a2, att.v2, att.g2, dw, da, dv, dg,
-                           att.w0, att.a0, att.v0, att.k_k, att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias,
-                           att.ln_x.eps, DECAY_SCALE, S, v_first, yg, lo, FIRST=i == 0, N=N,
+        _wkv7_head[(B // T, H)](buf, buf.stride(0), C, H, *plan.offsets, att.w2, att.a2, att.v2, att.g2, dw, da, dv, dg,
+                                att.w0, att.a0, att.v0, att.k_k, att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias,
+                                att.ln_x.eps, DECAY_SCALE, S, v_first, yg, lo, T, FIRST=i == 0, N=N,
                            BLOCK_D=_lora_block(plan.dims), APART=apart, num_warps=4)
         _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
-        _norm_mix_call(x, blk.ln2, ffn_shift, [ffn.x_k], fk)
+        _norm_mix_call(x, blk.ln2, ffn_shift, [ffn.x_k], fk, T=T)
         _gemv_call(fk, hidden, plan.metas["ffn"], [ffn.key.weight], hidden.shape[1])
         _gemv_call(hidden, x, plan.metas["c"], [ffn.value.weight], C, accumulate=True)
 
 
-def _step6(model, x: Tensor, states: list, plan: Plan) -> None:
+def _step6(model, x: Tensor, states: list, plan: Plan, T: int) -> None:
     B, C = x.shape
     f32 = dict(device=x.device, dtype=torch.float32)
     blocks = model.model.blocks
@@ -779,7 +816,7 @@ def _step6(model, x: Tensor, states: list, plan: Plan) -> None:
     for i, blk in enumerate(blocks):
         att = blk.att
         att_shift, S, ffn_shift = states[i]
-        _norm_mix_call(x, blk.ln1, att_shift, [att.time_maa_x], xxx, ln0=blk.ln0 if i == 0 else None, hx=hx)
+        _norm_mix_call(x, blk.ln1, att_shift, [att.time_maa_x], xxx, ln0=blk.ln0 if i == 0 else None, hx=hx, T=T)
         _gemv_call(xxx, hid, plan.metas["maa"], [att.time_maa_w1], hid.shape[1])
         _v6_mixes[(B, triton.cdiv(C, block_c))](hid, att.time_maa_w2, hx, att.time_maa_w, att.time_maa_k, att.time_maa_v,
                                                 att.time_maa_r, att.time_maa_g, xs, C, d_mix, BLOCK_C=block_c,
@@ -787,14 +824,14 @@ def _step6(model, x: Tensor, states: list, plan: Plan) -> None:
         _gemv_call(xs, buf, plan.metas["in"], [att.receptance.weight, att.key.weight, att.value.weight, att.gate.weight,
                                                att.time_decay_w1], C)
         H, N = att.time_faaaa.shape
-        _wkv5_head[(B, H)](buf, buf.stride(0), C, H, plan.offsets[0], att.time_decay_w2, plan.dims[0], att.time_decay,
-                           att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps, S, yg, N=N,
+        _wkv5_head[(B // T, H)](buf, buf.stride(0), C, H, plan.offsets[0], att.time_decay_w2, plan.dims[0],
+                                att.time_decay, att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps, S, yg, T, N=N,
                            BLOCK_D=_lora_block(plan.dims), DECAY_LORA=True, PER_HEAD=False, GATED=True, num_warps=4)
         _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
-        _channel_mix(x, blk, ffn_shift, plan, form=0)
+        _channel_mix(x, blk, ffn_shift, plan, form=0, T=T)
 
 
-def _step5(model, x: Tensor, states: list, plan: Plan) -> None:
+def _step5(model, x: Tensor, states: list, plan: Plan, T: int) -> None:
     B, C = x.shape
     buf = torch.empty(B, plan.width, device=x.device, dtype=torch.float32)
     yg = x.new_empty(B, C)
@@ -804,19 +841,19 @@ def _step5(model, x: Tensor, states: list, plan: Plan) -> None:
         att = blk.att
         att_shift, S, ffn_shift = states[i]
         mixes = [att.time_mix_r, att.time_mix_k, att.time_mix_v] + ([att.time_mix_g] if gated else [])
-        _norm_mix_call(x, blk.ln1, att_shift, mixes, xs, ln0=blk.ln0 if i == 0 else None, form=1)
+        _norm_mix_call(x, blk.ln1, att_shift, mixes, xs, ln0=blk.ln0 if i == 0 else None, form=1, T=T)
         mats = [att.receptance.weight, att.key.weight, att.value.weight] + ([att.gate.weight] if gated else [])
         _gemv_call(xs, buf, plan.metas["in"], mats, C)
         per_head = att.version != "5.2"
         H, N = att.n_head, att.head_size
-        _wkv5_head[(B, H)](buf, buf.stride(0), C, H, 0, att.time_decay, 1, att.time_decay,
-                           att.time_first if per_head else att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps,
-                           S, yg, N=N, BLOCK_D=16, DECAY_LORA=False, PER_HEAD=per_head, GATED=gated, num_warps=4)
+        _wkv5_head[(B // T, H)](buf, buf.stride(0), C, H, 0, att.time_decay, 1, att.time_decay,
+                                att.time_first if per_head else att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps,
+                                S, yg, T, N=N, BLOCK_D=16, DECAY_LORA=False, PER_HEAD=per_head, GATED=gated, num_warps=4)
         _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
-        _channel_mix(x, blk, ffn_shift, plan, form=1)
+        _channel_mix(x, blk, ffn_shift, plan, form=1, T=T)
 
 
-def _step4(model, x: Tensor, states: list, plan: Plan) -> None:
+def _step4(model, x: Tensor, states: list, plan: Plan, T: int) -> None:
     B, C = x.shape
     A = model.model.blocks[0].att.key.weight.shape[0]
     buf = torch.empty(B, plan.width, device=x.device, dtype=torch.float32)
@@ -826,20 +863,23 @@ def _step4(model, x: Tensor, states: list, plan: Plan) -> None:
         att = blk.att
         att_shift, (aa, bb, pp), ffn_shift = states[i]
         _norm_mix_call(x, blk.ln1, att_shift, [att.time_mix_k, att.time_mix_v, att.time_mix_r], xs,
-                       ln0=blk.ln0 if i == 0 else None, form=1)
+                       ln0=blk.ln0 if i == 0 else None, form=1, T=T)
         _gemv_call(xs, buf, plan.metas["in"], [att.key.weight, att.value.weight, att.receptance.weight], A)
-        _wkv4[(B, triton.cdiv(A, block))](buf, buf.stride(0), A, att.time_decay, att.time_first, aa, bb, pp, ry,
-                                          BLOCK=block, num_warps=4)
+        _wkv4[(B // T, triton.cdiv(A, block))](buf, buf.stride(0), A, att.time_decay, att.time_first, aa, bb, pp, ry,
+                                               T, BLOCK=block, num_warps=4)
         _gemv_call(ry, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
-        _channel_mix(x, blk, ffn_shift, plan, form=1)
+        _channel_mix(x, blk, ffn_shift, plan, form=1, T=T)
 
 
 _STEP_FNS = {"rwkv7_world": _step7, "rwkv6_world": _step6, "rwkv5_world": _step5, "rwkv4_world": _step4}
 
 
 def triton_step(model, ids: Tensor, states: list, plan: Plan) -> Tensor:
-    """One token per row (ids [B, 1]) through the whole model from `states` (each block's
-    (att_shift, wkv, ffn_shift), updated in place): logits [B, V] in the model's dtype."""
-    x = F.embedding(ids.reshape(-1), model.model.emb.weight)  # [B, C], a fresh tensor: the residual stream
-    _STEP_FNS[plan.version](model, x, states, plan)
-    return _head(model, x, plan)
+    """ids [B, T] (a decode step: T = 1) through the whole model from `states` (each block's
+    (att_shift, wkv, ffn_shift), updated in place), each launch taking every row's T tokens (the
+    products as B T rows, the recurrences a row's tokens in turn): the last token's logits [B, V] in
+    the model's dtype."""
+    B, T = ids.shape
+    x = F.embedding(ids.reshape(-1), model.model.emb.weight)  # [B T, C], a fresh tensor: the residual stream
+    _STEP_FNS[plan.version](model, x, states, plan, T)
+    return _head(model, x if T == 1 else x[T - 1 :: T].contiguous(), plan)
