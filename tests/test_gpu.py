@@ -360,6 +360,48 @@ def test_triton_step_matches_eager(version, n_embd, batch):
     assert e_fast <= 2 * e_eager + 1e-2
 
 
+@pytest.mark.parametrize("version,batch", [("7", 1), ("7", 5), ("6", 5), ("5.2", 3), ("4", 3)])
+def test_short_prompt_runs_the_triton_step_at_once(version, batch):
+    """With the Triton step on (triton_decode True), a 20-token prompt's forward pass (a cache, the last
+    logits) is one Triton step taking all 20 tokens a row: in fp32 its logits and state are the
+    modules' recurrence (1e-5) and generate()'s greedy tokens those of the modules' and the eager step's;
+    in bf16 its logits are no further from fp32 than twice the modules' bf16 logits are. Width 2048:
+    the products as 20 and 100 rows (tiles of 32 and 64 rows)."""
+    from rwkv_hf.modeling import rwkv_decode
+    from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD
+
+    t0 = time.time()
+    ids = torch.randint(0, 65536, (batch, 20), generator=torch.Generator().manual_seed(4)).to(DEV)
+    calls, real = [], rwkv_decode.triton_step
+    rwkv_decode.triton_step = lambda m, x, *a: calls.append(tuple(x.shape)) or real(m, x, *a)
+    out = {}
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            m = build(version, dtype, n_layer=3, n_embd=2048, triton_decode=True)
+            with torch.no_grad():
+                fast = m(ids, use_cache=True, logits_to_keep=1)
+                plain = m(ids, use_cache=True, logits_to_keep=1, wkv_mode="recurrent")
+                leaves = [torch.utils._pytree.tree_leaves(getattr(o, CACHE_FIELD).layers_state) for o in (fast, plain)]
+                state_err = max(float((a.float() - b.float()).abs().max() / max(1.0, b.float().abs().max()))
+                                for a, b in zip(*leaves))
+                out[dtype] = fast.logits[:, -1].float(), plain.logits[:, -1].float(), state_err
+                if dtype == torch.float32:  # (against the modules' recurrence and the eager step: no fla kernels,
+                    # which tune themselves for minutes on a cold card)
+                    tokens = m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+                    plain_tokens = m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                              wkv_mode="recurrent")
+                    assert torch.equal(tokens, plain_tokens), (tokens, plain_tokens)
+    finally:
+        rwkv_decode.triton_step = real
+    assert calls.count((batch, 20)) == 3, calls  # (fp32, its generate(), bf16; not the recurrent generate())
+    (fast32, plain32, state32), (fast16, plain16, _) = out[torch.float32], out[torch.bfloat16]
+    err = lambda x: float(((x - plain32).abs().amax(-1) / plain32.abs().amax(-1)).max())  # noqa: E731
+    print(f"\nTriton v{version} prompt b{batch}: fp32 {err(fast32):.2e} (state {state32:.2e}); bf16 {err(fast16):.2e} "
+          f"against the modules' bf16 {err(plain16):.2e} ({time.time() - t0:.0f} s)")
+    assert err(fast32) <= 1e-5 and state32 <= 1e-5
+    assert err(fast16) <= 2 * err(plain16) + 1e-2
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_generate_runs_the_triton_step_by_default_and_gives_eager_tokens(batch):
     """triton_decode None (the default) on an RWKV-7: generate() replays the Triton step; fp32 greedy and

@@ -154,6 +154,82 @@ def test_triton_step_takes_a_prompt_at_once(tmp_path, version, batch, apart):
         assert e_fast16 <= 2 * e_plain16 + 1e-2, (how, e_fast16, e_plain16)
 
 
+ROUTE_SCRIPT = r"""
+import json, sys
+import torch
+from rwkv_hf.modeling import RwkvCache, rwkv_common, rwkv_paths, rwkv_triton
+from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD
+from rwkv_hf.testing import build_model, make_state_dict
+
+# the captured Triton step's path, as pick_path gives it on CUDA, here on the CPU (runner "step")
+real_pick, real_step, on, calls = rwkv_common.pick_path, rwkv_triton.triton_step, [True], []
+def pick(*a, **k):
+    path = real_pick(*a, **k)
+    return path._replace(triton=True) if k.get("step") and on[0] else path
+rwkv_common.pick_path = pick
+from rwkv_hf.modeling import rwkv_decode
+rwkv_decode.triton_step = lambda m, ids, *a: calls.append(list(ids.shape)) or real_step(m, ids, *a)
+m = build_model(make_state_dict("7", n_layer=2, n_embd=128, head_size=64, vocab_size=512, seed=5)).eval()
+g = torch.Generator().manual_seed(2)
+ids, more = torch.randint(1, 512, (2, 9), generator=g), torch.randint(1, 512, (2, 4), generator=g)
+n, res = len(m.model.blocks), {}
+err = lambda a, b: float((a.float() - b.float()).abs().max() / b.float().abs().max())
+def modules(*a, **k):  # the recurrence through the modules, the step left out
+    on[0] = False
+    try:
+        return m(*a, use_cache=True, wkv_mode="recurrent", logits_to_keep=1, **k)
+    finally:
+        on[0] = True
+with torch.no_grad():
+    fast = m(ids, use_cache=True, logits_to_keep=1)
+    plain = modules(ids)
+    res["calls"] = list(calls)
+    res["logits"] = err(fast.logits, plain.logits)
+    states = zip(getattr(fast, CACHE_FIELD).layers_state, getattr(plain, CACHE_FIELD).layers_state)
+    res["state"] = max(err(a, b) for sa, sb in states for a, b in zip(sa, sb))
+    res["seen"] = getattr(fast, CACHE_FIELD).get_seq_length()
+    cont = m(more, cache=getattr(fast, CACHE_FIELD), use_cache=True, logits_to_keep=1)
+    res["continued"] = err(cont.logits, modules(more, cache=getattr(plain, CACHE_FIELD)).logits)
+    res["calls"] = list(calls)
+    calls.clear()
+    pad = torch.ones_like(ids)
+    pad[0, :2] = 0
+    m(ids, use_cache=True, attention_mask=pad, logits_to_keep=1)
+    m(torch.randint(1, 512, (1, rwkv_paths.TRITON_PROMPT_MAX + 1), generator=g), use_cache=True, logits_to_keep=1)
+    m(ids, use_cache=True, position_ids=torch.arange(9).expand(2, 9), logits_to_keep=1)
+    m(ids, use_cache=True, logits_to_keep=2)
+    m(ids, use_cache=False, logits_to_keep=1)
+    on[0] = False
+    m(ids, use_cache=True, logits_to_keep=1)
+    res["modules_calls"] = list(calls)
+    on[0] = True
+    out = m.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    res["generate_calls"] = list(calls)
+    on[0] = False
+    res["generate_same"] = bool(torch.equal(out, m.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)))
+print(json.dumps(res))
+"""
+
+
+def test_forward_sends_a_short_prompt_to_the_triton_step():
+    """Where the decode step is the captured Triton one (made to say so here, on the CPU), a forward
+    pass of up to TRITON_PROMPT_MAX tokens a row with a cache and the last logits asked for runs the
+    Triton step once with all of them: from a fresh cache and continuing one, the logits and state are
+    the modules' recurrence (fp32, 1e-5), and generate() prefills that way with the same tokens.
+    Padding, packed documents, a longer prompt, more logits, no cache, or a step that is not Triton's
+    keep the modules."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", ROUTE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["calls"] == [[2, 9], [2, 4]], res
+    assert res["logits"] <= 1e-5 and res["state"] <= 1e-5 and res["continued"] <= 1e-5, res
+    assert res["seen"] == 9
+    assert res["modules_calls"] == [], res
+    assert res["generate_calls"] == [[2, 9]], res  # (the steps after it: the plain step, runner "step" here)
+    assert res["generate_same"]
+
+
 GEMV_SCRIPT = r"""
 import json
 import torch

@@ -18,12 +18,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .rwkv7_deepembed import deep_embed_inputs
 from .rwkv_cache import CACHE_FIELD, RwkvCache, zip_tensors
-from .rwkv_decode import step_logits
+from .rwkv_decode import prompt_logits, step_logits
 from .rwkv_generate import decode_loop
 from .rwkv_helpers import ModuleCalls, exporting, layer_norm_fp32
 from .rwkv_inputs import check_ids, document_starts, normalize_mask
 from .rwkv_loss import linear_cross_entropy, shifted_targets
 from .rwkv_paths import Path as RunPath
+from . import rwkv_paths
 from .rwkv_paths import compile_disabled, global_hooks, own_generate_loop, pick_path
 from .rwkv_peft import register_lora_targets
 from .rwkv_saving import auto_map, write_self_contained
@@ -461,10 +462,20 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
         shift_labels = kwargs.get("shift_labels")
         with_loss = labels is not None or shift_labels is not None
         targets = labels if labels is not None else shift_labels
-        path = self._decode_path(input_ids, attention_mask, cache, targets, output_hidden_states, wkv_mode)
-        if path is not None:  # a decode step: one token per row, the logits only (rwkv_decode)
+        packed = position_ids is not None or kwargs.get("cu_seq_lens_q") is not None
+        if cache is None and (self.config.use_cache if use_cache is None else use_cache):
+            cache_made = RwkvCache(len(self.model.blocks))  # (a prompt's decode steps start from it)
+        else:
+            cache_made = cache
+        path = self._decode_path(input_ids, attention_mask, cache_made, targets, output_hidden_states, wkv_mode,
+                                 logits_to_keep, packed)
+        if path is not None:  # decode steps: the logits only (rwkv_decode)
+            cache = cache_made
             check_ids(input_ids, self.config.vocab_size)
-            logits = step_logits(self, input_ids, cache, path)[:, None]
+            if input_ids.shape[1] == 1 and cache.batch_size is not None:
+                logits = step_logits(self, input_ids, cache, path)[:, None]
+            else:
+                logits = prompt_logits(self, input_ids, cache, path)
             result = CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
             return result if return_dict is not False else result.to_tuple()
         out = self.model(
@@ -520,16 +531,25 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
             and not global_hooks()
         )
 
-    def _decode_path(self, input_ids, attention_mask, cache, labels, output_hidden_states, wkv_mode) -> Optional[RunPath]:
+    def _decode_path(
+        self, input_ids, attention_mask, cache, labels, output_hidden_states, wkv_mode, logits_to_keep=1, packed=False,
+    ) -> Optional[RunPath]:
         """The path of a decode step (one token per row from a full state, no gradients, nothing but
-        the logits asked for, no padding), or None: through the modules (`rwkv_paths` decides)."""
+        the logits asked for, no padding), or None: through the modules (`rwkv_paths` decides).
+
+        A short prompt (up to `rwkv_paths.TRITON_PROMPT_MAX` tokens a row, one document a row, from a
+        full or an empty cache, the last logits asked for) takes it too where the step is the captured
+        Triton one, whose kernels then take all its tokens at once (`rwkv_decode.prompt_logits`): the
+        modules' forward pass is launch-bound at that length."""
+        B, T = input_ids.shape if input_ids is not None and input_ids.dim() == 2 else (0, 0)
+        full = isinstance(cache, RwkvCache) and cache.batch_size == B and all(s is not None for s in cache.layers_state)
+        empty = isinstance(cache, RwkvCache) and cache.batch_size is None
+        step = T == 1 and full
+        prompt = (not step and 0 < T <= rwkv_paths.TRITON_PROMPT_MAX and B * T <= rwkv_paths.TRITON_PROMPT_ROWS
+                  and (full or empty)
+                  and isinstance(logits_to_keep, int) and logits_to_keep == 1 and not packed)
         if not (
-            input_ids is not None
-            and input_ids.dim() == 2
-            and input_ids.shape[1] == 1
-            and isinstance(cache, RwkvCache)
-            and cache.batch_size == input_ids.shape[0]
-            and all(s is not None for s in cache.layers_state)
+            (step or prompt)
             and labels is None
             and not output_hidden_states
             and not torch.is_grad_enabled()
@@ -537,8 +557,10 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
             and not exporting()
         ):
             return None
-        path = pick_path(self, input_ids.device, 1, wkv_mode, step=True, batch=input_ids.shape[0])
-        if path.runner == "modules" or not (attention_mask is None or bool(attention_mask.all())):
+        path = pick_path(self, input_ids.device, 1, wkv_mode, step=True, batch=B)
+        if path.runner == "modules" or (prompt and not path.triton):
+            return None
+        if not (attention_mask is None or bool(attention_mask.all())):
             return None
         return path
 

@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .rwkv_cache import CACHE_FIELD, RwkvCache, copy_into, same_tensors
+from .rwkv_cache import CACHE_FIELD, RwkvCache, copy_into, map_tensors, same_tensors
 from .rwkv_helpers import DirectCalls, ReduceCalls
 from .rwkv_paths import Path, pick_path, stop_auto_compiling, stop_triton_step
 from . import rwkv_triton
@@ -265,6 +265,37 @@ def step_logits(model, input_ids: Tensor, cache: RwkvCache, path: Path) -> Tenso
     return _plain_step(model, input_ids, cache, path)
 
 
+def prompt_logits(model, input_ids: Tensor, cache: RwkvCache, path: Path) -> Tensor:
+    """input_ids [B, T] through the Triton step at once (`rwkv_triton.triton_step`, T tokens a row in
+    each launch) from the state in `cache` (empty: each block's starting state, as the modules start);
+    the last column's logits [B, 1, V]. On a captured path (runner "graph") the state ends in the
+    decoder's buffers, which `cache` then holds, as after a decode step; where that decoder's Triton
+    step failed and it fell back to the eager one, the tokens go through it one by one. Else `cache`
+    gets new state tensors."""
+    B, T = input_ids.shape
+    if cache.batch_size is None:
+        dtype = model.get_input_embeddings().weight.dtype
+        cache.layers_state = [blk.zero_state(B, input_ids.device, dtype) for blk in model.model.blocks]
+    if path.runner != "graph":
+        states = [map_tensors(lambda t: t.clone(), s) for s in cache.layers_state]
+        logits = triton_step(model, input_ids, states, make_plan(model))
+        cache.layers_state = states
+    else:
+        dec = _decoder(model, B, path)
+        if dec.graph is None:
+            dec.capture()  # (first: it tunes the tiles, and where Triton fails it falls back to the eager step)
+        if not dec.path.triton:
+            for t in range(T):
+                logits = step_logits(model, input_ids[:, t, None], cache, path)
+            return logits[:, None]
+        if not dec.owns(cache):
+            dec.adopt(cache)
+        logits = triton_step(model, input_ids, dec.cache.layers_state, dec._plan)
+        dec.cache.seen_tokens += T
+    cache.seen_tokens += T
+    return logits[:, None]
+
+
 # model -> its compiled block step (for `compile_decode` off CUDA), or None where compiling failed
 _COMPILED_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -301,14 +332,19 @@ _MAX_DECODERS_PER_MODEL = 4
 
 
 def _graph_step(model, input_ids: Tensor, cache: RwkvCache, path: Path) -> Tensor:
+    return _decoder(model, input_ids.shape[0], path).run(input_ids, cache)
+
+
+def _decoder(model, batch: int, path: Path) -> "RwkvGraphDecoder":
+    """The model's decoder for this batch size and path (made here the first time, captured on first use)."""
     head = model.lm_head.weight
     # inference mode is part of the key: buffers made under it cannot be updated in place outside it
-    key = (input_ids.shape[0], head.dtype, head.device, head.data_ptr(), model.model.emb.weight.data_ptr(),
+    key = (batch, head.dtype, head.device, head.data_ptr(), model.model.emb.weight.data_ptr(),
            torch.is_inference_mode_enabled(), path)
     decoders = _DECODERS.setdefault(model, {})
     dec = decoders.get(key)
     if dec is None:
         if len(decoders) >= _MAX_DECODERS_PER_MODEL:
             decoders.pop(next(iter(decoders)))
-        dec = decoders[key] = RwkvGraphDecoder(model, batch_size=input_ids.shape[0], path=path)
-    return dec.run(input_ids, cache)
+        dec = decoders[key] = RwkvGraphDecoder(model, batch_size=batch, path=path)
+    return dec
