@@ -9,11 +9,11 @@ the same card in one session, one process each:
     python benchmarks/decode_step.py --src ../before/src; python benchmarks/decode_step.py
     python benchmarks/decode_step.py --inductor combo_kernels=1
     python benchmarks/decode_step.py --shape 7b --step triton   # issue 14's larger model, RWKV-7's Triton step
-    python benchmarks/decode_step.py --step triton --variant step_tuning=1 --variant step_tuning=2
+    python benchmarks/decode_step.py --step triton --variant split_k=0 --variant split_k=1
     python benchmarks/decode_step.py --step triton --variant lora_apart_from=1000 --variant lora_apart_from=1
 
 Each --variant sets `rwkv_triton` settings (integers) and tunes the product tiles afresh; the
-candidates' times (us a launch alone, and with step_tuning=2 us a whole step) are printed.
+candidates' times (us a launch) are printed.
 
 Prints one line per batch size and writes decode_step.json to --out (default $OUT, else .).
 """

@@ -468,9 +468,7 @@ if HAVE_TRITON:
 
 # Module settings, read at each launch, so that a benchmark compares them in one process. SPLIT_K:
 # one-segment products may be tuned with K split as well. STEP_TUNING: `RwkvGraphDecoder` tunes the
-# products with `tune_step` before capturing (else Triton's autotuner picks, launch by launch); 2:
-# its best few of each kind alone are timed again in the whole step (not measured yet: an option
-# for benchmarks/decode_step.py to compare).
+# products with `tune_step` before capturing (else Triton's autotuner picks, launch by launch).
 SPLIT_K = True
 STEP_TUNING = True
 # RWKV-7 from this batch on: the second LoRA stages as one `_gemv` launch for all rows, not inside
@@ -481,8 +479,7 @@ V6_MIX_BLOCK = 64
 _SCRATCH: dict = {}
 _CHOSEN: dict = {}  # a launch's tuning key -> the config `tune_step` timed fastest
 _RECORD: Optional[dict] = None  # while `tune_step` records a step: tuning key -> that step's launches
-_TIMINGS: dict = {}  # tuning key -> `tune_step`'s times of its candidates (us a launch alone, us a step)
-IN_STEP_TOP = 3  # STEP_TUNING 2: how many of a kind's fastest alone `tune_step` times in the step
+_TIMINGS: dict = {}  # tuning key -> `tune_step`'s times of its candidates (us a launch)
 
 
 def _scratch(device: torch.device, rows: int, n: int, split: int):
@@ -588,9 +585,9 @@ def tune_step(step, reps: int = 5) -> dict:
     each kind and each candidate config, all of the step's launches of that kind (one per layer, each
     reading its own matrix, so the cache holds none) are captured in a CUDA graph, replayed and timed
     (`_graph_us`); the fastest is kept for the process (`_CHOSEN`), for every later launch of that
-    kind. With STEP_TUNING 2, each kind's IN_STEP_TOP fastest alone are then timed again inside
-    the whole step (`step()` captured, the other kinds at their picks), kind after kind, and the
-    fastest there is kept. Triton's autotuner times one launch of one matrix at a time: at these
+    kind. (Timing each kind's three fastest again inside the whole captured step changed nothing on
+    an H200: RWKV-7 b32 13,504 against 13,497 tok/s, RWKV-6 10,950 against 10,985; removed.)
+    Triton's autotuner times one launch of one matrix at a time: at these
     sizes (5-25 us a launch) it picked tiles up to 2x slower than the best in a step
     (benchmarks/README.md). The step's outputs meanwhile are garbage (the caller restores the
     state). Returns {kind: (config, us a launch)}; `_TIMINGS` keeps every candidate's times."""
@@ -618,17 +615,7 @@ def tune_step(step, reps: int = 5) -> dict:
         if timed:
             ranked[key] = sorted(timed, key=lambda t: t[1])
             _CHOSEN[key] = ranked[key][0][0]
-            _TIMINGS[key] = {"alone": [(_describe(c), round(us, 2)) for c, us in ranked[key]]}
-    if STEP_TUNING == 2:
-        for key, timed in ranked.items():
-            if len(timed) < 2:
-                continue
-            in_step = []
-            for cfg, _ in timed[:IN_STEP_TOP]:
-                _CHOSEN[key] = cfg
-                in_step.append((cfg, _graph_us(step, reps)))
-            _CHOSEN[key] = min(in_step, key=lambda t: t[1])[0]
-            _TIMINGS[key]["in_step"] = [(_describe(c), round(us, 1)) for c, us in in_step]
+            _TIMINGS[key] = [(_describe(c), round(us, 2)) for c, us in ranked[key]]
     return {key: (_describe(_CHOSEN[key]), next(us for c, us in timed if c is _CHOSEN[key])) for key, timed in ranked.items()}
 
 
