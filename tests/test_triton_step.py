@@ -24,14 +24,14 @@ from rwkv_hf.testing import make_state_dict, run_reference
 pytest.importorskip("triton")
 needs_reference = pytest.mark.usefixtures("reference_package")
 
-SCRIPT = r"""
+# both scripts' start: argv = checkpoint, tokens (row 0's; the other rows random), prompt (where the
+# Triton step takes over), batch, LORA_APART_FROM
+HEADER = r"""
 import json, sys
 import torch
 from rwkv_hf.modeling import rwkv_triton
 from rwkv_hf.modeling.rwkv_triton import make_plan, triton_step
 from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD, map_tensors
-from rwkv_hf.modeling.rwkv_decode import model_step
-from rwkv_hf.modeling.rwkv_paths import Path
 from rwkv_hf.testing import build_model
 
 ckpt, tokens, prompt, batch = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -41,6 +41,11 @@ ids = torch.tensor([tokens] * batch)
 ids[1:] = torch.randint(0, 65536, ids[1:].shape, generator=torch.Generator().manual_seed(1))
 flat = lambda s: [t for part in s for t in (part if isinstance(part, tuple) else (part,))]  # (v4: (aa, bb, pp))
 res = {}
+"""
+
+SCRIPT = HEADER + r"""
+from rwkv_hf.modeling.rwkv_decode import model_step
+from rwkv_hf.modeling.rwkv_paths import Path
 for dtype in (torch.float32, torch.bfloat16):
     m = build_model(sd).to(dtype).eval()
     with torch.no_grad():
@@ -87,21 +92,7 @@ def test_triton_step_matches_plain_step_and_reference(tmp_path, version, batch):
     assert e_fast16 <= 2 * e_plain16 + 1e-2, (e_fast16, e_plain16)
 
 
-PROMPT_SCRIPT = r"""
-import json, sys
-import torch
-from rwkv_hf.modeling import rwkv_triton
-from rwkv_hf.modeling.rwkv_triton import make_plan, triton_step
-from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD, map_tensors
-from rwkv_hf.testing import build_model
-
-ckpt, tokens, batch = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-rwkv_triton.LORA_APART_FROM = int(sys.argv[4])
-sd = torch.load(ckpt, weights_only=True)
-ids = torch.tensor([tokens] * batch)
-ids[1:] = torch.randint(0, 65536, ids[1:].shape, generator=torch.Generator().manual_seed(1))
-flat = lambda s: [t for part in s for t in (part if isinstance(part, tuple) else (part,))]  # (v4: (aa, bb, pp))
-res = {}
+PROMPT_SCRIPT = HEADER + r"""
 for dtype in (torch.float32, torch.bfloat16):
     m = build_model(sd).to(dtype).eval()
     plan = make_plan(m)
@@ -109,11 +100,11 @@ for dtype in (torch.float32, torch.bfloat16):
     with torch.no_grad():
         whole = m(ids, use_cache=True, wkv_mode="recurrent")
         want = getattr(whole, CACHE_FIELD).layers_state
-        # all at once from the starting state; the last four continuing the first two's state
+        # all at once from the starting state; the rest continuing the first `prompt` tokens' state
         zero = [blk.zero_state(batch, "cpu", dtype) for blk in m.model.blocks]
-        head = getattr(m(ids[:, :2], use_cache=True, wkv_mode="recurrent"), CACHE_FIELD).layers_state
+        head = getattr(m(ids[:, :prompt], use_cache=True, wkv_mode="recurrent"), CACHE_FIELD).layers_state
         rest = [map_tensors(lambda t: t.clone(), s) for s in head]
-        for how, states, part in (("all", zero, ids), ("rest", rest, ids[:, 2:])):
+        for how, states, part in (("all", zero, ids), ("rest", rest, ids[:, prompt:])):
             logits = triton_step(m, part, states, plan).float()
             state_err = max(float((a.float() - b.float()).abs().max() / max(1.0, a.float().abs().max()))
                             for s1, s2 in zip(want, states) for a, b in zip(flat(s1), flat(s2)))
@@ -138,7 +129,7 @@ def test_triton_step_takes_a_prompt_at_once(tmp_path, version, batch, apart):
     torch.save(sd, ckpt)
     tokens = torch.randint(1, 65536, (6,), generator=torch.Generator().manual_seed(9)).tolist()
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", PROMPT_SCRIPT, str(ckpt), json.dumps(tokens), str(batch), str(apart)],
+    proc = subprocess.run([sys.executable, "-c", PROMPT_SCRIPT, str(ckpt), json.dumps(tokens), "2", str(batch), str(apart)],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
