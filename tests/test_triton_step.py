@@ -198,6 +198,29 @@ with torch.no_grad():
     res["generate_calls"] = list(calls)
     on[0] = False
     res["generate_same"] = bool(torch.equal(out, m.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)))
+    on[0] = True
+    # a Triton that cannot build the prompt's kernels: the first prompt of a process says so, keeps the
+    # state as it was and goes through the modules, and so do the prompts after it
+    import warnings
+    def broken(m, ids, *a):
+        calls.append(list(ids.shape))
+        raise RuntimeError("no kernel for this card")
+    rwkv_decode.triton_step = broken
+    res["fallback"] = []
+    for start in ("full", "empty"):
+        rwkv_decode._PROMPT_RAN, rwkv_paths._TRITON_PROMPT_FAILED = False, False
+        calls.clear()
+        held = getattr(plain, CACHE_FIELD).clone() if start == "full" else None
+        fed = held.get_seq_length() if held else 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = m(more if held else ids, cache=held, use_cache=True, logits_to_keep=1)
+            again = m(more if held else ids, cache=held and getattr(plain, CACHE_FIELD).clone(), use_cache=True,
+                      logits_to_keep=1)
+        want = modules(more, cache=getattr(plain, CACHE_FIELD).clone()) if held else modules(ids)
+        res["fallback"].append({"calls": list(calls), "warned": sum("no kernel" in str(w.message) for w in caught),
+                                "err": max(err(got.logits, want.logits), err(again.logits, want.logits)),
+                                "seen": getattr(got, CACHE_FIELD).get_seq_length() - fed})
 print(json.dumps(res))
 """
 
@@ -208,7 +231,8 @@ def test_forward_sends_a_short_prompt_to_the_triton_step():
     Triton step once with all of them: from a fresh cache and continuing one, the logits and state are
     the modules' recurrence (fp32, 1e-5), and generate() prefills that way with the same tokens.
     Padding, packed documents, a longer prompt, more logits, no cache, or a step that is not Triton's
-    keep the modules."""
+    keep the modules. A step that fails on the first prompt of a process (from a full cache and from
+    none) warns once, leaves the state as it was, and the modules take that prompt and the next."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", ROUTE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -219,6 +243,9 @@ def test_forward_sends_a_short_prompt_to_the_triton_step():
     assert res["modules_calls"] == [], res
     assert res["generate_calls"] == [[2, 9]], res  # (the steps after it: the plain step, runner "step" here)
     assert res["generate_same"]
+    for case, seen in zip(res["fallback"], (4, 9)):  # (tokens the modules fed)
+        assert case["calls"] == [case["calls"][0]] and case["warned"] == 1, res["fallback"]
+        assert case["err"] <= 1e-5 and case["seen"] == seen, res["fallback"]
 
 
 GEMV_SCRIPT = r"""

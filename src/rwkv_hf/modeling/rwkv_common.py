@@ -474,10 +474,11 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
             check_ids(input_ids, self.config.vocab_size)
             if input_ids.shape[1] == 1 and cache.batch_size is not None:
                 logits = step_logits(self, input_ids, cache, path)[:, None]
-            else:
+            else:  # (None: the Triton step failed on it here, and left the state as it was: the modules go on)
                 logits = prompt_logits(self, input_ids, cache, path)
-            result = CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
-            return result if return_dict is not False else result.to_tuple()
+            if logits is not None:
+                result = CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
+                return result if return_dict is not False else result.to_tuple()
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -545,8 +546,7 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
         full = isinstance(cache, RwkvCache) and cache.batch_size == B and all(s is not None for s in cache.layers_state)
         empty = isinstance(cache, RwkvCache) and cache.batch_size is None
         step = T == 1 and full
-        prompt = (not step and 0 < T <= rwkv_paths.TRITON_PROMPT_MAX and B * T <= rwkv_paths.TRITON_PROMPT_ROWS
-                  and (full or empty)
+        prompt = (not step and rwkv_paths.triton_prompt_fits(B, T) and (full or empty)
                   and isinstance(logits_to_keep, int) and logits_to_keep == 1 and not packed)
         if not (
             (step or prompt)

@@ -52,6 +52,18 @@ TRITON_MAX_BATCH = 32  # the Triton step by default up to this batch (tested on 
 # against 88, and 64 tokens (2,048 rows) 79 against 74. See `RwkvForCausalLMBase._decode_path`.
 TRITON_PROMPT_MAX = 64
 TRITON_PROMPT_ROWS = 1024
+_TRITON_PROMPT_FAILED = False
+
+
+def triton_prompt_fits(batch: int, tokens: int) -> bool:
+    """Whether a prompt of `batch` rows of `tokens` may go through the Triton step at once."""
+    return not _TRITON_PROMPT_FAILED and 0 < tokens <= TRITON_PROMPT_MAX and batch * tokens <= TRITON_PROMPT_ROWS
+
+
+def stop_triton_prompt() -> None:
+    """The Triton step failed on a prompt here: prompts go through the modules for the rest of the process."""
+    global _TRITON_PROMPT_FAILED
+    _TRITON_PROMPT_FAILED = True
 # set for the length of a generate() call whose generation config has `disable_compile`
 _COMPILE_DISABLED = contextvars.ContextVar("rwkv_compile_disabled", default=False)
 
