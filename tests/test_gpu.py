@@ -363,15 +363,17 @@ def test_triton_step_matches_eager(version, n_embd, batch):
 @pytest.mark.parametrize("version,batch", [("7", 1), ("7", 5), ("6", 5), ("5.2", 3), ("4", 3)])
 def test_short_prompt_runs_the_triton_step_at_once(version, batch):
     """With the Triton step on (triton_decode True), a 20-token prompt's forward pass (a cache, the last
-    logits) is one Triton step taking all 20 tokens a row: in fp32 its logits and state are the
-    modules' recurrence (1e-5) and generate()'s greedy tokens those of the modules' and the eager step's;
-    in bf16 its logits are no further from fp32 than twice the modules' bf16 logits are. Width 2048:
-    the products as 20 and 100 rows (tiles of 32 and 64 rows)."""
+    logits; with 2 rows or more, row 1 left-padded) is one Triton step taking all 20 tokens a row: in
+    fp32 its logits and state are the modules' recurrence (1e-5) and generate()'s greedy tokens those
+    of the modules' and the eager step's; in bf16 its logits are no further from fp32 than twice the
+    modules' bf16 logits are. Width 2048: the products as 20 and 100 rows (tiles of 32 and 64 rows)."""
     from rwkv_hf.modeling import rwkv_decode
     from rwkv_hf.modeling.rwkv_cache import CACHE_FIELD
 
     t0 = time.time()
     ids = torch.randint(0, 65536, (batch, 20), generator=torch.Generator().manual_seed(4)).to(DEV)
+    mask = torch.ones_like(ids)
+    mask[1:2, :5] = 0  # (with 2 rows or more: row 1 left-padded)
     calls, real = [], rwkv_decode.triton_step
     rwkv_decode.triton_step = lambda m, x, *a: calls.append(tuple(x.shape)) or real(m, x, *a)
     out = {}
@@ -379,16 +381,16 @@ def test_short_prompt_runs_the_triton_step_at_once(version, batch):
         for dtype in (torch.float32, torch.bfloat16):
             m = build(version, dtype, n_layer=3, n_embd=2048, triton_decode=True)
             with torch.no_grad():
-                fast = m(ids, use_cache=True, logits_to_keep=1)
-                plain = m(ids, use_cache=True, logits_to_keep=1, wkv_mode="recurrent")
+                fast = m(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+                plain = m(ids, attention_mask=mask, use_cache=True, logits_to_keep=1, wkv_mode="recurrent")
                 leaves = [torch.utils._pytree.tree_leaves(getattr(o, CACHE_FIELD).layers_state) for o in (fast, plain)]
                 state_err = max(float((a.float() - b.float()).abs().max() / max(1.0, b.float().abs().max()))
                                 for a, b in zip(*leaves))
                 out[dtype] = fast.logits[:, -1].float(), plain.logits[:, -1].float(), state_err
                 if dtype == torch.float32:  # (against the modules' recurrence and the eager step: no fla kernels,
                     # which tune themselves for minutes on a cold card)
-                    tokens = m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-                    plain_tokens = m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                    tokens = m.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+                    plain_tokens = m.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
                                               wkv_mode="recurrent")
                     assert torch.equal(tokens, plain_tokens), (tokens, plain_tokens)
     finally:

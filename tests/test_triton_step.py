@@ -97,19 +97,27 @@ for dtype in (torch.float32, torch.bfloat16):
     m = build_model(sd).to(dtype).eval()
     plan = make_plan(m)
     name = str(dtype).split(".")[-1]
-    with torch.no_grad():
-        whole = m(ids, use_cache=True, wkv_mode="recurrent")
-        want = getattr(whole, CACHE_FIELD).layers_state
-        # all at once from the starting state; the rest continuing the first `prompt` tokens' state
-        zero = [blk.zero_state(batch, "cpu", dtype) for blk in m.model.blocks]
-        head = getattr(m(ids[:, :prompt], use_cache=True, wkv_mode="recurrent"), CACHE_FIELD).layers_state
-        rest = [map_tensors(lambda t: t.clone(), s) for s in head]
-        for how, states, part in (("all", zero, ids), ("rest", rest, ids[:, prompt:])):
-            logits = triton_step(m, part, states, plan).float()
-            state_err = max(float((a.float() - b.float()).abs().max() / max(1.0, a.float().abs().max()))
-                            for s1, s2 in zip(want, states) for a, b in zip(flat(s1), flat(s2)))
-            res[f"{name} {how}"] = {"plain": whole.logits[:, -1].float().tolist(), "fast": logits.tolist(),
-                                    "state_err": state_err}
+    # padding (with 2 rows or more): row 1 left-padded by 2, row 2 with a zero in the middle
+    pad = torch.ones_like(ids, dtype=torch.bool)
+    pad[1:2, :2] = False
+    pad[2:3, 3] = False
+    for masked in (False, True) if batch > 1 else (False,):
+        mask = pad if masked else None
+        cut = lambda part: None if mask is None else mask[:, part]  # noqa: E731
+        with torch.no_grad():
+            whole = m(ids, attention_mask=mask, use_cache=True, wkv_mode="recurrent")
+            want = getattr(whole, CACHE_FIELD).layers_state
+            # all at once from the starting state; the rest continuing the first `prompt` tokens' state
+            zero = [blk.zero_state(batch, "cpu", dtype) for blk in m.model.blocks]
+            head = getattr(m(ids[:, :prompt], attention_mask=cut(slice(0, prompt)), use_cache=True, wkv_mode="recurrent"),
+                           CACHE_FIELD).layers_state
+            rest = [map_tensors(lambda t: t.clone(), s) for s in head]
+            for how, states, part in (("all", zero, slice(0, None)), ("rest", rest, slice(prompt, None))):
+                logits = triton_step(m, ids[:, part], states, plan, mask=cut(part)).float()
+                state_err = max(float((a.float() - b.float()).abs().max() / max(1.0, a.float().abs().max()))
+                                for s1, s2 in zip(want, states) for a, b in zip(flat(s1), flat(s2)))
+                res[f"{name} {how}" + (" padded" if masked else "")] = {
+                    "plain": whole.logits[:, -1].float().tolist(), "fast": logits.tolist(), "state_err": state_err}
 print(json.dumps(res))
 """
 
@@ -120,10 +128,11 @@ print(json.dumps(res))
 def test_triton_step_takes_a_prompt_at_once(tmp_path, version, batch, apart):
     """The Triton step with T tokens a row (a prompt: each launch takes every row's tokens, the
     recurrences in turn): 6 tokens from the starting state, and the last 4 after the modules took
-    the first 2, against the modules' recurrence over all 6. In fp32 the last logits match to 1e-5 x
-    max|logit| (row 0: also the reference package's) and the state to 1e-5 x max(1, max|state|); in bf16 they are no
-    further from fp32 than twice the modules' bf16 logits are. RWKV-7 with its second LoRA stages in
-    `_wkv7_head` (apart 1000) and apart (2)."""
+    the first 2, against the modules' recurrence over all 6; with 2 rows or more also with padding
+    (row 1 left-padded by 2, row 2 a zero inside), against the modules with that attention mask. In
+    fp32 the last logits match to 1e-5 x max|logit| (row 0: also the reference package's) and the
+    state to 1e-5 x max(1, max|state|); in bf16 they are no further from fp32 than twice the modules'
+    bf16 logits are. RWKV-7 with its second LoRA stages in `_wkv7_head` (apart 1000) and apart (2)."""
     sd = make_state_dict(version, n_layer=2, n_embd=128, head_size=64, seed=23)
     ckpt = tmp_path / f"rwkv{version}.pth"
     torch.save(sd, ckpt)
@@ -134,7 +143,8 @@ def test_triton_step_takes_a_prompt_at_once(tmp_path, version, batch, apart):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     ref = run_reference(ckpt, tokens, version)["logits"][-1]
-    for how in ("all", "rest"):
+    assert len(res) == (8 if batch > 1 else 4)
+    for how in sorted({k.split(" ", 1)[1] for k in res}):
         plain32, fast32 = torch.tensor(res[f"float32 {how}"]["plain"]), torch.tensor(res[f"float32 {how}"]["fast"])
         err = lambda x: float(((x - plain32).abs().amax(-1) / plain32.abs().amax(-1)).max())  # noqa: E731
         assert err(fast32) <= 1e-5, (how, err(fast32))
@@ -184,8 +194,15 @@ with torch.no_grad():
     res["calls"] = list(calls)
     calls.clear()
     pad = torch.ones_like(ids)
-    pad[0, :2] = 0
-    m(ids, use_cache=True, attention_mask=pad, logits_to_keep=1)
+    pad[0, :2] = 0  # left padding: the Triton step
+    pad[1, 4] = 0
+    res["padded"] = err(m(ids, use_cache=True, attention_mask=pad, logits_to_keep=1).logits,
+                        modules(ids, attention_mask=pad).logits)
+    res["padded_calls"] = list(calls)
+    calls.clear()
+    right = torch.ones_like(ids)
+    right[1, -2:] = 0  # a row ending in padding: the modules
+    m(ids, use_cache=True, attention_mask=right, logits_to_keep=1)
     m(torch.randint(1, 512, (1, rwkv_paths.TRITON_PROMPT_MAX + 1), generator=g), use_cache=True, logits_to_keep=1)
     m(ids, use_cache=True, position_ids=torch.arange(9).expand(2, 9), logits_to_keep=1)
     m(ids, use_cache=True, logits_to_keep=2)
@@ -208,7 +225,7 @@ with torch.no_grad():
     rwkv_decode.triton_step = broken
     res["fallback"] = []
     for start in ("full", "empty"):
-        rwkv_decode._PROMPT_RAN, rwkv_paths._TRITON_PROMPT_FAILED = False, False
+        rwkv_decode._PROMPT_RAN, rwkv_paths._TRITON_PROMPT_FAILED = set(), False
         calls.clear()
         held = getattr(plain, CACHE_FIELD).clone() if start == "full" else None
         fed = held.get_seq_length() if held else 0
@@ -229,9 +246,9 @@ def test_forward_sends_a_short_prompt_to_the_triton_step():
     """Where the decode step is the captured Triton one (made to say so here, on the CPU), a forward
     pass of up to TRITON_PROMPT_MAX tokens a row with a cache and the last logits asked for runs the
     Triton step once with all of them: from a fresh cache and continuing one, the logits and state are
-    the modules' recurrence (fp32, 1e-5), and generate() prefills that way with the same tokens.
-    Padding, packed documents, a longer prompt, more logits, no cache, or a step that is not Triton's
-    keep the modules. A step that fails on the first prompt of a process (from a full cache and from
+    the modules' recurrence (fp32, 1e-5), also left-padded and with a zero inside a row, and generate()
+    prefills that way with the same tokens. A row ending in padding, packed documents, a longer
+    prompt, more logits, no cache, or a step that is not Triton's keep the modules. A step that fails on the first prompt of a process (from a full cache and from
     none) warns once, leaves the state as it was, and the modules take that prompt and the next."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", ROUTE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
@@ -241,6 +258,7 @@ def test_forward_sends_a_short_prompt_to_the_triton_step():
     assert res["logits"] <= 1e-5 and res["state"] <= 1e-5 and res["continued"] <= 1e-5, res
     assert res["seen"] == 9
     assert res["modules_calls"] == [], res
+    assert res["padded"] <= 1e-5 and res["padded_calls"] == [[2, 9]], res
     assert res["generate_calls"] == [[2, 9]], res  # (the steps after it: the plain step, runner "step" here)
     assert res["generate_same"]
     for case, seen in zip(res["fallback"], (4, 9)):  # (tokens the modules fed)

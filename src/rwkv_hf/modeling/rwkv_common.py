@@ -475,7 +475,7 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
             if input_ids.shape[1] == 1 and cache.batch_size is not None:
                 logits = step_logits(self, input_ids, cache, path)[:, None]
             else:  # (None: the Triton step failed on it here, and left the state as it was: the modules go on)
-                logits = prompt_logits(self, input_ids, cache, path)
+                logits = prompt_logits(self, input_ids, cache, path, attention_mask)
             if logits is not None:
                 result = CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
                 return result if return_dict is not False else result.to_tuple()
@@ -539,9 +539,10 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
         the logits asked for, no padding), or None: through the modules (`rwkv_paths` decides).
 
         A short prompt (up to `rwkv_paths.TRITON_PROMPT_MAX` tokens a row, one document a row, from a
-        full or an empty cache, the last logits asked for) takes it too where the step is the captured
-        Triton one, whose kernels then take all its tokens at once (`rwkv_decode.prompt_logits`): the
-        modules' forward pass is launch-bound at that length."""
+        full or an empty cache, the last logits asked for, padded only where each row's last token is
+        real) takes it too where the step is the captured Triton one, whose kernels then take all its
+        tokens at once (`rwkv_decode.prompt_logits`): the modules' forward pass is launch-bound at
+        that length."""
         B, T = input_ids.shape if input_ids is not None and input_ids.dim() == 2 else (0, 0)
         full = isinstance(cache, RwkvCache) and cache.batch_size == B and all(s is not None for s in cache.layers_state)
         empty = isinstance(cache, RwkvCache) and cache.batch_size is None
@@ -560,8 +561,10 @@ class RwkvForCausalLMBase(RwkvStateMixin, RwkvPreTrainedModel, GenerationMixin):
         path = pick_path(self, input_ids.device, 1, wkv_mode, step=True, batch=B)
         if path.runner == "modules" or (prompt and not path.triton):
             return None
-        if not (attention_mask is None or bool(attention_mask.all())):
-            return None
+        # padding: a prompt's, where each row's last token is real (`prompt_logits`); not a step's
+        if attention_mask is not None and not bool(attention_mask.all()):
+            if not (prompt and attention_mask.dim() == 2 and bool(attention_mask[:, -1].all())):
+                return None
         return path
 
     def prepare_inputs_for_generation(

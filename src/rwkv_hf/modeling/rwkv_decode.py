@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from .rwkv_cache import CACHE_FIELD, RwkvCache, copy_into, map_tensors, same_tensors
 from .rwkv_helpers import DirectCalls, ReduceCalls
+from .rwkv_inputs import normalize_mask
 from .rwkv_paths import Path, pick_path, stop_auto_compiling, stop_triton_prompt, stop_triton_step
 from . import rwkv_triton
 from .rwkv_triton import make_plan, triton_step, tune_step
@@ -265,47 +266,52 @@ def step_logits(model, input_ids: Tensor, cache: RwkvCache, path: Path) -> Tenso
     return _plain_step(model, input_ids, cache, path)
 
 
-def prompt_logits(model, input_ids: Tensor, cache: RwkvCache, path: Path) -> Optional[Tensor]:
+def prompt_logits(model, input_ids: Tensor, cache: RwkvCache, path: Path, attention_mask=None) -> Optional[Tensor]:
     """input_ids [B, T] through the Triton step at once (`rwkv_triton.triton_step`, T tokens a row in
     each launch) from the state in `cache` (empty: each block's starting state, as the modules start);
-    the last column's logits [B, 1, V]. On a captured path (runner "graph") the state ends in the
-    decoder's buffers, which `cache` then holds, as after a decode step; where that decoder's Triton
-    step failed and it fell back to the eager one, the tokens go through it one by one. Else `cache`
-    gets new state tensors.
+    the last column's logits [B, 1, V]. `attention_mask` [B, T]: 0 for padding (left, or inside a row;
+    each row's last token real), which changes no state. On a captured path (runner "graph") the state
+    ends in the decoder's buffers, which `cache` then holds, as after a decode step; where that
+    decoder's Triton step failed and it fell back to the eager one, the tokens go through it one by
+    one (with padding: None, the modules take it). Else `cache` gets new state tensors.
 
-    Where the step fails on the first prompt of the process (a Triton that cannot build these
-    kernels), it says so once, puts `cache` back as it was and returns None (the caller runs the
+    Where the step fails on the first prompt of the process, or the first with padding (a Triton
+    that cannot build these kernels), it says so once, puts `cache` back as it was and returns None (the caller runs the
     modules); prompts go through the modules from then on (`rwkv_paths.stop_triton_prompt`)."""
-    global _PROMPT_RAN
     B, T = input_ids.shape
+    mask = normalize_mask(attention_mask, (B, T), input_ids.device)
+    kind = mask is not None  # (the kernels built for padding, or not)
     empty = cache.batch_size is None
-    if empty:
-        dtype = model.get_input_embeddings().weight.dtype
-        cache.layers_state = [blk.zero_state(B, input_ids.device, dtype) for blk in model.model.blocks]
     dec = snapshot = None
     if path.runner == "graph":
         dec = _decoder(model, B, path)
         if dec.graph is None:
             dec.capture()  # (first: it tunes the tiles, and where Triton fails it falls back to the eager step)
         if not dec.path.triton:
+            if mask is not None:
+                return None
+            if empty:
+                _started(model, cache, B)
             for t in range(T):
                 logits = step_logits(model, input_ids[:, t, None], cache, path)
             return logits[:, None]
-        if not _PROMPT_RAN and dec.owns(cache):  # (the state lives only in the buffers the step overwrites)
+        if kind not in _PROMPT_RAN and dec.owns(cache):  # (the state lives only in the buffers the step overwrites)
             snapshot = dec.export_cache().layers_state
+    if empty:
+        _started(model, cache, B)
     before = cache.layers_state  # (adopting copies them into the decoder's buffers: they stay as they are)
     try:
         if dec is None:
             states = [map_tensors(lambda t: t.clone(), s) for s in cache.layers_state]
-            logits = triton_step(model, input_ids, states, make_plan(model))
+            logits = triton_step(model, input_ids, states, make_plan(model), mask)
             cache.layers_state = states
         else:
             if not dec.owns(cache):
                 dec.adopt(cache)
-            logits = triton_step(model, input_ids, dec.cache.layers_state, dec._plan)
+            logits = triton_step(model, input_ids, dec.cache.layers_state, dec._plan, mask)
             dec.cache.seen_tokens += T
     except Exception as e:
-        if _PROMPT_RAN:
+        if kind in _PROMPT_RAN:
             raise
         warnings.warn(f"the Triton step failed on a prompt ({type(e).__name__}: {e}); prompts go through the "
                       "modules in this process")
@@ -316,12 +322,21 @@ def prompt_logits(model, input_ids: Tensor, cache: RwkvCache, path: Path) -> Opt
         else:
             cache.layers_state = [None] * len(before) if empty else before
         return None
-    _PROMPT_RAN = True
+    _PROMPT_RAN.add(kind)
     cache.seen_tokens += T
     return logits[:, None]
 
 
-_PROMPT_RAN = False  # a prompt went through the Triton step in this process: a later failure is an error
+# a prompt with padding (True) or without (False) went through the Triton step in this process: a later
+# failure of that kind is an error
+_PROMPT_RAN: set = set()
+
+
+def _started(model, cache: RwkvCache, batch: int) -> RwkvCache:
+    """An empty `cache` given each block's starting state, as the modules start from (in place)."""
+    emb = model.get_input_embeddings().weight
+    cache.layers_state = [blk.zero_state(batch, emb.device, emb.dtype) for blk in model.model.blocks]
+    return cache
 
 
 # model -> its compiled block step (for `compile_decode` off CUDA), or None where compiling failed

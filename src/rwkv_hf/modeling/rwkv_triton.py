@@ -106,14 +106,24 @@ if HAVE_TRITON:
         tl.store(out_ptr + row + c, (h + xx * coeff).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
+    def _real(mask_ptr, r, new, old, HAS_MASK: tl.constexpr):
+        """What a row's state becomes after token r: `new`, or (HAS_MASK, padding: mask[r] 0) `old`,
+        as if the token were not there (`rwkv_helpers.token_shift`, the masked recurrences)."""
+        if HAS_MASK:
+            new = tl.where(tl.load(mask_ptr + r) != 0, new, old)
+        return new
+
+    @triton.jit
     def _norm_mix(
-        x_ptr, ln0_w, ln0_b, ln_w, ln_b, shift_ptr, m0, m1, m2, m3, m4, m5, out_ptr, hx_ptr, C, eps, T,
+        x_ptr, ln0_w, ln0_b, ln_w, ln_b, shift_ptr, m0, m1, m2, m3, m4, m5, out_ptr, hx_ptr, C, eps, T, mask_ptr,
         HAS_LN0: tl.constexpr, N_MIX: tl.constexpr, MIX_FORM: tl.constexpr, SAVE_HX: tl.constexpr, BLOCK_C: tl.constexpr,
+        HAS_MASK: tl.constexpr,
     ):
         """Row b's T tokens in turn, each row r = b T + t of x: [x = ln0(x), stored;] h = ln(x); with
         mixes: prev = the token before's h (the first's: shift[b]), out[r, i] = h + (prev - h) * m_i for
         i < N_MIX (MIX_FORM 1, v4/v5: h m_i + prev (1 - m_i)) [and hx[r] = (h, prev - h) in fp32, for
-        mixes made later: RWKV-6's], and at the end shift[b] = the last h; without (N_MIX 0): out[r] = h."""
+        mixes made later: RWKV-6's], and at the end shift[b] = the last h; without (N_MIX 0): out[r] = h.
+        HAS_MASK: a token whose mask[r] is 0 (padding) is no token before the next (`_real`)."""
         b = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         m = c < C
@@ -148,7 +158,7 @@ if HAVE_TRITON:
                     _mix_out(out_ptr, row + 4 * C, h, xx, m4, c, m, MIX_FORM)
                 if N_MIX > 5:
                     _mix_out(out_ptr, row + 5 * C, h, xx, m5, c, m, MIX_FORM)
-                prev = h
+                prev = _real(mask_ptr, r, h, prev, HAS_MASK)
         if N_MIX > 0:
             tl.store(shift_ptr + b * C + c, prev.to(shift_ptr.dtype.element_ty), mask=m)
 
@@ -294,7 +304,8 @@ if HAVE_TRITON:
     def _wkv7_head(
         buf_ptr, s_buf, C, H, o_w, o_a, o_v, o_g, w2, a2, v2, g2, DW, DA, DV, DG,
         w0_ptr, a0_ptr, v0_ptr, kk_ptr, ka_ptr, rk_ptr, lnx_w, lnx_b, eps, decay_scale, S_ptr, vfirst_ptr, out_ptr,
-        lo_ptr, T, FIRST: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr, APART: tl.constexpr,
+        lo_ptr, T, mask_ptr, FIRST: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr, APART: tl.constexpr,
+        HAS_MASK: tl.constexpr,
     ):
         """Row b (axis 0), head h (axis 1): everything of the time mix between its products and O, for
         the row's T tokens in turn (rows r = b T + t of buf, v_first, out; the state carried between).
@@ -325,8 +336,9 @@ if HAVE_TRITON:
                 v = v + (tl.load(vfirst_ptr + row * C + cols) - v) * gate
             decay = tl.exp(-decay_scale * tl.sigmoid(w))
             sa = tl.sum(S * (-kk)[None, :], axis=1)
-            S = S * decay[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
-            y = _layer_norm(tl.sum(S * r[None, :], axis=1), lnx_w + h * N, lnx_b + h * N, n, n < N, N, eps)  # the head's group norm
+            new = S * decay[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
+            S = _real(mask_ptr, row, new, S, HAS_MASK)
+            y = _layer_norm(tl.sum(new * r[None, :], axis=1), lnx_w + h * N, lnx_b + h * N, n, n < N, N, eps)  # the head's group norm
             y += tl.sum(r * k * tl.load(rk_ptr + cols).to(tl.float32), 0) * v
             tl.store(out_ptr + row * C + cols, (y * g).to(out_ptr.dtype.element_ty))
         tl.store(s_ptrs, S)
@@ -360,9 +372,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _wkv5_head(
-        buf_ptr, s_buf, C, H, o_d, dw2, DD, decay_ptr, u_ptr, lnx_w, lnx_b, eps, S_ptr, out_ptr, T,
+        buf_ptr, s_buf, C, H, o_d, dw2, DD, decay_ptr, u_ptr, lnx_w, lnx_b, eps, S_ptr, out_ptr, T, mask_ptr,
         N: tl.constexpr, BLOCK_D: tl.constexpr, DECAY_LORA: tl.constexpr, PER_HEAD: tl.constexpr,
-        GATED: tl.constexpr,
+        GATED: tl.constexpr, HAS_MASK: tl.constexpr,
     ):
         """RWKV-5 and RWKV-6, row b (axis 0), head h (axis 1), its T tokens in turn (rows r = b T + t):
         the decay, the WKV update y = r (S + diag(u) k^T v), S <- diag(w) S + k^T v (S [key, value]),
@@ -392,7 +404,7 @@ if HAVE_TRITON:
             decay = tl.exp(-tl.exp(w))
             a = k[:, None] * v[None, :]
             y = tl.sum(r[:, None] * (u[:, None] * a + S), axis=0)
-            S = a + decay[:, None] * S
+            S = _real(mask_ptr, row, a + decay[:, None] * S, S, HAS_MASK)
             y = _layer_norm(y, lnx_w + h * N, lnx_b + h * N, n, n < N, N, eps)  # the head's group norm
             if GATED:
                 y = y * tl.load(base + 3 * C + cols)
@@ -400,7 +412,8 @@ if HAVE_TRITON:
         tl.store(s_ptrs, S)
 
     @triton.jit
-    def _wkv4(buf_ptr, s_buf, A, decay_ptr, first_ptr, aa_ptr, bb_ptr, pp_ptr, out_ptr, T, BLOCK: tl.constexpr):
+    def _wkv4(buf_ptr, s_buf, A, decay_ptr, first_ptr, aa_ptr, bb_ptr, pp_ptr, out_ptr, T, mask_ptr,
+              BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
         """RWKV-4, row b (axis 0), channels (axis 1), its T tokens in turn (rows r = b T + t): the
         overflow-free WKV step on the state (aa, bb, pp), in place, and r * wkv. buf[r] = [k | v |
         sigmoid(xr R)], fp32."""
@@ -426,9 +439,9 @@ if HAVE_TRITON:
             ww = log_w + pp
             p = tl.maximum(ww, k)
             e1, e2 = tl.exp(ww - p), tl.exp(k - p)
-            aa = e1 * aa + e2 * v
-            bb = e1 * bb + e2
-            pp = p
+            aa = _real(mask_ptr, row, e1 * aa + e2 * v, aa, HAS_MASK)
+            bb = _real(mask_ptr, row, e1 * bb + e2, bb, HAS_MASK)
+            pp = _real(mask_ptr, row, p, pp, HAS_MASK)
             # r * y.to(dtype), as the plain step rounds them
             y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
             tl.store(out_ptr + row * A + c, (r.to(out_ptr.dtype.element_ty).to(tl.float32) * y).to(out_ptr.dtype.element_ty), mask=m)
@@ -722,18 +735,24 @@ def make_plan(model) -> Plan:
     return Plan(version, o, tuple(offs), dims, metas)
 
 
+def _padding(mask: Optional[Tensor], x: Tensor) -> dict:
+    """A launch's padding arguments: `mask` [B T] (int8, 0 for padding), or None (no padding)."""
+    return {"mask_ptr": x if mask is None else mask, "HAS_MASK": mask is not None}
+
+
 def _norm_mix_call(x: Tensor, ln, shift, mixes, out: Tensor, ln0=None, hx: Optional[Tensor] = None, form: int = 0,
-                   T: int = 1) -> None:
-    """`_norm_mix` over the rows of x [B T, C] (T tokens a row in turn): ln (after ln0, if given, whose
-    output replaces x), the token shift through `shift` and `mixes` (up to six coefficient vectors,
-    `form` 0 or 1 as `_mix_out`; none: out = ln(x))."""
+                   T: int = 1, mask: Optional[Tensor] = None) -> None:
+    """`_norm_mix` over the rows of x [B T, C] (T tokens a row in turn, `mask` [B T]: padding where 0):
+    ln (after ln0, if given, whose output replaces x), the token shift through `shift` and `mixes` (up
+    to six coefficient vectors, `form` 0 or 1 as `_mix_out`; none: out = ln(x))."""
     B, C = x.shape[0] // T, x.shape[1]
     block_c = triton.next_power_of_2(C)
     first = ln if ln0 is None else ln0
     ms = list(mixes) + [ln.weight] * (6 - len(mixes))
     _norm_mix[(B,)](x, first.weight, first.bias, ln.weight, ln.bias, x if shift is None else shift, *ms, out,
                     out if hx is None else hx, C, ln.eps, T, HAS_LN0=ln0 is not None, N_MIX=len(mixes), MIX_FORM=form,
-                    SAVE_HX=hx is not None, BLOCK_C=block_c, num_warps=min(16, max(4, block_c // 256)))
+                    SAVE_HX=hx is not None, BLOCK_C=block_c, num_warps=min(16, max(4, block_c // 256)),
+                    **_padding(mask, x))
 
 
 def _lora_block(dims) -> int:
@@ -750,19 +769,19 @@ def _head(model, x: Tensor, plan: Plan) -> Tensor:
     return logits
 
 
-def _channel_mix(x: Tensor, blk, shift: Tensor, plan: Plan, form: int, T: int) -> None:
+def _channel_mix(x: Tensor, blk, shift: Tensor, plan: Plan, form: int, T: int, mask: Optional[Tensor]) -> None:
     """The channel mix of v4-v6: x += sigmoid(xr R) * (relu(xk K)^2 V) (v6's mixes: `form` 0)."""
     ffn = blk.ffn
     B, C = x.shape
     Fw = ffn.key.weight.shape[0]
     mixes = [ffn.time_maa_k, ffn.time_maa_r] if form == 0 else [ffn.time_mix_k, ffn.time_mix_r]
     fx, fbuf = x.new_empty(B, 2, C), x.new_empty(B, Fw + C)  # [xk, xr]; [relu(xk K)^2 | sigmoid(xr R)]
-    _norm_mix_call(x, blk.ln2, shift, mixes, fx, form=form, T=T)
+    _norm_mix_call(x, blk.ln2, shift, mixes, fx, form=form, T=T, mask=mask)
     _gemv_call(fx, fbuf, plan.metas["ffn"], [ffn.key.weight, ffn.receptance.weight], Fw)
     _gemv_call(fbuf[:, :Fw], x, plan.metas["c"], [ffn.value.weight], C, accumulate=True, multiply=fbuf[:, Fw:])
 
 
-def _step7(model, x: Tensor, states: list, plan: Plan, T: int) -> None:
+def _step7(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Tensor]) -> None:
     B, C = x.shape  # (B: rows, T tokens each)
     dw, da, dv, dg = plan.dims
     xs, yg, fk = x.new_empty(B, 6, C), x.new_empty(B, C), x.new_empty(B, 1, C)
@@ -775,7 +794,7 @@ def _step7(model, x: Tensor, states: list, plan: Plan, T: int) -> None:
         att, ffn = blk.att, blk.ffn
         att_shift, S, ffn_shift = states[i]
         _norm_mix_call(x, blk.ln1, att_shift, [att.x_r, att.x_w, att.x_k, att.x_v, att.x_a, att.x_g], xs,
-                       ln0=blk.ln0 if i == 0 else None, T=T)
+                       ln0=blk.ln0 if i == 0 else None, T=T, mask=mask)
         _gemv_call(xs, buf, plan.metas["in"], [att.receptance.weight, att.key.weight, att.value.weight, att.w1, att.a1,
                                                att.v1, att.g1], C)
         if apart:
@@ -783,15 +802,15 @@ def _step7(model, x: Tensor, states: list, plan: Plan, T: int) -> None:
         H, N = att.r_k.shape
         _wkv7_head[(B // T, H)](buf, buf.stride(0), C, H, *plan.offsets, att.w2, att.a2, att.v2, att.g2, dw, da, dv, dg,
                                 att.w0, att.a0, att.v0, att.k_k, att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias,
-                                att.ln_x.eps, DECAY_SCALE, S, v_first, yg, lo, T, FIRST=i == 0, N=N,
+                                att.ln_x.eps, DECAY_SCALE, S, v_first, yg, lo, T, FIRST=i == 0, N=N, **_padding(mask, x),
                            BLOCK_D=_lora_block(plan.dims), APART=apart, num_warps=4)
         _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
-        _norm_mix_call(x, blk.ln2, ffn_shift, [ffn.x_k], fk, T=T)
+        _norm_mix_call(x, blk.ln2, ffn_shift, [ffn.x_k], fk, T=T, mask=mask)
         _gemv_call(fk, hidden, plan.metas["ffn"], [ffn.key.weight], hidden.shape[1])
         _gemv_call(hidden, x, plan.metas["c"], [ffn.value.weight], C, accumulate=True)
 
 
-def _step6(model, x: Tensor, states: list, plan: Plan, T: int) -> None:
+def _step6(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Tensor]) -> None:
     B, C = x.shape
     f32 = dict(device=x.device, dtype=torch.float32)
     blocks = model.model.blocks
@@ -803,7 +822,8 @@ def _step6(model, x: Tensor, states: list, plan: Plan, T: int) -> None:
     for i, blk in enumerate(blocks):
         att = blk.att
         att_shift, S, ffn_shift = states[i]
-        _norm_mix_call(x, blk.ln1, att_shift, [att.time_maa_x], xxx, ln0=blk.ln0 if i == 0 else None, hx=hx, T=T)
+        _norm_mix_call(x, blk.ln1, att_shift, [att.time_maa_x], xxx, ln0=blk.ln0 if i == 0 else None, hx=hx, T=T,
+                       mask=mask)
         _gemv_call(xxx, hid, plan.metas["maa"], [att.time_maa_w1], hid.shape[1])
         _v6_mixes[(B, triton.cdiv(C, block_c))](hid, att.time_maa_w2, hx, att.time_maa_w, att.time_maa_k, att.time_maa_v,
                                                 att.time_maa_r, att.time_maa_g, xs, C, d_mix, BLOCK_C=block_c,
@@ -813,12 +833,13 @@ def _step6(model, x: Tensor, states: list, plan: Plan, T: int) -> None:
         H, N = att.time_faaaa.shape
         _wkv5_head[(B // T, H)](buf, buf.stride(0), C, H, plan.offsets[0], att.time_decay_w2, plan.dims[0],
                                 att.time_decay, att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps, S, yg, T, N=N,
+                                **_padding(mask, x),
                            BLOCK_D=_lora_block(plan.dims), DECAY_LORA=True, PER_HEAD=False, GATED=True, num_warps=4)
         _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
-        _channel_mix(x, blk, ffn_shift, plan, form=0, T=T)
+        _channel_mix(x, blk, ffn_shift, plan, form=0, T=T, mask=mask)
 
 
-def _step5(model, x: Tensor, states: list, plan: Plan, T: int) -> None:
+def _step5(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Tensor]) -> None:
     B, C = x.shape
     buf = torch.empty(B, plan.width, device=x.device, dtype=torch.float32)
     yg = x.new_empty(B, C)
@@ -828,19 +849,19 @@ def _step5(model, x: Tensor, states: list, plan: Plan, T: int) -> None:
         att = blk.att
         att_shift, S, ffn_shift = states[i]
         mixes = [att.time_mix_r, att.time_mix_k, att.time_mix_v] + ([att.time_mix_g] if gated else [])
-        _norm_mix_call(x, blk.ln1, att_shift, mixes, xs, ln0=blk.ln0 if i == 0 else None, form=1, T=T)
+        _norm_mix_call(x, blk.ln1, att_shift, mixes, xs, ln0=blk.ln0 if i == 0 else None, form=1, T=T, mask=mask)
         mats = [att.receptance.weight, att.key.weight, att.value.weight] + ([att.gate.weight] if gated else [])
         _gemv_call(xs, buf, plan.metas["in"], mats, C)
         per_head = att.version != "5.2"
         H, N = att.n_head, att.head_size
         _wkv5_head[(B // T, H)](buf, buf.stride(0), C, H, 0, att.time_decay, 1, att.time_decay,
                                 att.time_first if per_head else att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps,
-                                S, yg, T, N=N, BLOCK_D=16, DECAY_LORA=False, PER_HEAD=per_head, GATED=gated, num_warps=4)
+                                S, yg, T, N=N, **_padding(mask, x), BLOCK_D=16, DECAY_LORA=False, PER_HEAD=per_head, GATED=gated, num_warps=4)
         _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
-        _channel_mix(x, blk, ffn_shift, plan, form=1, T=T)
+        _channel_mix(x, blk, ffn_shift, plan, form=1, T=T, mask=mask)
 
 
-def _step4(model, x: Tensor, states: list, plan: Plan, T: int) -> None:
+def _step4(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Tensor]) -> None:
     B, C = x.shape
     A = model.model.blocks[0].att.key.weight.shape[0]
     buf = torch.empty(B, plan.width, device=x.device, dtype=torch.float32)
@@ -850,23 +871,26 @@ def _step4(model, x: Tensor, states: list, plan: Plan, T: int) -> None:
         att = blk.att
         att_shift, (aa, bb, pp), ffn_shift = states[i]
         _norm_mix_call(x, blk.ln1, att_shift, [att.time_mix_k, att.time_mix_v, att.time_mix_r], xs,
-                       ln0=blk.ln0 if i == 0 else None, form=1, T=T)
+                       ln0=blk.ln0 if i == 0 else None, form=1, T=T, mask=mask)
         _gemv_call(xs, buf, plan.metas["in"], [att.key.weight, att.value.weight, att.receptance.weight], A)
         _wkv4[(B // T, triton.cdiv(A, block))](buf, buf.stride(0), A, att.time_decay, att.time_first, aa, bb, pp, ry,
-                                               T, BLOCK=block, num_warps=4)
+                                               T, BLOCK=block, **_padding(mask, x), num_warps=4)
         _gemv_call(ry, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
-        _channel_mix(x, blk, ffn_shift, plan, form=1, T=T)
+        _channel_mix(x, blk, ffn_shift, plan, form=1, T=T, mask=mask)
 
 
 _STEP_FNS = {"rwkv7_world": _step7, "rwkv6_world": _step6, "rwkv5_world": _step5, "rwkv4_world": _step4}
 
 
-def triton_step(model, ids: Tensor, states: list, plan: Plan) -> Tensor:
+def triton_step(model, ids: Tensor, states: list, plan: Plan, mask: Optional[Tensor] = None) -> Tensor:
     """ids [B, T] (a decode step: T = 1) through the whole model from `states` (each block's
     (att_shift, wkv, ffn_shift), updated in place), each launch taking every row's T tokens (the
     products as B T rows, the recurrences a row's tokens in turn): the last token's logits [B, V] in
-    the model's dtype."""
+    the model's dtype. `mask` [B, T] (bool; a prompt's, whose last column is real): padding where
+    False, which changes no state, as in the modules."""
     B, T = ids.shape
     x = F.embedding(ids.reshape(-1), model.model.emb.weight)  # [B T, C], a fresh tensor: the residual stream
-    _STEP_FNS[plan.version](model, x, states, plan, T)
+    if mask is not None:
+        mask = mask.reshape(-1).to(torch.int8)
+    _STEP_FNS[plan.version](model, x, states, plan, T, mask)
     return _head(model, x if T == 1 else x[T - 1 :: T].contiguous(), plan)
