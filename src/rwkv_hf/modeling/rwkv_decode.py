@@ -119,9 +119,7 @@ class RwkvGraphDecoder:
                 self._plan = make_plan(model)
             except Exception as e:
                 self._eager_instead("Triton", e, stop=False)  # (this model's weights: another may do)
-        body = model.model
-        self.cache = RwkvCache(len(body.blocks))
-        self.cache.layers_state = [blk.zero_state(batch_size, dev, self.dtype) for blk in body.blocks]
+        self.cache = _started(model, RwkvCache(len(model.model.blocks)), batch_size)
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=dev)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self._owner: Optional[weakref.ref] = None

@@ -64,6 +64,8 @@ def stop_triton_prompt() -> None:
     """The Triton step failed on a prompt here: prompts go through the modules for the rest of the process."""
     global _TRITON_PROMPT_FAILED
     _TRITON_PROMPT_FAILED = True
+
+
 # set for the length of a generate() call whose generation config has `disable_compile`
 _COMPILE_DISABLED = contextvars.ContextVar("rwkv_compile_disabled", default=False)
 

@@ -463,7 +463,8 @@ if HAVE_TRITON:
     ]
     MAX_SPLIT = max(c.kwargs["SPLIT"] for c in _SPLIT_CONFIGS)
     # the tile of a product no step tuned (a prompt's, `triton_step` with T tokens a row), by precision:
-    # Triton's autotuner built 9 variants of each kind and timed them, 8 to 41 s on a cold H200
+    # 64 x 128 (16 x 256 for fp32's "ieee" products). Triton's autotuner built 9 variants of each kind
+    # and timed them, 8 to 41 s on a cold H200
     _UNTUNED = {"tf32": _GEMV_CONFIGS[2], "ieee": _GEMV_CONFIGS[0]}
 
     def _prune(configs, named_args, **kwargs):
@@ -802,8 +803,8 @@ def _step7(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Te
         H, N = att.r_k.shape
         _wkv7_head[(B // T, H)](buf, buf.stride(0), C, H, *plan.offsets, att.w2, att.a2, att.v2, att.g2, dw, da, dv, dg,
                                 att.w0, att.a0, att.v0, att.k_k, att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias,
-                                att.ln_x.eps, DECAY_SCALE, S, v_first, yg, lo, T, FIRST=i == 0, N=N, **_padding(mask, x),
-                           BLOCK_D=_lora_block(plan.dims), APART=apart, num_warps=4)
+                                att.ln_x.eps, DECAY_SCALE, S, v_first, yg, lo, T, FIRST=i == 0, N=N,
+                                BLOCK_D=_lora_block(plan.dims), APART=apart, num_warps=4, **_padding(mask, x))
         _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
         _norm_mix_call(x, blk.ln2, ffn_shift, [ffn.x_k], fk, T=T, mask=mask)
         _gemv_call(fk, hidden, plan.metas["ffn"], [ffn.key.weight], hidden.shape[1])
@@ -832,9 +833,9 @@ def _step6(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Te
                                                att.time_decay_w1], C)
         H, N = att.time_faaaa.shape
         _wkv5_head[(B // T, H)](buf, buf.stride(0), C, H, plan.offsets[0], att.time_decay_w2, plan.dims[0],
-                                att.time_decay, att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps, S, yg, T, N=N,
-                                **_padding(mask, x),
-                           BLOCK_D=_lora_block(plan.dims), DECAY_LORA=True, PER_HEAD=False, GATED=True, num_warps=4)
+                                att.time_decay, att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps, S, yg, T,
+                                N=N, BLOCK_D=_lora_block(plan.dims), DECAY_LORA=True, PER_HEAD=False, GATED=True,
+                                num_warps=4, **_padding(mask, x))
         _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
         _channel_mix(x, blk, ffn_shift, plan, form=0, T=T, mask=mask)
 
@@ -856,7 +857,8 @@ def _step5(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Te
         H, N = att.n_head, att.head_size
         _wkv5_head[(B // T, H)](buf, buf.stride(0), C, H, 0, att.time_decay, 1, att.time_decay,
                                 att.time_first if per_head else att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps,
-                                S, yg, T, N=N, **_padding(mask, x), BLOCK_D=16, DECAY_LORA=False, PER_HEAD=per_head, GATED=gated, num_warps=4)
+                                S, yg, T, N=N, BLOCK_D=16, DECAY_LORA=False, PER_HEAD=per_head, GATED=gated,
+                                num_warps=4, **_padding(mask, x))
         _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
         _channel_mix(x, blk, ffn_shift, plan, form=1, T=T, mask=mask)
 
