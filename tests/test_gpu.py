@@ -404,14 +404,14 @@ def test_short_prompt_runs_the_triton_step_at_once(version, batch):
     assert err(fast16) <= 2 * err(plain16) + 1e-2
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_generate_runs_the_triton_step_by_default_and_gives_eager_tokens(batch):
-    """triton_decode None (the default) on an RWKV-7: generate() replays the Triton step; fp32 greedy and
-    beam-search tokens of a left-padded batch are eager's; sampling with a seed repeats itself;
+@pytest.mark.parametrize("version, batch", [("7", 1), ("7", 3), ("6", 3), ("5.2", 3), ("4", 3)])
+def test_generate_runs_the_triton_step_by_default_and_gives_eager_tokens(version, batch):
+    """triton_decode None (the default), every version: generate() replays the Triton step; fp32 greedy
+    and beam-search tokens of a left-padded batch are eager's; sampling with a seed repeats itself;
     wkv_mode "recurrent" and triton_decode=False keep the eager captured step."""
     from rwkv_hf.modeling.rwkv_decode import _DECODERS
 
-    m = build("7", torch.float32, n_layer=3, triton_decode=None)
+    m = build(version, torch.float32, n_layer=3, triton_decode=None)
     ids, mask = prompts(batch, seed=6)
     eager = _greedy(m, ids, mask, graphs=False)
     fast = _greedy(m, ids, mask, graphs=True)

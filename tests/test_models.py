@@ -6,6 +6,8 @@ stand in for real ones; the reference runs in a subprocess (`rwkv_hf.testing.run
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -317,9 +319,9 @@ def test_cpu_decode_takes_the_step(version, models, monkeypatch):
 
 
 def test_triton_decode_default_picks_the_rwkv_triton_step_for_captured_cuda_steps(models, monkeypatch):
-    """triton_decode None (the default): an RWKV-7's decode step captured on CUDA runs rwkv_triton's
-    kernels (in place of the compiled step) where Triton runs; not on CPU, not without the graph, not
-    for another version (theirs only when asked for), a DeepEmbed model, a wkv_mode other than
+    """triton_decode None (the default): a decode step captured on CUDA runs rwkv_triton's
+    kernels (in place of the compiled step) where Triton runs, for every version; not on CPU, not
+    without the graph, not for v4-v6 in fp16, a DeepEmbed model, a wkv_mode other than
     "auto", triton_decode=False, or after the Triton step failed in this process."""
     import types
 
@@ -336,8 +338,9 @@ def test_triton_decode_default_picks_the_rwkv_triton_step_for_captured_cuda_step
         assert not rwkv_paths.pick_path(m7, "cuda", 1, step=True, batch=33).triton  # (untried tiles)
         assert rwkv_paths.pick_path(m7, "cuda", 1, step=True, batch=33, triton=True).triton
         assert not pick(m7, wkv_mode="recurrent").triton and not pick(m7, wkv_mode="fla").triton
-        assert not any(pick(models[v]).triton for v in models if v != "7")
-        assert all(pick(models[v], triton=True).triton for v in models)  # (v4-v6: asked for only, see rwkv_triton.BY_DEFAULT)
+        assert all(pick(models[v]).triton for v in models)  # (every version by default)
+        half = [copy.deepcopy(m).half() for m in models.values() if getattr(m.config, "rescale_every", 0) > 0]
+        assert half and not any(pick(m).triton or pick(m, triton=True).triton for m in half)  # (v4-v6 rescale in fp16)
         try:
             m7.config.triton_decode = False
             assert pick(m7) == ("graph", "recurrent", True, True, False)  # the compiled step instead

@@ -38,11 +38,11 @@ class RwkvWorldConfigBase(PretrainedConfig):
             eager ops: in bf16 the logits differ from the eager path's by bf16 noise (so greedy
             tokens can part from `cuda_graph_decode=False`'s); in fp32 they agree to ~1e-6.
         triton_decode: in wkv_mode "auto", the step captured in the CUDA graph runs `rwkv_triton`'s
-            kernels, seven a layer (nine for RWKV-6), instead of the eager or compiled step (no
-            torch.compile; Triton builds its kernels once per machine and keeps them in its cache).
-            None (the default): RWKV-7 without DeepEmbed, where Triton runs, for batches of up to 32
-            rows (larger: the compiled step); True: every version (v4-v6 in bf16/fp32, at batch 1
-            slower than their compiled steps, at 32 faster or even: `rwkv_triton.BY_DEFAULT`), at any batch;
+            kernels, seven a layer (RWKV-7 eight from batch 8, RWKV-6 nine), instead of the eager or
+            compiled step (no torch.compile; Triton builds its kernels once per machine and keeps them
+            in its cache).
+            None (the default): every version where Triton runs (not DeepEmbed RWKV-7, not v4-v6 in
+            fp16), for batches of up to 32 rows (larger: the compiled step); True: also larger batches;
             False: never. Like the compiled step, it rounds differently from the eager ops in bf16;
             in fp32 it agrees to ~1e-6.
         fuse_cross_entropy: in training mode with `labels`, compute the loss together with the LM head

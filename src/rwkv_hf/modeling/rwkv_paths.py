@@ -13,7 +13,7 @@ A `Path` has these parts:
   the step captured in a CUDA graph where Triton runs; True also the CPU step; False never; a
   `generate(..., disable_compile=True)` call never, as transformers' own auto-compilation);
 - `triton`: the captured step runs the version's own Triton kernels (`rwkv_triton`; config
-  `triton_decode`, None, the default: RWKV-7's where Triton runs) in place of the compiled one;
+  `triton_decode`, None, the default: where Triton runs, up to 32 rows) in place of the compiled one;
 - `reduce`: its products `x W^T` as multiply-and-sum reductions (`ReduceCalls`): compiled on CUDA at
   batch <= `REDUCTION_MAX_BATCH`, where inductor makes them memory-bound kernels; else matmuls.
 
@@ -38,7 +38,6 @@ import torch.nn as nn
 
 from .rwkv_fla import HAVE_FLA
 from .rwkv_helpers import exporting
-from .rwkv_triton import BY_DEFAULT as TRITON_BY_DEFAULT
 from .rwkv_triton import supports as triton_step_supports
 
 MODES = ("auto", "recurrent", "chunk", "fla")
@@ -134,7 +133,7 @@ def pick_path(
     `compile_decode`, None: the graph runner compiled where Triton runs; `graph` and `compiled` say
     instead, for a decoder built by hand) and, for
     `reduce`, the `batch` size. `triton` (else the config's `triton_decode`, None: where it runs):
-    the captured step runs the version's Triton kernels (`rwkv_triton`; by default RWKV-7's), in wkv_mode "auto"
+    the captured step runs the version's Triton kernels (`rwkv_triton`), in wkv_mode "auto"
     only; it takes the place of the compiled step."""
     config = model.config
     mode = wkv_mode or getattr(config, "wkv_mode", "auto") or "auto"
@@ -161,7 +160,7 @@ def pick_path(
     if triton is None:
         triton = getattr(config, "triton_decode", None)
     if triton is None:  # "auto": the versions and batches its GPU tests reach (larger batches tile 64 rows, untried)
-        triton = not _TRITON_STEP_FAILED and 0 < batch <= TRITON_MAX_BATCH and _triton_step_runs(model, by_default=True)
+        triton = not _TRITON_STEP_FAILED and 0 < batch <= TRITON_MAX_BATCH and _triton_step_runs(model)
     if triton and runner == "graph" and mode == "auto" and _triton_step_runs(model):
         return Path(runner, "recurrent", triton=True)  # (its kernels compute the recurrence itself, in fp32)
     # (the compiled step runs the recurrence: fla's kernels stay outside torch.compile)
@@ -248,11 +247,9 @@ def _compilable(model) -> bool:
     return not (getattr(config, "rescale_every", 0) > 0 and model.get_input_embeddings().weight.dtype == torch.float16)
 
 
-def _triton_step_runs(model, by_default: bool = False) -> bool:
-    """A Triton step exists for this model (`rwkv_triton.supports`; `by_default`: one that triton_decode
-    None picks, `rwkv_triton.BY_DEFAULT`) and Triton runs on this card."""
-    return _triton_runs() and not triton_step_supports(model) and (
-        not by_default or model.config.model_type in TRITON_BY_DEFAULT)
+def _triton_step_runs(model) -> bool:
+    """A Triton step exists for this model (`rwkv_triton.supports`) and Triton runs on this card."""
+    return _triton_runs() and not triton_step_supports(model)
 
 
 def _single_device(model) -> bool:

@@ -639,11 +639,10 @@ def _describe(cfg) -> dict:
 
 # ------------------------------------------------------------------------------------------ the step
 STEPS = ("rwkv7_world", "rwkv6_world", "rwkv5_world", "rwkv4_world")  # every version has a Triton step
-# the versions triton_decode None picks: RWKV-7's, which beats its compiled step. On an H200 (1.5B shape,
-# benchmarks/decode_step.py) the v4-v6 steps match the eager one but lose to their compiled steps at
-# batch 1 (v4 617 vs 684 tok/s, v5.2 572 vs 601, v6 399 vs 495) and win or tie at 32 (19,244 vs
-# 17,515, 15,647 vs 12,769, 10,737 vs 10,682): theirs is triton_decode=True, no compile to wait for
-BY_DEFAULT = ("rwkv7_world",)
+# triton_decode None picks it for every version: on an H200 (1.5B shape, benchmarks/decode_step.py, one
+# process, session 14) it beats the compiled step for each, b1 / b32 tok/s: v4 743 / 20,563 against 696 /
+# 17,609, v5.2 704 / 17,131 against 594 / 12,764, v6 521 / 11,019 against 500 / 10,785 (RWKV-7's has been
+# the default since session 8)
 
 
 def supports(model) -> str:
