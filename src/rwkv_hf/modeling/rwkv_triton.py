@@ -639,10 +639,10 @@ def _describe(cfg) -> dict:
 
 # ------------------------------------------------------------------------------------------ the step
 STEPS = ("rwkv7_world", "rwkv6_world", "rwkv5_world", "rwkv4_world")  # every version has a Triton step
-# triton_decode None picks it for every version: on an H200 (1.5B shape, benchmarks/decode_step.py, one
-# process, session 14) it beats the compiled step for each, b1 / b32 tok/s: v4 743 / 20,563 against 696 /
-# 17,609, v5.2 704 / 17,131 against 594 / 12,764, v6 521 / 11,019 against 500 / 10,785 (RWKV-7's has been
-# the default since session 8)
+# triton_decode None picks it for every version: on an H200 (1.5B shape, benchmarks/decode_step.py,
+# back to back on one card, session 14) it beats the compiled step for each, b1 / b32 tok/s: v4 743 /
+# 20,563 against 696 / 17,609, v5.2 704 / 17,131 against 594 / 12,764, v6 521 / 11,019 against 500 /
+# 10,785 (RWKV-7's has been the default since session 8)
 
 
 def supports(model) -> str:
