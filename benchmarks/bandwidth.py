@@ -13,7 +13,11 @@ per copy, at each batch size, three ways:
   of K each: 32-128 programs for a [2048, *] matrix on a card of 132 SMs;
 - `splitk`: the same product with K split as well (a question, not a library kernel: this file's
   `_splitk`, tuned over tile and split, adding fp32 partial sums atomically into a zeroed buffer, the
-  zeroing timed with it), to see what more programs in flight buy.
+  zeroing timed with it), to see what more programs in flight buy;
+- `rows` (batch 1 only): whole rows of W read straight into registers and multiplied without tensor
+  cores (`grid_barrier.py`'s `_rows`: 8-32 rows a program, K in chunks of 512 to 2,048, no masks),
+  each tile timed on the graph of all the copies and the fastest kept (printed). A question, too: on
+  a chain of [2048, 2048] products it took 4.41 us a product against 7.46 for `_gemv`'s best tile.
 
 Then every product of a step in the order a step runs them (per layer r, k, v, the eight LoRA stages,
 o, the channel mix's key and value; then the head) as one graph, cuBLAS and ours: the time a step
@@ -134,6 +138,20 @@ if triton is not None:
         _splitk_call(x, w, acc, **_SPLITK_BEST[key])
 
 
+def rows_tiles(n: int, k: int) -> list:
+    """(rows a program, K chunk, warps) for `rows` on an [n, k] matrix: every tile that divides it."""
+    chunks = sorted({c for c in (512, 1024, 2048) if k % c == 0} | ({k} if k <= 2048 else set()))
+    return [(r, c, nw) for r in (8, 16, 32) if n % r == 0 for c in chunks for nw in (4, 8)]
+
+
+def rows_call(x, w, out, tile):
+    """out[0] = W x[0] by `grid_barrier._rows` with `tile` (rows a program, K chunk, warps)."""
+    from grid_barrier import _rows
+
+    r, c, nw = tile
+    return lambda: _rows[(w.shape[0] // r,)](w, x, out, w.shape[1], BLOCK_R=r, BLOCK_K=c, num_warps=nw)
+
+
 def product(way: str, x, w, out):
     """A call computing x @ w.T (`cublas` and `ours` into out, `splitk` into an fp32 buffer of its own)
     or reading w (`read`): one kernel, `splitk` two (the zeroing)."""
@@ -184,7 +202,8 @@ def main(argv=None):
     print(f"{name}, torch {torch.__version__}; {args.shape} RWKV-7 step: {L} layers, width {C}, "
           f"{len(mats)} products, {total_gb:.2f} GB of weights", flush=True)
     res = {"device": name, "torch": torch.__version__, "shape": args.shape, "step_gb": total_gb, "rows": [], "step": []}
-    ways = ("read", "cublas", "ours", "splitk")
+    ways = ("read", "cublas", "ours", "splitk", "rows")
+    best_rows = {}  # shape -> (seconds, tile) of `rows` at batch 1
     print("| [out, in] | MB | copies | batch | " + " | ".join(f"{w} TB/s (us a kernel)" for w in ways) + " |")
     print("| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in ways) + " |")
     for B in args.batch:
@@ -198,24 +217,39 @@ def main(argv=None):
             err = float((out.float() - want).abs().max() / want.abs().max())
             assert err < 2e-2, f"_gemv of {shape} at batch {B}: {err:.2e} of the largest product off"
             for way in ways:
-                s = timed(as_graph([product(way, x, w, out) for w in ws], device), device)
+                if way == "rows":
+                    if B != 1:
+                        continue
+                    for tile in rows_tiles(n, k) if device.type == "cuda" else rows_tiles(n, k)[:1]:
+                        rows_call(x, ws[0], out, tile)()
+                        err = float((out.float() - want).abs().max() / want.abs().max())
+                        assert err < 2e-2, f"rows {tile} of {shape}: {err:.2e} of the largest product off"
+                        s = timed(as_graph([rows_call(x, w, out, tile) for w in ws], device), device)
+                        if shape not in best_rows or s < best_rows[shape][0]:
+                            best_rows[shape] = (s, tile)
+                    s, row["rows_tile"] = best_rows[shape]
+                else:
+                    s = timed(as_graph([product(way, x, w, out) for w in ws], device), device)
                 row[way] = {"tb_s": len(ws) * n * k * 2 / s / 1e12, "us": s / len(ws) * 1e6}
             res["rows"].append(row)
-            print(f"| {n} x {k} | {n * k * 2 / 1e6:.1f} | {len(ws)} | {B} | "
-                  + " | ".join(f"{row[w]['tb_s']:.2f} ({row[w]['us']:.1f})" for w in ways) + " |", flush=True)
+            cells = [f"{row[w]['tb_s']:.2f} ({row[w]['us']:.1f})" if w in row else "-" for w in ways]
+            tile = f" (rows: {row['rows_tile']})" if "rows_tile" in row else ""
+            print(f"| {n} x {k} | {n * k * 2 / 1e6:.1f} | {len(ws)} | {B} | " + " | ".join(cells) + f" |{tile}", flush=True)
         outs = {}
-        calls = {way: [] for way in ("cublas", "ours", "splitk")}
+        calls = {way: [] for way in ("cublas", "ours", "splitk") + (("rows",) if B == 1 else ())}
         for w in mats:
             n, k = w.shape
             x = torch.randn(B, k, device=device, dtype=dtype)
             outs.setdefault(n, torch.empty(B, n, device=device, dtype=dtype))
             for way in calls:
-                calls[way].append(product(way, x, w, outs[n]))
+                calls[way].append(rows_call(x, w, outs[n], best_rows[(n, k)][1]) if way == "rows"
+                                  else product(way, x, w, outs[n]))
         for way, cs in calls.items():
             s = timed(as_graph(cs, device), device)
             res["step"].append({"batch": B, "way": way, "ms": s * 1e3, "tb_s": total_gb / s / 1e3, "tok_s": B / s})
             print(f"all {len(mats)} products of a step, batch {B}, {way}: {s * 1e3:.3f} ms ({total_gb / s / 1e3:.2f} TB/s), "
                   f"a ceiling of {B / s:,.0f} tok/s for a step of one kernel a product", flush=True)
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bandwidth.json"), "w") as f:
         json.dump(res, f, indent=1)
 
