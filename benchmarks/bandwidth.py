@@ -220,7 +220,8 @@ def main(argv=None):
                 if way == "rows":
                     if B != 1:
                         continue
-                    for tile in rows_tiles(n, k) if device.type == "cuda" else rows_tiles(n, k)[:1]:
+                    tiles = rows_tiles(n, k)
+                    for tile in tiles if device.type == "cuda" else tiles[:1]:
                         rows_call(x, ws[0], out, tile)()
                         err = float((out.float() - want).abs().max() / want.abs().max())
                         assert err < 2e-2, f"rows {tile} of {shape}: {err:.2e} of the largest product off"

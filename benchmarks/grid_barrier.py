@@ -101,14 +101,20 @@ def _persistent(w_ptr, xs_ptr, flags_ptr, S, C, BLOCK_R: tl.constexpr, BLOCK_K: 
 
 
 def gemv_rows(w, x0, xs, S, C):
-    """The chain through `_gemv_call` (one row of x, fp32, as the step's), one entry per tile: the tile
-    set as the one a step tuning chose for this kind of launch (`_CHOSEN`, keyed as `_gemv_call` keys it)."""
+    """The chain through `_gemv_call` (one row of x, fp32, as the step's), one entry per tile: each tile
+    the step's tuning would time for this kind of launch, set as the one it chose (`_CHOSEN`). The kind
+    (its tuning key) and its tiles are those `_gemv_call` records for `tune_step`."""
     from rwkv_hf.modeling import rwkv_triton as rt
 
     meta = rt.segment_table([(C, 0, 0, rt.ACT_NONE, 0)], C, xs.device)
-    key = (str(xs.device), C, 16, False, False, C, 1, "tf32", rt.SPLIT_K)
+    rt._RECORD = {}
+    try:
+        rt._gemv_call(xs[0:1], xs[1:2], meta, [w[0]], C)
+        ((key, recorded),) = rt._RECORD.items()
+    finally:
+        rt._RECORD = None
     out = []
-    for cfg in rt._SPLIT_CONFIGS if rt.SPLIT_K else rt._GEMV_CONFIGS:
+    for cfg in recorded["configs"]:
         def run(cfg=cfg):
             rt._CHOSEN[key] = cfg
             xs[0].copy_(x0)

@@ -428,9 +428,9 @@ def test_generate_runs_the_triton_step_by_default_and_gives_eager_tokens(version
                               temperature=0.8, repetition_penalty=1.1, pad_token_id=0)
 
     assert torch.equal(sample(), sample())
-    for kw in ({"wkv_mode": "recurrent"}, {}):
+    for triton_decode, kw in ((None, {"wkv_mode": "recurrent"}), (False, {})):
         _DECODERS[m].clear()
-        m.config.triton_decode = None if kw else False
+        m.config.triton_decode = triton_decode
         _greedy(m, ids, mask, graphs=True, **kw)
         assert [d.path.triton for d in _DECODERS[m].values()] == [False]
 

@@ -159,8 +159,8 @@ def pick_path(
         compiled = compiled and not _COMPILE_DISABLED.get()
     if triton is None:
         triton = getattr(config, "triton_decode", None)
-    if triton is None:  # "auto": the versions and batches its GPU tests reach (larger batches tile 64 rows, untried)
-        triton = not _TRITON_STEP_FAILED and 0 < batch <= TRITON_MAX_BATCH and _triton_step_runs(model)
+    if triton is None:  # "auto": the batches its GPU tests reach (larger batches tile 64 rows, untried)
+        triton = not _TRITON_STEP_FAILED and 0 < batch <= TRITON_MAX_BATCH
     if triton and runner == "graph" and mode == "auto" and _triton_step_runs(model):
         return Path(runner, "recurrent", triton=True)  # (its kernels compute the recurrence itself, in fp32)
     # (the compiled step runs the recurrence: fla's kernels stay outside torch.compile)
