@@ -325,6 +325,25 @@ def test_fused_decoder_matches_eager(version, batch):
 @pytest.mark.parametrize("n_embd", [256, 2048])
 @pytest.mark.parametrize("version", ["7", "6", "5.2", "4"])
 def test_triton_step_matches_eager(version, n_embd, batch):
+    """`_triton_step_against_eager`, its tiles chosen by the step's tuning."""
+    _triton_step_against_eager(version, n_embd, batch)
+
+
+@pytest.mark.parametrize("version", ["7", "6", "5.2", "4"])
+def test_triton_step_with_whole_rows_matches_eager(version, monkeypatch):
+    """The same at batch 1 with `_gemv_rows` the only tiles the step's tuning may choose, fp32 and bf16
+    (left to itself, the tuning takes whichever of the two kernels is faster for each kind of product,
+    so the test above may never run one of them)."""
+    from rwkv_hf.modeling import rwkv_triton as rt
+
+    monkeypatch.setattr(rt, "_GEMV_CONFIGS", [])
+    monkeypatch.setattr(rt, "_SPLIT_CONFIGS", [])
+    monkeypatch.setattr(rt, "_CHOSEN", {})
+    _triton_step_against_eager(version, 2048, 1)
+    assert rt._CHOSEN and all(c.kwargs.get("ROWS") for c in rt._CHOSEN.values()), rt._CHOSEN
+
+
+def _triton_step_against_eager(version, n_embd, batch):
     """A version's Triton step (rwkv_triton) against the eager graph step, 16 teacher-forced steps, on the
     bounds of test_fused_decoder_matches_eager: fp32 within 1e-5 x max|logit| with the same greedy
     tokens; bf16 no noisier than twice the eager bf16 step. Width 2048: the 1.5B's LoRA widths and tiles.

@@ -4,9 +4,8 @@ TRITON_INTERPRET=1 must be set before the kernels are defined, so the step runs 
 (`run_without_rwkv_hf`'s way: a script and its JSON answer). There the same kernels the GPU runs are
 checked against the plain decode step (`rwkv_decode.model_step`, the equations of `modeling_rwkv7`)
 and against BlinkDL's reference package on the same checkpoint. The GPU tests (`test_gpu.py`) check
-them compiled, inside a captured graph, at the 1.5B's width (on an H200: RWKV-7's, RWKV-4's and
-RWKV-6's; `triton_decode` None picks RWKV-7's only, the others being slower than their compiled
-steps at batch 1).
+them compiled, inside a captured graph, at the 1.5B's width, every version (`triton_decode` None picks
+each one's Triton step on CUDA).
 """
 
 from __future__ import annotations
@@ -301,3 +300,48 @@ def test_gemv_split_k_sums_every_slice_once():
     for K in ("640", "128"):
         assert res[K]["err"] <= 1e-4, res
         assert res[K]["counts_zero"] and res[K]["scratch"] >= 1, res
+
+
+ROWS_SCRIPT = r"""
+import json
+import torch
+from rwkv_hf.modeling import rwkv_triton as rt
+
+g = torch.Generator().manual_seed(4)
+res = {}
+K, N, D, Ks = 640, 96, 40, 200
+x = torch.randn(1, 2, K, generator=g)
+w, lora = torch.randn(N, K, generator=g) / K**0.5, torch.randn(Ks, D, generator=g) / Ks**0.5
+# two segments: tanh(x0 W^T) at 0 (layout 0), x1[:Ks] L at N (layout 1, its own depth Ks < K)
+meta = rt.segment_table([(N, 0, 0, rt.ACT_TANH, 0), (D, 1, N, rt.ACT_NONE, 1, Ks)], K, "cpu")
+out = torch.zeros(1, N + D)
+rt._gemv_call(x, out, meta, [w, lora], N)
+xd = x.double()
+want = torch.cat([torch.tanh(xd[:, 0] @ w.double().T), xd[:, 1, :Ks] @ lora.double()], -1).float()
+res["segments"] = float((out - want).abs().max())
+# one segment, multiplied and added (the channel mix's value)
+mul, base = torch.rand(1, N, generator=g), torch.randn(1, N, generator=g)
+out = base.clone()
+rt._gemv_call(x[:, 0], out, rt.segment_table([(N, 0, 0, rt.ACT_NONE, 0)], K, "cpu"), [w], N, accumulate=True,
+              multiply=mul)
+res["accumulate"] = float((out - (base + mul * (xd[:, 0] @ w.double().T)).float()).abs().max())
+# the same launches, one row of three: `_gemv` (the tensor-core tiles) gives the same sums
+x3 = torch.cat([x, torch.randn(2, 2, K, generator=g)])
+out3 = torch.zeros(3, N + D)
+rt._gemv_call(x3, out3, meta, [w, lora], N)
+res["rows_vs_gemv"] = float((out3[:1] - want).abs().max())
+print(json.dumps(res))
+"""
+
+
+def test_gemv_rows_matches_the_product():
+    """`_gemv_rows` (one row of x, whole rows of W without tensor cores; interpreted, `_gemv_call` sends
+    every one-row launch to it): two segments, tanh of a [96, 640] nn.Linear-layout product and a
+    [200, 40] input-major LoRA matrix of depth 200 < K, both within 1e-5 of the fp64 products, and one
+    segment multiplied by a given vector and added to the output; `_gemv`'s tiles, the same launch on
+    three rows, agree on row 0 to 1e-5."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", ROWS_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert max(res.values()) <= 1e-5, res

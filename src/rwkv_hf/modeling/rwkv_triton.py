@@ -50,11 +50,21 @@ mix's value, the head) may also split K over more programs, each slice's fp32 su
 fixed order by the tile's last program (the same logits whichever ends last). Which tile and split
 each kind of product uses is timed the way the step runs them, all layers' launches of that kind in
 one captured graph (`tune_step`, before the decoder captures its step): Triton's autotuner, timing
-one launch at a time, picked tiles up to 2x slower. The state is updated in place (the
-captured graph's buffers). Used by `rwkv_decode.RwkvGraphDecoder` when `rwkv_paths.pick_path` says
-`triton` (CUDA with Triton, wkv_mode "auto"; by default RWKV-7 without DeepEmbed, whose step has
-passed its GPU tests; the others' when asked for, `triton_decode=True`). Interpreted
-(TRITON_INTERPRET=1) the same kernels run on the CPU, which is how the CPU tests check them.
+one launch at a time, picked tiles up to 2x slower. At batch 1 the tuning may also choose
+`_gemv_rows`: whole rows of W times the one row of x without tensor cores (no 16-row padding, one or
+a few long loads a program). The state is updated in place (the captured graph's buffers).
+
+On Hopper and later every launch of the step is a programmatic dependent launch (`PDL`,
+`_after_the_last`): its programs start while the launch before is ending, read what no launch writes
+(their part of W, the norms' and mixes' weights, a layer's own state) and only then wait for it. At
+batch 1 the step's time was mostly the gaps and ramps between ~170 small launches; on an H200 (1.5B
+RWKV-7, session 15) PDL, `_gemv_rows` and the heads' warps took the step from 574 to 818 tok/s at
+batch 1 and from 13,464 to 15,577 at batch 32 (benchmarks/README.md).
+
+Used by `rwkv_decode.RwkvGraphDecoder` when `rwkv_paths.pick_path` says `triton` (CUDA with Triton,
+wkv_mode "auto", `triton_decode` None or True; every version, not DeepEmbed RWKV-7, not v4-v6 in
+fp16). Interpreted (TRITON_INTERPRET=1) the same kernels run on the CPU, which is how the CPU tests
+check them (a one-row product there always takes `_gemv_rows`, so the batch-1 tests run it).
 """
 
 from __future__ import annotations
@@ -87,22 +97,49 @@ def interpreted() -> bool:
 
 if HAVE_TRITON:
     _META = tl.constexpr(META_FIELDS)
+    try:  # programmatic dependent launch (Hopper on): Triton's grid dependency control
+        _GDC = tl.extra.cuda
+        HAVE_PDL = hasattr(_GDC, "gdc_wait") and hasattr(_GDC, "gdc_launch_dependents")
+    except AttributeError:
+        HAVE_PDL = False
 
     @triton.jit
-    def _layer_norm(x, w_ptr, b_ptr, c, m, C, eps):
+    def _after_the_last(PDL: tl.constexpr):
+        """PDL: wait until the launch before this one has ended (its stores seen), then let the next
+        launch start its programs. Everything a program reads or writes that another launch writes
+        comes after this; before it, only what no launch writes (weights, segment tables, constants)
+        and a layer's recurrent state, which only that layer's launch of the step before wrote. Why
+        the state may: the next launch starts only once every program here has passed this point, so
+        at most two launches overlap, and a launch that starts finds the launch before the one
+        before it, and all before that, ended; a layer's launch of the step before lies further back,
+        and no launch between writes its state."""
+        if PDL:
+            _GDC.gdc_wait()
+            _GDC.gdc_launch_dependents()
+
+    @triton.jit
+    def _vec(ptr, c, m):
+        return tl.load(ptr + c, mask=m, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _norm(x, w, b, m, C, eps):
+        """Layer norm of x (C entries where m) with weight w and bias b (fp32 vectors)."""
         mean = tl.sum(x, 0) / C
         d = tl.where(m, x - mean, 0.0)
         var = tl.sum(d * d, 0) / C
-        w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
         return d * tl.rsqrt(var + eps) * w + b
 
     @triton.jit
-    def _mix_out(out_ptr, row, h, xx, coeff_ptr, c, m, FORM: tl.constexpr):
-        """h + (prev - h) * m (FORM 0: v6, v7), or h * m + prev * (1 - m) (FORM 1: v4, v5)."""
-        coeff = tl.load(coeff_ptr + c, mask=m, other=0.0).to(tl.float32)
+    def _coeff(coeff_ptr, c, m, FORM: tl.constexpr):
+        """A mix's coefficient as `_mix_out` takes it: m (FORM 0: v6, v7), or 1 - m (FORM 1: v4, v5)."""
+        coeff = _vec(coeff_ptr, c, m)
         if FORM == 1:
             coeff = 1.0 - coeff
+        return coeff
+
+    @triton.jit
+    def _mix_out(out_ptr, row, h, xx, coeff, c, m):
+        """h + (prev - h) * m, or h * m + prev * (1 - m) (`_coeff`), stored."""
         tl.store(out_ptr + row + c, (h + xx * coeff).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
@@ -117,7 +154,7 @@ if HAVE_TRITON:
     def _norm_mix(
         x_ptr, ln0_w, ln0_b, ln_w, ln_b, shift_ptr, m0, m1, m2, m3, m4, m5, out_ptr, hx_ptr, C, eps, T, mask_ptr,
         HAS_LN0: tl.constexpr, N_MIX: tl.constexpr, MIX_FORM: tl.constexpr, SAVE_HX: tl.constexpr, BLOCK_C: tl.constexpr,
-        HAS_MASK: tl.constexpr,
+        HAS_MASK: tl.constexpr, PDL: tl.constexpr,
     ):
         """Row b's T tokens in turn, each row r = b T + t of x: [x = ln0(x), stored;] h = ln(x); with
         mixes: prev = the token before's h (the first's: shift[b]), out[r, i] = h + (prev - h) * m_i for
@@ -127,16 +164,33 @@ if HAVE_TRITON:
         b = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         m = c < C
+        # the weights first, PDL: while the launch before ends
+        w, bias = _vec(ln_w, c, m), _vec(ln_b, c, m)
+        if HAS_LN0:
+            w0, bias0 = _vec(ln0_w, c, m), _vec(ln0_b, c, m)
+        if N_MIX > 0:
+            k0 = _coeff(m0, c, m, MIX_FORM)
+        if N_MIX > 1:
+            k1 = _coeff(m1, c, m, MIX_FORM)
+        if N_MIX > 2:
+            k2 = _coeff(m2, c, m, MIX_FORM)
+        if N_MIX > 3:
+            k3 = _coeff(m3, c, m, MIX_FORM)
+        if N_MIX > 4:
+            k4 = _coeff(m4, c, m, MIX_FORM)
+        if N_MIX > 5:
+            k5 = _coeff(m5, c, m, MIX_FORM)
+        _after_the_last(PDL)
         if N_MIX > 0:
             prev = tl.load(shift_ptr + b * C + c, mask=m, other=0.0).to(tl.float32)
         for t in range(T):
             r = b * T + t
             x = tl.load(x_ptr + r * C + c, mask=m, other=0.0).to(tl.float32)
             if HAS_LN0:
-                x = _layer_norm(x, ln0_w, ln0_b, c, m, C, eps).to(x_ptr.dtype.element_ty)
+                x = _norm(x, w0, bias0, m, C, eps).to(x_ptr.dtype.element_ty)
                 tl.store(x_ptr + r * C + c, x, mask=m)
                 x = x.to(tl.float32)
-            h = _layer_norm(x, ln_w, ln_b, c, m, C, eps)
+            h = _norm(x, w, bias, m, C, eps)
             if N_MIX == 0:
                 tl.store(out_ptr + r * C + c, h.to(out_ptr.dtype.element_ty), mask=m)
             else:
@@ -147,24 +201,25 @@ if HAVE_TRITON:
                     tl.store(hx_ptr + r * 2 * C + c, h, mask=m)
                     tl.store(hx_ptr + r * 2 * C + C + c, xx, mask=m)
                 row = r * N_MIX * C
-                _mix_out(out_ptr, row, h, xx, m0, c, m, MIX_FORM)
+                _mix_out(out_ptr, row, h, xx, k0, c, m)
                 if N_MIX > 1:
-                    _mix_out(out_ptr, row + C, h, xx, m1, c, m, MIX_FORM)
+                    _mix_out(out_ptr, row + C, h, xx, k1, c, m)
                 if N_MIX > 2:
-                    _mix_out(out_ptr, row + 2 * C, h, xx, m2, c, m, MIX_FORM)
+                    _mix_out(out_ptr, row + 2 * C, h, xx, k2, c, m)
                 if N_MIX > 3:
-                    _mix_out(out_ptr, row + 3 * C, h, xx, m3, c, m, MIX_FORM)
+                    _mix_out(out_ptr, row + 3 * C, h, xx, k3, c, m)
                 if N_MIX > 4:
-                    _mix_out(out_ptr, row + 4 * C, h, xx, m4, c, m, MIX_FORM)
+                    _mix_out(out_ptr, row + 4 * C, h, xx, k4, c, m)
                 if N_MIX > 5:
-                    _mix_out(out_ptr, row + 5 * C, h, xx, m5, c, m, MIX_FORM)
+                    _mix_out(out_ptr, row + 5 * C, h, xx, k5, c, m)
                 prev = _real(mask_ptr, r, h, prev, HAS_MASK)
         if N_MIX > 0:
             tl.store(shift_ptr + b * C + c, prev.to(shift_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _gemv_out(acc, act, out_ptr, so_b, off, mul_ptr, smul_b, bs, ns, ok, ACCUMULATE: tl.constexpr, MULTIPLY: tl.constexpr):
-        """The end of `_gemv`: the segment's activation, [times mul,] [added to out,] stored."""
+    def _gemv_out(acc, act, out_ptr, dst, mul_ptr, mul, ok, ACCUMULATE: tl.constexpr, MULTIPLY: tl.constexpr):
+        """The end of `_gemv` and `_gemv_rows`: the segment's activation, [times mul_ptr[mul],] [added to
+        out_ptr[dst],] stored at out_ptr[dst] (dst, mul, ok: offsets and mask of acc's shape)."""
         if act == 1:  # tanh
             acc = 2.0 * tl.sigmoid(2.0 * acc) - 1.0
         if act == 2:
@@ -174,51 +229,65 @@ if HAVE_TRITON:
             acc = acc * acc
         if act == 4:  # silu
             acc = acc * tl.sigmoid(acc)
-        dst = out_ptr + bs[:, None] * so_b + off + ns[None, :]
         if MULTIPLY:  # RWKV-6's channel mix: r * (k V), each product rounded as the plain step's
-            r = tl.load(mul_ptr + bs[:, None] * smul_b + ns[None, :], mask=ok, other=0.0).to(tl.float32)
+            r = tl.load(mul_ptr + mul, mask=ok, other=0.0).to(tl.float32)
             acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) * r
         if ACCUMULATE:  # the residual stream: x + (rounded product), as x + F.linear(...)
-            acc = tl.load(dst, mask=ok, other=0.0).to(tl.float32) + acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=ok)
+            acc = tl.load(out_ptr + dst, mask=ok, other=0.0).to(tl.float32) + acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _gemv(
-        x_ptr, sx_b, sx_r, out_ptr, so_b, mul_ptr, smul_b, meta_ptr, w0, w1, w2, w3, w4, w5, w6, part_ptr, count_ptr,
-        B, K, n_max,
-        ACCUMULATE: tl.constexpr, MULTIPLY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    ):
-        """Segment s of out[b, off_s + n] (+)= [mul[b, n] *] act_s(sum_k x[b, row_s, k] W_s[n, k]).
-        meta[s] = (N_s, row_s, off_s, act_s, layout_s, K_s); layout 0: W_s is [N, K] (nn.Linear), 1:
-        [K_s, N] (a LoRA matrix, stored input-major; K_s <= K: the second stages' widths differ).
-        n_max = max N_s (the grid's extent; a tuning key). x's row s starts at row_s * sx_r.
-        Program axes: 0 the tile of BLOCK_N outputs, 2 the tile of BLOCK_B rows, 1 the segment, or
-        with SPLIT > 1 (one segment) the slice of K: then each program stores its fp32 partial sums
-        in part [slice, b, n] and counts itself in count[tile]; the last of a tile adds the slices up
-        in their order (the same sums whichever program ends last), resets the count and finishes.
-        More programs in flight for a narrow, deep product (the channel mix's value: 2048 outputs,
-        8192 inputs) than one per BLOCK_N rows.
-        UPCAST: multiply in fp32 (Triton's interpreter multiplies bf16 tiles wrongly; on a GPU the
-        tensor cores take the model's dtype, with fp32 sums). PRECISION: "ieee" for fp32 weights (no
-        TF32)."""
-        pid_n = tl.program_id(0)
-        pid_b = tl.program_id(2)
-        if SPLIT == 1:
-            seg = tl.program_id(1)
-            k_per = K
-            kid = 0
+    def _w_tile(w, ns, n_ok, k0, k_end, K, N, BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr):
+        """W's tile at outputs ns, inputs k0 + [0, BLOCK_K) (< k_end): [BLOCK_N, BLOCK_K] (LAYOUT 0, W [N,
+        K]) or [BLOCK_K, BLOCK_N] (1, W [K_s, N])."""
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_end
+        if LAYOUT == 0:
+            wt = tl.load(w + ns[:, None] * K + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         else:
-            seg = 0
-            k_per = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
-            kid = tl.program_id(1)
-        k_lo = kid * k_per
-        k_hi = tl.minimum(K, k_lo + k_per)
+            wt = tl.load(w + ks[:, None] * N + ns[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        return wt
+
+    @triton.jit
+    def _dot_tile(acc, wt, x_row, b_ok, k0, k_end, BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr,
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_row + ks[None, :], mask=b_ok[:, None] & (ks < k_end)[None, :], other=0.0).to(wt.dtype)
+        if UPCAST:
+            xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+        if LAYOUT == 0:
+            wt = tl.trans(wt)
+        return acc + tl.dot(xt, wt, input_precision=PRECISION)
+
+    @triton.jit
+    def _products(w, x_row, ns, n_ok, b_ok, k_lo, k_end, K, N, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  PDL: tl.constexpr):
+        """sum over k in [k_lo, k_end) of x[b, k] W[n, k], [BLOCK_B, BLOCK_N] fp32. The first tile of W is
+        read before `_after_the_last` (PDL: while the launch before ends), the rest after it."""
+        wt = _w_tile(w, ns, n_ok, k_lo, k_end, K, N, BLOCK_K, LAYOUT)
+        _after_the_last(PDL)
+        acc = _dot_tile(tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), wt, x_row, b_ok, k_lo, k_end, BLOCK_K,
+                        LAYOUT, PRECISION, UPCAST)
+        for k0 in range(k_lo + BLOCK_K, k_end, BLOCK_K):
+            acc = _dot_tile(acc, _w_tile(w, ns, n_ok, k0, k_end, K, N, BLOCK_K, LAYOUT), x_row, b_ok, k0, k_end,
+                            BLOCK_K, LAYOUT, PRECISION, UPCAST)
+        return acc
+
+    @triton.jit
+    def _segment(meta_ptr, seg, w0, w1, w2, w3, w4, w5, w6, ALIGNED: tl.constexpr):
+        """Segment seg's row of the table (N, input row, output offset, activation, layout, K_s) and
+        its matrix. ALIGNED: every N and K_s is a multiple of 16 (so that a LoRA matrix's rows, [K_s, N],
+        load 16 bytes at a time)."""
         N = tl.load(meta_ptr + seg * _META)
         row = tl.load(meta_ptr + seg * _META + 1)
         off = tl.load(meta_ptr + seg * _META + 2)
         act = tl.load(meta_ptr + seg * _META + 3)
         lora = tl.load(meta_ptr + seg * _META + 4)
+        k_s = tl.load(meta_ptr + seg * _META + 5)
+        if ALIGNED:
+            N = tl.multiple_of(N, 16)
+            k_s = tl.multiple_of(k_s, 16)
         w = w0
         if seg == 1:
             w = w1
@@ -232,35 +301,58 @@ if HAVE_TRITON:
             w = w5
         if seg == 6:
             w = w6
+        return N, row, off, act, lora, k_s, w
+
+    @triton.jit
+    def _gemv(
+        x_ptr, sx_b, sx_r, out_ptr, so_b, mul_ptr, smul_b, meta_ptr, w0, w1, w2, w3, w4, w5, w6, part_ptr, count_ptr,
+        B, K, n_max,
+        ACCUMULATE: tl.constexpr, MULTIPLY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+        ALIGNED: tl.constexpr,
+    ):
+        """Segment s of out[b, off_s + n] (+)= [mul[b, n] *] act_s(sum_k x[b, row_s, k] W_s[n, k]).
+        meta[s] = (N_s, row_s, off_s, act_s, layout_s, K_s); layout 0: W_s is [N, K] (nn.Linear), 1:
+        [K_s, N] (a LoRA matrix, stored input-major; K_s <= K: the second stages' widths differ).
+        n_max = max N_s (the grid's extent; a tuning key). x's row s starts at row_s * sx_r.
+        Program axes: 0 the tile of BLOCK_N outputs, 2 the tile of BLOCK_B rows, 1 the segment, or
+        with SPLIT > 1 (one segment) the slice of K: then each program stores its fp32 partial sums
+        in part [slice, b, n] and counts itself in count[tile]; the last of a tile adds the slices up
+        in their order (the same sums whichever program ends last), resets the count and finishes.
+        More programs in flight for a narrow, deep product (the channel mix's value: 2048 outputs,
+        8192 inputs) than one per BLOCK_N rows.
+        UPCAST: multiply in fp32 (Triton's interpreter multiplies bf16 tiles wrongly; on a GPU the
+        tensor cores take the model's dtype, with fp32 sums). PRECISION: "ieee" for fp32 weights (no
+        TF32). PDL: the first tile of W is read before waiting for the launch before (`_products`)."""
+        pid_n = tl.program_id(0)
+        pid_b = tl.program_id(2)
+        if SPLIT == 1:
+            seg = tl.program_id(1)
+            k_per = K
+            kid = 0
+        else:
+            seg = 0
+            k_per = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+            kid = tl.program_id(1)
+        k_lo = kid * k_per
+        k_hi = tl.minimum(K, k_lo + k_per)
+        N, row, off, act, lora, k_s, w = _segment(meta_ptr, seg, w0, w1, w2, w3, w4, w5, w6, ALIGNED)
         bs = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         b_ok = bs < B
         n_ok = ns < N
         if pid_n * BLOCK_N < N:
             x_row = x_ptr + bs[:, None] * sx_b + row * sx_r
-            acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
             if lora == 0:
-                for k0 in range(k_lo, k_hi, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = ks < k_hi
-                    wt = tl.load(w + ns[:, None] * K + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                    xt = tl.load(x_row + ks[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(wt.dtype)
-                    if UPCAST:
-                        xt, wt = xt.to(tl.float32), wt.to(tl.float32)
-                    acc += tl.dot(xt, tl.trans(wt), input_precision=PRECISION)
+                acc = _products(w, x_row, ns, n_ok, b_ok, k_lo, k_hi, K, N, BLOCK_B, BLOCK_N, BLOCK_K, 0, PRECISION,
+                                UPCAST, PDL)
             else:  # (a LoRA stage: its own depth K_s, up to K)
-                k_end = tl.minimum(k_hi, tl.load(meta_ptr + seg * _META + 5))
-                for k0 in range(k_lo, k_end, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = ks < k_end
-                    wt = tl.load(w + ks[:, None] * N + ns[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                    xt = tl.load(x_row + ks[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(wt.dtype)
-                    if UPCAST:
-                        xt, wt = xt.to(tl.float32), wt.to(tl.float32)
-                    acc += tl.dot(xt, wt, input_precision=PRECISION)
+                acc = _products(w, x_row, ns, n_ok, b_ok, k_lo, tl.minimum(k_hi, k_s), K, N, BLOCK_B, BLOCK_N, BLOCK_K,
+                                1, PRECISION, UPCAST, PDL)
             ok = b_ok[:, None] & n_ok[None, :]
+            dst, mul = bs[:, None] * so_b + off + ns[None, :], bs[:, None] * smul_b + ns[None, :]
             if SPLIT == 1:
-                _gemv_out(acc, act, out_ptr, so_b, off, mul_ptr, smul_b, bs, ns, ok, ACCUMULATE, MULTIPLY)
+                _gemv_out(acc, act, out_ptr, dst, mul_ptr, mul, ok, ACCUMULATE, MULTIPLY)
             else:
                 n_split = tl.cdiv(K, k_per)
                 rows_p = tl.num_programs(2) * BLOCK_B
@@ -274,7 +366,56 @@ if HAVE_TRITON:
                     for s in range(0, n_split):
                         acc += tl.load(part + s * rows_p * n_max, mask=ok, other=0.0, cache_modifier=".cg")
                     tl.atomic_xchg(tile, 0)
-                    _gemv_out(acc, act, out_ptr, so_b, off, mul_ptr, smul_b, bs, ns, ok, ACCUMULATE, MULTIPLY)
+                    _gemv_out(acc, act, out_ptr, dst, mul_ptr, mul, ok, ACCUMULATE, MULTIPLY)
+
+    @triton.jit
+    def _row_sums(wt, x_row, k0, k_end, BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr):
+        """sum over k in k0 + [0, BLOCK_K) of x[k] W[n, k] for outputs ns: the tile wt (`_w_tile`) times
+        x, in fp32 without tensor cores, x rounded to W's dtype first (as `_gemv`'s products take it)."""
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_row + ks, mask=ks < k_end, other=0.0).to(wt.dtype).to(tl.float32)
+        if LAYOUT == 0:
+            part = tl.sum(wt.to(tl.float32) * xt[None, :], axis=1)
+        else:
+            part = tl.sum(wt.to(tl.float32) * xt[:, None], axis=0)
+        return part
+
+    @triton.jit
+    def _row_products(w, x_row, ns, n_ok, k_end, K, N, BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr,
+                      PDL: tl.constexpr):
+        """`_products` for one row of x: [BLOCK_N] fp32. With BLOCK_K = K the whole of the program's
+        part of W is read before the launch before ends (PDL)."""
+        wt = _w_tile(w, ns, n_ok, 0, k_end, K, N, BLOCK_K, LAYOUT)
+        _after_the_last(PDL)
+        acc = _row_sums(wt, x_row, 0, k_end, BLOCK_K, LAYOUT)
+        for k0 in range(BLOCK_K, k_end, BLOCK_K):
+            acc += _row_sums(_w_tile(w, ns, n_ok, k0, k_end, K, N, BLOCK_K, LAYOUT), x_row, k0, k_end, BLOCK_K, LAYOUT)
+        return acc
+
+    @triton.jit
+    def _gemv_rows(
+        x_ptr, sx_r, out_ptr, mul_ptr, meta_ptr, w0, w1, w2, w3, w4, w5, w6, K,
+        ACCUMULATE: tl.constexpr, MULTIPLY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr, ALIGNED: tl.constexpr,
+    ):
+        """`_gemv` for one row of x (batch 1) without tensor cores: program (i, s) multiplies BLOCK_N
+        whole rows of segment s's W (outputs i BLOCK_N + [0, BLOCK_N)) by x in fp32, K in BLOCK_K
+        chunks. `_gemv` pads the row to a 16-row tile for the tensor cores and goes through K in
+        256-wide tiles; here a program's rows are read in one or a few long loads (on an H200, a
+        chain of [2048, 2048] products: 4.41 us a product with 16 x 2048 tiles, against 7.46 for
+        `_gemv`'s best tile; benchmarks/grid_barrier.py). `tune_step` chooses between the two."""
+        pid_n = tl.program_id(0)
+        seg = tl.program_id(1)
+        N, row, off, act, lora, k_s, w = _segment(meta_ptr, seg, w0, w1, w2, w3, w4, w5, w6, ALIGNED)
+        ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = ns < N
+        if pid_n * BLOCK_N < N:
+            x_row = x_ptr + row * sx_r
+            if lora == 0:
+                acc = _row_products(w, x_row, ns, n_ok, K, K, N, BLOCK_K, 0, PDL)
+            else:
+                acc = _row_products(w, x_row, ns, n_ok, tl.minimum(K, k_s), K, N, BLOCK_K, 1, PDL)
+            _gemv_out(acc, act, out_ptr, off + ns, mul_ptr, ns, n_ok, ACCUMULATE, MULTIPLY)
 
     @triton.jit
     def _head_inputs(buf_ptr, s_buf, r, C, cols):
@@ -283,98 +424,125 @@ if HAVE_TRITON:
         return base, tl.load(base + cols), tl.load(base + C + cols), tl.load(base + 2 * C + cols)
 
     @triton.jit
-    def _lora2(base, hid_off, D, w_ptr, cols, C, d):
-        """sum_i hid[i] W[i, cols] for the head's columns: a LoRA's second stage (W [D, C])."""
-        d_ok = d < D
-        hid = tl.load(base + hid_off + d, mask=d_ok, other=0.0)
-        wt = tl.load(w_ptr + d[:, None] * C + cols[None, :], mask=d_ok[:, None], other=0.0).to(tl.float32)
-        return tl.sum(hid[:, None] * wt, axis=0)
+    def _lora_w(D, w_ptr, cols, C, d):
+        """The head's columns of a LoRA's second-stage matrix W [D, C]: [BLOCK_D, N], rows from D on 0."""
+        return tl.load(w_ptr + d[:, None] * C + cols[None, :], mask=(d < D)[:, None], other=0.0)
 
     @triton.jit
-    def _second(base, hid_off, D, w_ptr, cols, C, d, lo_ptr, j, APART: tl.constexpr):
+    def _lora2(base, hid_off, D, wt, d):
+        """sum_i hid[i] W[i, cols] for the head's columns (wt: `_lora_w`): a LoRA's second stage."""
+        hid = tl.load(base + hid_off + d, mask=d < D, other=0.0)
+        return tl.sum(hid[:, None] * wt.to(tl.float32), axis=0)
+
+    @triton.jit
+    def _second(base, hid_off, D, wt, d, lo_ptr, j, cols, C, APART: tl.constexpr):
         """LoRA j's second stage for the head's columns: `_lora2` here, or (APART) read from lo [b]
         = [w | a | v | g] (fp32), which `_gemv` computed for all rows at once."""
         if APART:
             y = tl.load(lo_ptr + j * C + cols)
         else:
-            y = _lora2(base, hid_off, D, w_ptr, cols, C, d)
+            y = _lora2(base, hid_off, D, wt, d)
         return y
 
     @triton.jit
     def _wkv7_head(
         buf_ptr, s_buf, C, H, o_w, o_a, o_v, o_g, w2, a2, v2, g2, DW, DA, DV, DG,
         w0_ptr, a0_ptr, v0_ptr, kk_ptr, ka_ptr, rk_ptr, lnx_w, lnx_b, eps, decay_scale, S_ptr, vfirst_ptr, out_ptr,
-        lo_ptr, T, mask_ptr, FIRST: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr, APART: tl.constexpr,
-        HAS_MASK: tl.constexpr,
+        lo_ptr, T, mask_ptr, FIRST: tl.constexpr, N: tl.constexpr, BW: tl.constexpr, BA: tl.constexpr,
+        BV: tl.constexpr, BG: tl.constexpr, APART: tl.constexpr, HAS_MASK: tl.constexpr, PDL: tl.constexpr,
     ):
         """Row b (axis 0), head h (axis 1): everything of the time mix between its products and O, for
         the row's T tokens in turn (rows r = b T + t of buf, v_first, out; the state carried between).
         buf[r] = [r | k | v | tanh(xw w1) | xa a1 | xv v1 | sigmoid(xg g1)], fp32. APART: the second
         LoRA stages are in lo [r] (`_second`): at a larger batch, each program reading the head's
-        slices of w2, a2, v2, g2 again is what the kernel's time goes to."""
+        slices of w2, a2, v2, g2 again is what the kernel's time goes to. BW, BA, BV, BG: the LoRA
+        widths DW, DA, DV, DG rounded up to powers of two."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         n = tl.arange(0, N)
-        d = tl.arange(0, BLOCK_D)
+        dw, da, dv, dg = tl.arange(0, BW), tl.arange(0, BA), tl.arange(0, BV), tl.arange(0, BG)
         cols = h * N + n
+        every = n < N
         s_ptrs = S_ptr + ((b * H + h) * N + n[:, None]) * N + n[None, :]  # S[value, key]
+        # before `_after_the_last`: the weights, and the state, which only this layer's launch wrote
         S = tl.load(s_ptrs)
+        w0, a0, k_k = _vec(w0_ptr, cols, every), _vec(a0_ptr, cols, every), _vec(kk_ptr, cols, every)
+        k_a, r_k = _vec(ka_ptr, cols, every), _vec(rk_ptr, cols, every)
+        ln_w, ln_b = _vec(lnx_w + h * N, n, every), _vec(lnx_b + h * N, n, every)
+        if FIRST:
+            v0 = w0
+        else:
+            v0 = _vec(v0_ptr, cols, every)
+        if APART:
+            ww, wa, wv, wg = w0, w0, w0, w0  # (unread)
+        else:
+            ww, wa, wg = _lora_w(DW, w2, cols, C, dw), _lora_w(DA, a2, cols, C, da), _lora_w(DG, g2, cols, C, dg)
+            if FIRST:
+                wv = ww  # (unread)
+            else:
+                wv = _lora_w(DV, v2, cols, C, dv)
+        _after_the_last(PDL)
         for t in range(T):
             row = b * T + t
             base, r, k, v = _head_inputs(buf_ptr, s_buf, row, C, cols)
             lo = lo_ptr + row * 4 * C
-            w = tl.load(w0_ptr + cols).to(tl.float32) + _second(base, o_w, DW, w2, cols, C, d, lo, 0, APART)
-            a = tl.sigmoid(tl.load(a0_ptr + cols).to(tl.float32) + _second(base, o_a, DA, a2, cols, C, d, lo, 1, APART))
-            g = _second(base, o_g, DG, g2, cols, C, d, lo, 3, APART)
-            kk = k * tl.load(kk_ptr + cols).to(tl.float32)
+            w = w0 + _second(base, o_w, DW, ww, dw, lo, 0, cols, C, APART)
+            a = tl.sigmoid(a0 + _second(base, o_a, DA, wa, da, lo, 1, cols, C, APART))
+            g = _second(base, o_g, DG, wg, dg, lo, 3, cols, C, APART)
+            kk = k * k_k
             kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, 0)), 1e-12)  # F.normalize
-            k = k * (1.0 + (a - 1.0) * tl.load(ka_ptr + cols).to(tl.float32))
+            k = k * (1.0 + (a - 1.0) * k_a)
             if FIRST:
                 tl.store(vfirst_ptr + row * C + cols, v)
             else:
-                gate = tl.sigmoid(tl.load(v0_ptr + cols).to(tl.float32) + _second(base, o_v, DV, v2, cols, C, d, lo, 2, APART))
+                gate = tl.sigmoid(v0 + _second(base, o_v, DV, wv, dv, lo, 2, cols, C, APART))
                 v = v + (tl.load(vfirst_ptr + row * C + cols) - v) * gate
             decay = tl.exp(-decay_scale * tl.sigmoid(w))
             sa = tl.sum(S * (-kk)[None, :], axis=1)
             new = S * decay[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
             S = _real(mask_ptr, row, new, S, HAS_MASK)
-            y = _layer_norm(tl.sum(new * r[None, :], axis=1), lnx_w + h * N, lnx_b + h * N, n, n < N, N, eps)  # the head's group norm
-            y += tl.sum(r * k * tl.load(rk_ptr + cols).to(tl.float32), 0) * v
+            y = _norm(tl.sum(new * r[None, :], axis=1), ln_w, ln_b, every, N, eps)  # the head's group norm
+            y += tl.sum(r * k * r_k, 0) * v
             tl.store(out_ptr + row * C + cols, (y * g).to(out_ptr.dtype.element_ty))
         tl.store(s_ptrs, S)
 
     @triton.jit
-    def _mix_lora(hid_ptr, w2_ptr, i, D, C, h, xx, coeff_ptr, out_ptr, c, m, d):
-        """RWKV-6's data-dependent mix i for columns c: h + xx * (maa_i + hid_i W2[i]), stored."""
-        d_ok = d < D
-        hid = tl.load(hid_ptr + i * D + d, mask=d_ok, other=0.0)
-        wt = tl.load(w2_ptr + (i * D + d[:, None]) * C + c[None, :], mask=d_ok[:, None] & m[None, :], other=0.0)
+    def _mix_lora(hid_ptr, wt, i, D, h, xx, coeff, out_ptr, C, c, m, d):
+        """RWKV-6's data-dependent mix i for columns c: h + xx * (maa_i + hid_i W2[i]) (wt: W2[i]'s
+        columns c, coeff: maa_i's), stored."""
+        hid = tl.load(hid_ptr + i * D + d, mask=d < D, other=0.0)
         lora = tl.sum(hid[:, None] * wt.to(tl.float32), axis=0)
-        coeff = tl.load(coeff_ptr + c, mask=m, other=0.0).to(tl.float32)
         tl.store(out_ptr + i * C + c, (h + xx * (coeff + lora)).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _v6_mixes(hid_ptr, w2_ptr, hx_ptr, mw, mk, mv, mr, mg, out_ptr, C, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _v6_mixes(hid_ptr, w2_ptr, hx_ptr, mw, mk, mv, mr, mg, out_ptr, C, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PDL: tl.constexpr):
         """Row b (axis 0), columns (axis 1): the five mixes xw, xk, xv, xr, xg = h + xx (maa_* + m_*), with
         m_* the second stages of the token-shift LoRAs (hid: tanh(xxx W1), fp32; W2 [5, D, C])."""
         b = tl.program_id(0)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         m = c < C
         d = tl.arange(0, BLOCK_D)
+        tiles = w2_ptr + d[:, None] * C + c[None, :]
+        tm = (d < D)[:, None] & m[None, :]
+        w_w, w_k, w_v = tl.load(tiles, mask=tm, other=0.0), tl.load(tiles + D * C, mask=tm, other=0.0), tl.load(tiles + 2 * D * C, mask=tm, other=0.0)
+        w_r, w_g = tl.load(tiles + 3 * D * C, mask=tm, other=0.0), tl.load(tiles + 4 * D * C, mask=tm, other=0.0)
+        c_w, c_k, c_v, c_r, c_g = _vec(mw, c, m), _vec(mk, c, m), _vec(mv, c, m), _vec(mr, c, m), _vec(mg, c, m)
+        _after_the_last(PDL)
         h = tl.load(hx_ptr + b * 2 * C + c, mask=m, other=0.0)
         xx = tl.load(hx_ptr + b * 2 * C + C + c, mask=m, other=0.0)
         hid, out = hid_ptr + b * 5 * D, out_ptr + b * 5 * C
-        _mix_lora(hid, w2_ptr, 0, D, C, h, xx, mw, out, c, m, d)
-        _mix_lora(hid, w2_ptr, 1, D, C, h, xx, mk, out, c, m, d)
-        _mix_lora(hid, w2_ptr, 2, D, C, h, xx, mv, out, c, m, d)
-        _mix_lora(hid, w2_ptr, 3, D, C, h, xx, mr, out, c, m, d)
-        _mix_lora(hid, w2_ptr, 4, D, C, h, xx, mg, out, c, m, d)
+        _mix_lora(hid, w_w, 0, D, h, xx, c_w, out, C, c, m, d)
+        _mix_lora(hid, w_k, 1, D, h, xx, c_k, out, C, c, m, d)
+        _mix_lora(hid, w_v, 2, D, h, xx, c_v, out, C, c, m, d)
+        _mix_lora(hid, w_r, 3, D, h, xx, c_r, out, C, c, m, d)
+        _mix_lora(hid, w_g, 4, D, h, xx, c_g, out, C, c, m, d)
 
     @triton.jit
     def _wkv5_head(
         buf_ptr, s_buf, C, H, o_d, dw2, DD, decay_ptr, u_ptr, lnx_w, lnx_b, eps, S_ptr, out_ptr, T, mask_ptr,
         N: tl.constexpr, BLOCK_D: tl.constexpr, DECAY_LORA: tl.constexpr, PER_HEAD: tl.constexpr,
-        GATED: tl.constexpr, HAS_MASK: tl.constexpr,
+        GATED: tl.constexpr, HAS_MASK: tl.constexpr, PDL: tl.constexpr,
     ):
         """RWKV-5 and RWKV-6, row b (axis 0), head h (axis 1), its T tokens in turn (rows r = b T + t):
         the decay, the WKV update y = r (S + diag(u) k^T v), S <- diag(w) S + k^T v (S [key, value]),
@@ -394,18 +562,24 @@ if HAVE_TRITON:
             w0 = tl.load(decay_ptr + cols).to(tl.float32)
             u = tl.load(u_ptr + cols).to(tl.float32)  # time_faaaa [H, N]: row h is the head's
         s_ptrs = S_ptr + ((b * H + h) * N + n[:, None]) * N + n[None, :]  # S[key, value]
+        # before `_after_the_last`: the weights, and the state, which only this layer's launch wrote
         S = tl.load(s_ptrs)
+        every = n < N
+        ln_w, ln_b = _vec(lnx_w + h * N, n, every), _vec(lnx_b + h * N, n, every)
+        if DECAY_LORA:
+            wd = _lora_w(DD, dw2, cols, C, d)
+        _after_the_last(PDL)
         for t in range(T):
             row = b * T + t
             base, r, k, v = _head_inputs(buf_ptr, s_buf, row, C, cols)
             w = w0
             if DECAY_LORA:
-                w += _lora2(base, o_d, DD, dw2, cols, C, d)
+                w += _lora2(base, o_d, DD, wd, d)
             decay = tl.exp(-tl.exp(w))
             a = k[:, None] * v[None, :]
             y = tl.sum(r[:, None] * (u[:, None] * a + S), axis=0)
             S = _real(mask_ptr, row, a + decay[:, None] * S, S, HAS_MASK)
-            y = _layer_norm(y, lnx_w + h * N, lnx_b + h * N, n, n < N, N, eps)  # the head's group norm
+            y = _norm(y, ln_w, ln_b, every, N, eps)  # the head's group norm
             if GATED:
                 y = y * tl.load(base + 3 * C + cols)
             tl.store(out_ptr + row * C + cols, y.to(out_ptr.dtype.element_ty))
@@ -413,7 +587,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _wkv4(buf_ptr, s_buf, A, decay_ptr, first_ptr, aa_ptr, bb_ptr, pp_ptr, out_ptr, T, mask_ptr,
-              BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
+              BLOCK: tl.constexpr, HAS_MASK: tl.constexpr, PDL: tl.constexpr):
         """RWKV-4, row b (axis 0), channels (axis 1), its T tokens in turn (rows r = b T + t): the
         overflow-free WKV step on the state (aa, bb, pp), in place, and r * wkv. buf[r] = [k | v |
         sigmoid(xr R)], fp32."""
@@ -423,9 +597,11 @@ if HAVE_TRITON:
         log_w = -tl.exp(tl.load(decay_ptr + c, mask=m, other=0.0).to(tl.float32))
         u = tl.load(first_ptr + c, mask=m, other=0.0).to(tl.float32)
         st = b * A + c
+        # before `_after_the_last`: the weights, and the state, which only this layer's launch wrote
         aa = tl.load(aa_ptr + st, mask=m, other=0.0)
         bb = tl.load(bb_ptr + st, mask=m, other=0.0)
         pp = tl.load(pp_ptr + st, mask=m, other=0.0)
+        _after_the_last(PDL)
         for t in range(T):
             row = b * T + t
             base = buf_ptr + row * s_buf
@@ -462,6 +638,11 @@ if HAVE_TRITON:
         for bn, sp in ((16, 2), (16, 4), (32, 2), (32, 4))
     ]
     MAX_SPLIT = max(c.kwargs["SPLIT"] for c in _SPLIT_CONFIGS)
+    # batch 1 may also take `_gemv_rows` (ROWS): whole rows, or K in halves, BLOCK_N rows a program
+    _ROWS_CONFIGS = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": 1, "ROWS": True}, num_warps=nw, num_stages=1)
+        for bn, bk, nw in ((16, 2048, 8), (8, 2048, 4), (32, 1024, 8), (16, 1024, 4))
+    ]
     # the tile of a product no step tuned (a prompt's, `triton_step` with T tokens a row), by precision:
     # 64 x 128 (16 x 256 for fp32's "ieee" products). Triton's autotuner built 9 variants of each kind
     # and timed them, 8 to 41 s on a cold H200
@@ -490,10 +671,30 @@ STEP_TUNING = True
 LORA_APART_FROM = 8
 # RWKV-6's `_v6_mixes`: columns a program (its grid: rows x C / this)
 V6_MIX_BLOCK = 64
+# programmatic dependent launch on CUDA cards that have it (compute capability 9 on): each launch of the
+# step may start while the one before ends, reading its weights meanwhile (`_after_the_last`)
+PDL = True
+# batch-1 products may be tuned with `_gemv_rows` among the candidates
+ROWS = True
+# warps a program of `_wkv7_head` / `_wkv5_head`; None: 8 for fewer rows than `LORA_APART_FROM`, else 4.
+# On an H200 (1.5B RWKV-7, decode_step.py, session 15) 4 / 8 / 16 warps gave 371 / 745 / 665 tok/s at
+# batch 1 (with 4, the LoRA tiles kept 1.3 KB a thread out of registers) and 17,055 / 14,906 / 13,315
+# at batch 32
+HEAD_WARPS = None
+_CAPABILITY: dict = {}
 _SCRATCH: dict = {}
 _CHOSEN: dict = {}  # a launch's tuning key -> the config `tune_step` timed fastest
 _RECORD: Optional[dict] = None  # while `tune_step` records a step: tuning key -> that step's launches
 _TIMINGS: dict = {}  # tuning key -> `tune_step`'s times of its candidates (us a launch)
+
+
+def _pdl(device: torch.device) -> dict:
+    """A launch's PDL arguments on `device`: the kernel's flag and, where on, Triton's launch option."""
+    if not (PDL and HAVE_TRITON and HAVE_PDL) or device.type != "cuda" or interpreted():
+        return {"PDL": False}
+    if device not in _CAPABILITY:
+        _CAPABILITY[device] = torch.cuda.get_device_capability(device)
+    return {"PDL": True, "launch_pdl": True} if _CAPABILITY[device] >= (9, 0) else {"PDL": False}
 
 
 def _scratch(device: torch.device, rows: int, n: int, split: int):
@@ -537,24 +738,40 @@ def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_ma
     scratch = lambda n_split: _scratch(x.device, rows, n_max, n_split) if one and n_split > 1 else (out, meta)  # noqa: E731
     head, tail = (x, x.stride(0), sx_r, out, out.stride(0), mul, mul.stride(0), meta, *ws), (B, K, n_max)
     precision = "ieee" if weights[0].dtype == torch.float32 else "tf32"  # (only fp32 operands read it)
-    flags = dict(ACCUMULATE=accumulate, MULTIPLY=multiply is not None, PRECISION=precision, BLOCK_B=block_b)
+    aligned = all(d % 16 == 0 for w in weights for d in w.shape)
+    flags = dict(ACCUMULATE=accumulate, MULTIPLY=multiply is not None, PRECISION=precision, BLOCK_B=block_b,
+                 ALIGNED=aligned)
     sizes = dict(n_max=n_max, segments=len(weights), K=K, B=B, block_b=block_b)
-    if cpu:
+    rows_kw = dict(ACCUMULATE=accumulate, MULTIPLY=multiply is not None, ALIGNED=aligned)
+    rows_args = (x, sx_r, out, mul, meta, *ws, K)
+    if cpu:  # (one row: `_gemv_rows`, so that the CPU tests run it too, in the steps at batch 1)
+        if B == 1 and ROWS:
+            _gemv_rows[(triton.cdiv(n_max, 64), len(weights))](*rows_args, **rows_kw, BLOCK_N=64, BLOCK_K=128, PDL=False)
+            return
         tile = dict(BLOCK_N=64, BLOCK_K=128, SPLIT=split)
-        _gemv[_grid(**sizes, **tile)](*head, *scratch(split), *tail, UPCAST=True, **tile, **flags)
+        _gemv[_grid(**sizes, **tile)](*head, *scratch(split), *tail, UPCAST=True, **tile, **flags, PDL=False)
         return
     split_ok = one and SPLIT_K
-    key = (str(x.device), K, block_b, accumulate, multiply is not None, n_max, len(weights), precision, split_ok)
+    rows_ok = B == 1 and ROWS
+    key = (str(x.device), K, block_b, accumulate, multiply is not None, n_max, len(weights), precision, split_ok,
+           rows_ok)
+    pdl = _pdl(x.device)
 
     def launch(cfg):
         kw = cfg.kwargs
-        _gemv[_grid(**sizes, **kw)](*head, *scratch(kw["SPLIT"]), *tail, UPCAST=False, **flags, **kw,
+        if kw.get("ROWS"):
+            _gemv_rows[(triton.cdiv(n_max, kw["BLOCK_N"]), len(weights))](
+                *rows_args, **rows_kw, BLOCK_N=kw["BLOCK_N"], BLOCK_K=kw["BLOCK_K"], **pdl, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+            return
+        _gemv[_grid(**sizes, **kw)](*head, *scratch(kw["SPLIT"]), *tail, UPCAST=False, **flags, **kw, **pdl,
                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if _RECORD is not None:  # `tune_step` is recording: this launch's kind, with the first config meanwhile
-        configs = [c for c in (_SPLIT_CONFIGS if split_ok else _GEMV_CONFIGS) if precision != "ieee" or _small(c)]
+        configs = (_SPLIT_CONFIGS if split_ok else _GEMV_CONFIGS) + (_ROWS_CONFIGS if rows_ok else [])
+        configs = [c for c in configs if precision != "ieee" or _small(c) or c.kwargs.get("ROWS")]
         _RECORD.setdefault(key, {"configs": configs, "launches": []})["launches"].append(launch)
-        launch(_GEMV_CONFIGS[0])
+        launch(configs[0])
     elif key in _CHOSEN:
         launch(_CHOSEN[key])
     elif STEP_TUNING:  # a launch no step tuned, a prompt's (B T rows): one tile, built once and not timed
@@ -562,11 +779,12 @@ def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_ma
     else:  # Triton's autotuner picks, launch by launch (META: the arguments and the config's tile)
         tuned = _gemv_split_tuned if split_ok else _gemv_tuned
         grid = lambda META: _grid(**sizes, **{k: META[k] for k in ("BLOCK_N", "BLOCK_K", "SPLIT")})  # noqa: E731
-        tuned[grid](*head, *scratch(MAX_SPLIT), *tail, UPCAST=False, **flags)
+        tuned[grid](*head, *scratch(MAX_SPLIT), *tail, UPCAST=False, **flags, PDL=False)
 
 
 def _small(cfg) -> bool:
-    """A config fp32 weights may use (no tensor cores, "ieee" products): small tiles, which compile fast."""
+    """A `_gemv` config fp32 weights may use (no tensor cores, "ieee" products): small tiles, which compile
+    fast. (`_gemv_rows` has no tensor cores to begin with: every one of its tiles may.)"""
     return cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] <= 4096 and cfg.kwargs["SPLIT"] <= 2
 
 
@@ -752,7 +970,11 @@ def _norm_mix_call(x: Tensor, ln, shift, mixes, out: Tensor, ln0=None, hx: Optio
     _norm_mix[(B,)](x, first.weight, first.bias, ln.weight, ln.bias, x if shift is None else shift, *ms, out,
                     out if hx is None else hx, C, ln.eps, T, HAS_LN0=ln0 is not None, N_MIX=len(mixes), MIX_FORM=form,
                     SAVE_HX=hx is not None, BLOCK_C=block_c, num_warps=min(16, max(4, block_c // 256)),
-                    **_padding(mask, x))
+                    **_padding(mask, x), **_pdl(x.device))
+
+
+def _head_warps(rows: int) -> int:
+    return HEAD_WARPS or (8 if rows < LORA_APART_FROM else 4)
 
 
 def _lora_block(dims) -> int:
@@ -803,7 +1025,9 @@ def _step7(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Te
         _wkv7_head[(B // T, H)](buf, buf.stride(0), C, H, *plan.offsets, att.w2, att.a2, att.v2, att.g2, dw, da, dv, dg,
                                 att.w0, att.a0, att.v0, att.k_k, att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias,
                                 att.ln_x.eps, DECAY_SCALE, S, v_first, yg, lo, T, FIRST=i == 0, N=N,
-                                BLOCK_D=_lora_block(plan.dims), APART=apart, num_warps=4, **_padding(mask, x))
+                                **dict(zip(("BW", "BA", "BV", "BG"), map(_lora_block, ((d,) for d in plan.dims)))),
+                                APART=apart, num_warps=_head_warps(B), **_padding(mask, x),
+                                **_pdl(x.device))
         _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
         _norm_mix_call(x, blk.ln2, ffn_shift, [ffn.x_k], fk, T=T, mask=mask)
         _gemv_call(fk, hidden, plan.metas["ffn"], [ffn.key.weight], hidden.shape[1])
@@ -827,14 +1051,14 @@ def _step6(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Te
         _gemv_call(xxx, hid, plan.metas["maa"], [att.time_maa_w1], hid.shape[1])
         _v6_mixes[(B, triton.cdiv(C, block_c))](hid, att.time_maa_w2, hx, att.time_maa_w, att.time_maa_k, att.time_maa_v,
                                                 att.time_maa_r, att.time_maa_g, xs, C, d_mix, BLOCK_C=block_c,
-                                                BLOCK_D=_lora_block((d_mix,)), num_warps=4)
+                                                BLOCK_D=_lora_block((d_mix,)), num_warps=4, **_pdl(x.device))
         _gemv_call(xs, buf, plan.metas["in"], [att.receptance.weight, att.key.weight, att.value.weight, att.gate.weight,
                                                att.time_decay_w1], C)
         H, N = att.time_faaaa.shape
         _wkv5_head[(B // T, H)](buf, buf.stride(0), C, H, plan.offsets[0], att.time_decay_w2, plan.dims[0],
                                 att.time_decay, att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps, S, yg, T,
                                 N=N, BLOCK_D=_lora_block(plan.dims), DECAY_LORA=True, PER_HEAD=False, GATED=True,
-                                num_warps=4, **_padding(mask, x))
+                                num_warps=_head_warps(B), **_padding(mask, x), **_pdl(x.device))
         _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
         _channel_mix(x, blk, ffn_shift, plan, form=0, T=T, mask=mask)
 
@@ -857,7 +1081,7 @@ def _step5(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Te
         _wkv5_head[(B // T, H)](buf, buf.stride(0), C, H, 0, att.time_decay, 1, att.time_decay,
                                 att.time_first if per_head else att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps,
                                 S, yg, T, N=N, BLOCK_D=16, DECAY_LORA=False, PER_HEAD=per_head, GATED=gated,
-                                num_warps=4, **_padding(mask, x))
+                                num_warps=_head_warps(B), **_padding(mask, x), **_pdl(x.device))
         _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
         _channel_mix(x, blk, ffn_shift, plan, form=1, T=T, mask=mask)
 
@@ -875,7 +1099,7 @@ def _step4(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Te
                        ln0=blk.ln0 if i == 0 else None, form=1, T=T, mask=mask)
         _gemv_call(xs, buf, plan.metas["in"], [att.key.weight, att.value.weight, att.receptance.weight], A)
         _wkv4[(B // T, triton.cdiv(A, block))](buf, buf.stride(0), A, att.time_decay, att.time_first, aa, bb, pp, ry,
-                                               T, BLOCK=block, **_padding(mask, x), num_warps=4)
+                                               T, BLOCK=block, **_padding(mask, x), **_pdl(x.device), num_warps=4)
         _gemv_call(ry, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
         _channel_mix(x, blk, ffn_shift, plan, form=1, T=T, mask=mask)
 
