@@ -104,18 +104,19 @@ if HAVE_TRITON:
         HAVE_PDL = False
 
     @triton.jit
-    def _after_the_last(PDL: tl.constexpr):
-        """PDL: wait until the launch before this one has ended (its stores seen), then let the next
-        launch start its programs. Everything a program reads or writes that another launch writes
-        comes after this; before it, only what no launch writes (weights, segment tables, constants)
-        and a layer's recurrent state, which only that layer's launch of the step before wrote. Why
-        the state may: the next launch starts only once every program here has passed this point, so
-        at most two launches overlap, and a launch that starts finds the launch before the one
-        before it, and all before that, ended; a layer's launch of the step before lies further back,
-        and no launch between writes its state."""
-        if PDL:
-            _GDC.gdc_wait()
-            _GDC.gdc_launch_dependents()
+    def _after_the_last():
+        """Programmatic dependent launch (a kernel calls this where its PDL is set): wait until the
+        launch before this one has ended (its stores seen), then let the next launch start its
+        programs. Everything a program reads or writes that another launch writes comes after this;
+        before it, only what no launch writes (weights, segment tables, constants) and a layer's
+        recurrent state, which only that layer's launch of the step before wrote. Why the state may:
+        the next launch starts only once every program here has passed this point, so at most two
+        launches overlap, and a launch that starts finds the launch before the one before it, and all
+        before that, ended; a layer's launch of the step before lies further back, and no launch
+        between writes its state. (Called under `if PDL:`, not taking the flag: under Triton's
+        interpreter every call of a jit function costs about a millisecond.)"""
+        _GDC.gdc_wait()
+        _GDC.gdc_launch_dependents()
 
     @triton.jit
     def _vec(ptr, c, m):
@@ -132,7 +133,7 @@ if HAVE_TRITON:
     @triton.jit
     def _coeff(coeff_ptr, c, m, FORM: tl.constexpr):
         """A mix's coefficient as `_mix_out` takes it: m (FORM 0: v6, v7), or 1 - m (FORM 1: v4, v5)."""
-        coeff = _vec(coeff_ptr, c, m)
+        coeff = tl.load(coeff_ptr + c, mask=m, other=0.0).to(tl.float32)
         if FORM == 1:
             coeff = 1.0 - coeff
         return coeff
@@ -180,7 +181,8 @@ if HAVE_TRITON:
             k4 = _coeff(m4, c, m, MIX_FORM)
         if N_MIX > 5:
             k5 = _coeff(m5, c, m, MIX_FORM)
-        _after_the_last(PDL)
+        if PDL:
+            _after_the_last()
         if N_MIX > 0:
             prev = tl.load(shift_ptr + b * C + c, mask=m, other=0.0).to(tl.float32)
         for t in range(T):
@@ -266,7 +268,8 @@ if HAVE_TRITON:
         """sum over k in [k_lo, k_end) of x[b, k] W[n, k], [BLOCK_B, BLOCK_N] fp32. The first tile of W is
         read before `_after_the_last` (PDL: while the launch before ends), the rest after it."""
         wt = _w_tile(w, ns, n_ok, k_lo, k_end, K, N, BLOCK_K, LAYOUT)
-        _after_the_last(PDL)
+        if PDL:
+            _after_the_last()
         acc = _dot_tile(tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), wt, x_row, b_ok, k_lo, k_end, BLOCK_K,
                         LAYOUT, PRECISION, UPCAST)
         for k0 in range(k_lo + BLOCK_K, k_end, BLOCK_K):
@@ -350,7 +353,11 @@ if HAVE_TRITON:
                 acc = _products(w, x_row, ns, n_ok, b_ok, k_lo, tl.minimum(k_hi, k_s), K, N, BLOCK_B, BLOCK_N, BLOCK_K,
                                 1, PRECISION, UPCAST, PDL)
             ok = b_ok[:, None] & n_ok[None, :]
-            dst, mul = bs[:, None] * so_b + off + ns[None, :], bs[:, None] * smul_b + ns[None, :]
+            dst = bs[:, None] * so_b + off + ns[None, :]
+            if MULTIPLY:
+                mul = bs[:, None] * smul_b + ns[None, :]
+            else:
+                mul = dst  # (unread)
             if SPLIT == 1:
                 _gemv_out(acc, act, out_ptr, dst, mul_ptr, mul, ok, ACCUMULATE, MULTIPLY)
             else:
@@ -386,7 +393,8 @@ if HAVE_TRITON:
         """`_products` for one row of x: [BLOCK_N] fp32. With BLOCK_K = K the whole of the program's
         part of W is read before the launch before ends (PDL)."""
         wt = _w_tile(w, ns, n_ok, 0, k_end, K, N, BLOCK_K, LAYOUT)
-        _after_the_last(PDL)
+        if PDL:
+            _after_the_last()
         acc = _row_sums(wt, x_row, 0, k_end, BLOCK_K, LAYOUT)
         for k0 in range(BLOCK_K, k_end, BLOCK_K):
             acc += _row_sums(_w_tile(w, ns, n_ok, k0, k_end, K, N, BLOCK_K, LAYOUT), x_row, k0, k_end, BLOCK_K, LAYOUT)
@@ -481,7 +489,8 @@ if HAVE_TRITON:
                 wv = ww  # (unread)
             else:
                 wv = _lora_w(DV, v2, cols, C, dv)
-        _after_the_last(PDL)
+        if PDL:
+            _after_the_last()
         for t in range(T):
             row = b * T + t
             base, r, k, v = _head_inputs(buf_ptr, s_buf, row, C, cols)
@@ -528,7 +537,8 @@ if HAVE_TRITON:
         w_w, w_k, w_v = tl.load(tiles, mask=tm, other=0.0), tl.load(tiles + D * C, mask=tm, other=0.0), tl.load(tiles + 2 * D * C, mask=tm, other=0.0)
         w_r, w_g = tl.load(tiles + 3 * D * C, mask=tm, other=0.0), tl.load(tiles + 4 * D * C, mask=tm, other=0.0)
         c_w, c_k, c_v, c_r, c_g = _vec(mw, c, m), _vec(mk, c, m), _vec(mv, c, m), _vec(mr, c, m), _vec(mg, c, m)
-        _after_the_last(PDL)
+        if PDL:
+            _after_the_last()
         h = tl.load(hx_ptr + b * 2 * C + c, mask=m, other=0.0)
         xx = tl.load(hx_ptr + b * 2 * C + C + c, mask=m, other=0.0)
         hid, out = hid_ptr + b * 5 * D, out_ptr + b * 5 * C
@@ -568,7 +578,8 @@ if HAVE_TRITON:
         ln_w, ln_b = _vec(lnx_w + h * N, n, every), _vec(lnx_b + h * N, n, every)
         if DECAY_LORA:
             wd = _lora_w(DD, dw2, cols, C, d)
-        _after_the_last(PDL)
+        if PDL:
+            _after_the_last()
         for t in range(T):
             row = b * T + t
             base, r, k, v = _head_inputs(buf_ptr, s_buf, row, C, cols)
@@ -601,7 +612,8 @@ if HAVE_TRITON:
         aa = tl.load(aa_ptr + st, mask=m, other=0.0)
         bb = tl.load(bb_ptr + st, mask=m, other=0.0)
         pp = tl.load(pp_ptr + st, mask=m, other=0.0)
-        _after_the_last(PDL)
+        if PDL:
+            _after_the_last()
         for t in range(T):
             row = b * T + t
             base = buf_ptr + row * s_buf
@@ -744,11 +756,13 @@ def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_ma
     sizes = dict(n_max=n_max, segments=len(weights), K=K, B=B, block_b=block_b)
     rows_kw = dict(ACCUMULATE=accumulate, MULTIPLY=multiply is not None, ALIGNED=aligned)
     rows_args = (x, sx_r, out, mul, meta, *ws, K)
-    if cpu:  # (one row: `_gemv_rows`, so that the CPU tests run it too, in the steps at batch 1)
+    # (one row: `_gemv_rows`, so that the CPU tests run it too, in the steps at batch 1; 128 outputs a
+    # program: under Triton's interpreter a program's every operation costs, whatever its size)
+    if cpu:
         if B == 1 and ROWS:
-            _gemv_rows[(triton.cdiv(n_max, 64), len(weights))](*rows_args, **rows_kw, BLOCK_N=64, BLOCK_K=128, PDL=False)
+            _gemv_rows[(triton.cdiv(n_max, 128), len(weights))](*rows_args, **rows_kw, BLOCK_N=128, BLOCK_K=128, PDL=False)
             return
-        tile = dict(BLOCK_N=64, BLOCK_K=128, SPLIT=split)
+        tile = dict(BLOCK_N=128, BLOCK_K=128, SPLIT=split)
         _gemv[_grid(**sizes, **tile)](*head, *scratch(split), *tail, UPCAST=True, **tile, **flags, PDL=False)
         return
     split_ok = one and SPLIT_K
