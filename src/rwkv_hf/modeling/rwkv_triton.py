@@ -700,6 +700,17 @@ _RECORD: Optional[dict] = None  # while `tune_step` records a step: tuning key -
 _TIMINGS: dict = {}  # tuning key -> `tune_step`'s times of its candidates (us a launch)
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host. (Triton's `cdiv` and `next_power_of_2` are constexpr functions in newer
+    Tritons: some 8 us a call, ~900 calls in an uncaptured RWKV-7 step of 24 layers.)"""
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The least power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _pdl(device: torch.device) -> dict:
     """A launch's PDL arguments on `device`: the kernel's flag and, where on, Triton's launch option."""
     if not (PDL and HAVE_TRITON and HAVE_PDL) or device.type != "cuda" or interpreted():
@@ -716,7 +727,7 @@ def _scratch(device: torch.device, rows: int, n: int, split: int):
     two graphs replayed at once on two streams would race on the counts (nothing here does that)."""
     key = (str(device), rows, n, split)
     if key not in _SCRATCH:
-        tiles = triton.cdiv(n, 16) * triton.cdiv(rows, 16)
+        tiles = _cdiv(n, 16) * _cdiv(rows, 16)
         _SCRATCH[key] = (torch.empty(split * rows * n, device=device, dtype=torch.float32),
                          torch.zeros(tiles, device=device, dtype=torch.int32))
     return _SCRATCH[key]
@@ -725,8 +736,8 @@ def _scratch(device: torch.device, rows: int, n: int, split: int):
 def _grid(n_max: int, segments: int, K: int, B: int, block_b: int, BLOCK_N: int, BLOCK_K: int, SPLIT: int) -> tuple:
     """`_gemv`'s grid: output tiles, then the segments (SPLIT 1) or the slices of K (as the kernel cuts
     them: SPLIT slices rounded up to whole BLOCK_K, so there may be fewer), then row tiles."""
-    k_per = triton.cdiv(triton.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
-    return triton.cdiv(n_max, BLOCK_N), segments if SPLIT == 1 else triton.cdiv(K, k_per), triton.cdiv(B, block_b)
+    k_per = _cdiv(_cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+    return _cdiv(n_max, BLOCK_N), segments if SPLIT == 1 else _cdiv(K, k_per), _cdiv(B, block_b)
 
 
 def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_max: int, accumulate: bool = False,
@@ -738,14 +749,14 @@ def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_ma
     B, K = x.shape[0], x.shape[-1] if depth is None else depth
     sx_r = 1 if depth is not None else (x.stride(1) if x.dim() == 3 else 0)
     block_b = 16 if B <= 16 else (32 if B <= 32 else 64)
-    rows = triton.cdiv(B, block_b) * block_b
+    rows = _cdiv(B, block_b) * block_b
     one = len(weights) == 1
     ws = list(weights) + [weights[0]] * (MAX_SEGMENTS - len(weights))
     mul = out if multiply is None else multiply
     cpu = interpreted() or x.device.type != "cuda"
     # interpreted, a one-segment product of 256 or more inputs splits K in 128-wide slices (up to 4):
     # the CPU tests run the split path too
-    split = min(4, triton.cdiv(K, 128)) if cpu and one else 1
+    split = min(4, _cdiv(K, 128)) if cpu and one else 1
     # split K's scratch (`_scratch`) where a split may run; unused otherwise (any tensors: out, meta)
     scratch = lambda n_split: _scratch(x.device, rows, n_max, n_split) if one and n_split > 1 else (out, meta)  # noqa: E731
     head, tail = (x, x.stride(0), sx_r, out, out.stride(0), mul, mul.stride(0), meta, *ws), (B, K, n_max)
@@ -760,7 +771,7 @@ def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_ma
     # program: under Triton's interpreter a program's every operation costs, whatever its size)
     if cpu:
         if B == 1 and ROWS:
-            _gemv_rows[(triton.cdiv(n_max, 128), len(weights))](*rows_args, **rows_kw, BLOCK_N=128, BLOCK_K=128, PDL=False)
+            _gemv_rows[(_cdiv(n_max, 128), len(weights))](*rows_args, **rows_kw, BLOCK_N=128, BLOCK_K=128, PDL=False)
             return
         tile = dict(BLOCK_N=128, BLOCK_K=128, SPLIT=split)
         _gemv[_grid(**sizes, **tile)](*head, *scratch(split), *tail, UPCAST=True, **tile, **flags, PDL=False)
@@ -774,7 +785,7 @@ def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_ma
     def launch(cfg):
         kw = cfg.kwargs
         if kw.get("ROWS"):
-            _gemv_rows[(triton.cdiv(n_max, kw["BLOCK_N"]), len(weights))](
+            _gemv_rows[(_cdiv(n_max, kw["BLOCK_N"]), len(weights))](
                 *rows_args, **rows_kw, BLOCK_N=kw["BLOCK_N"], BLOCK_K=kw["BLOCK_K"], **pdl, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
             return
@@ -978,7 +989,7 @@ def _norm_mix_call(x: Tensor, ln, shift, mixes, out: Tensor, ln0=None, hx: Optio
     ln (after ln0, if given, whose output replaces x), the token shift through `shift` and `mixes` (up
     to six coefficient vectors, `form` 0 or 1 as `_mix_out`; none: out = ln(x))."""
     B, C = x.shape[0] // T, x.shape[1]
-    block_c = triton.next_power_of_2(C)
+    block_c = _pow2(C)
     first = ln if ln0 is None else ln0
     ms = list(mixes) + [ln.weight] * (6 - len(mixes))
     _norm_mix[(B,)](x, first.weight, first.bias, ln.weight, ln.bias, x if shift is None else shift, *ms, out,
@@ -992,7 +1003,7 @@ def _head_warps(rows: int) -> int:
 
 
 def _lora_block(dims) -> int:
-    return max(16, triton.next_power_of_2(max(dims, default=1)))
+    return max(16, _pow2(max(dims, default=1)))
 
 
 def _head(model, x: Tensor, plan: Plan) -> Tensor:
@@ -1063,7 +1074,7 @@ def _step6(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Te
         _norm_mix_call(x, blk.ln1, att_shift, [att.time_maa_x], xxx, ln0=blk.ln0 if i == 0 else None, hx=hx, T=T,
                        mask=mask)
         _gemv_call(xxx, hid, plan.metas["maa"], [att.time_maa_w1], hid.shape[1])
-        _v6_mixes[(B, triton.cdiv(C, block_c))](hid, att.time_maa_w2, hx, att.time_maa_w, att.time_maa_k, att.time_maa_v,
+        _v6_mixes[(B, _cdiv(C, block_c))](hid, att.time_maa_w2, hx, att.time_maa_w, att.time_maa_k, att.time_maa_v,
                                                 att.time_maa_r, att.time_maa_g, xs, C, d_mix, BLOCK_C=block_c,
                                                 BLOCK_D=_lora_block((d_mix,)), num_warps=4, **_pdl(x.device))
         _gemv_call(xs, buf, plan.metas["in"], [att.receptance.weight, att.key.weight, att.value.weight, att.gate.weight,
@@ -1112,7 +1123,7 @@ def _step4(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Te
         _norm_mix_call(x, blk.ln1, att_shift, [att.time_mix_k, att.time_mix_v, att.time_mix_r], xs,
                        ln0=blk.ln0 if i == 0 else None, form=1, T=T, mask=mask)
         _gemv_call(xs, buf, plan.metas["in"], [att.key.weight, att.value.weight, att.receptance.weight], A)
-        _wkv4[(B // T, triton.cdiv(A, block))](buf, buf.stride(0), A, att.time_decay, att.time_first, aa, bb, pp, ry,
+        _wkv4[(B // T, _cdiv(A, block))](buf, buf.stride(0), A, att.time_decay, att.time_first, aa, bb, pp, ry,
                                                T, BLOCK=block, **_padding(mask, x), **_pdl(x.device), num_warps=4)
         _gemv_call(ry, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
         _channel_mix(x, blk, ffn_shift, plan, form=1, T=T, mask=mask)
