@@ -395,6 +395,8 @@ def test_short_prompt_runs_the_triton_step_at_once(version, batch):
     mask[1:2, :5] = 0  # (with 2 rows or more: row 1 left-padded)
     calls, real = [], rwkv_decode.triton_step
     rwkv_decode.triton_step = lambda m, x, *a: calls.append(tuple(x.shape)) or real(m, x, *a)
+    prompts, real_prompt = [], rwkv_decode.RwkvGraphDecoder.prompt
+    rwkv_decode.RwkvGraphDecoder.prompt = lambda dec, x, *a: prompts.append(tuple(x.shape)) or real_prompt(dec, x, *a)
     out = {}
     try:
         for dtype in (torch.float32, torch.bfloat16):
@@ -413,14 +415,61 @@ def test_short_prompt_runs_the_triton_step_at_once(version, batch):
                                               wkv_mode="recurrent")
                     assert torch.equal(tokens, plain_tokens), (tokens, plain_tokens)
     finally:
-        rwkv_decode.triton_step = real
-    assert calls.count((batch, 20)) == 3, calls  # (fp32, its generate(), bf16; not the recurrent generate())
+        rwkv_decode.triton_step, rwkv_decode.RwkvGraphDecoder.prompt = real, real_prompt
+    assert prompts.count((batch, 20)) == 3, prompts  # (fp32, its generate(), bf16; not the recurrent generate())
+    # each model's decoder captured the step 32 tokens wide (once run on a copy of the state, once captured)
+    assert calls.count((batch, 32)) == 4 and (batch, 20) not in calls, calls
     (fast32, plain32, state32), (fast16, plain16, _) = out[torch.float32], out[torch.bfloat16]
     err = lambda x: float(((x - plain32).abs().amax(-1) / plain32.abs().amax(-1)).max())  # noqa: E731
     print(f"\nTriton v{version} prompt b{batch}: fp32 {err(fast32):.2e} (state {state32:.2e}); bf16 {err(fast16):.2e} "
           f"against the modules' bf16 {err(plain16):.2e} ({time.time() - t0:.0f} s)")
     assert err(fast32) <= 1e-5 and state32 <= 1e-5
     assert err(fast16) <= 2 * err(plain16) + 1e-2
+
+
+@pytest.mark.parametrize("version", ["7", "4"])
+def test_captured_prompt_is_the_uncaptured_step(version, monkeypatch):
+    """`RwkvGraphDecoder.prompt`: a prompt through the step captured for its width (T rounded up to a
+    power of two, padded on the left) gives the uncaptured Triton step's logits and state, fp32, 3 rows
+    (row 1 left-padded): bit for bit at 13 tokens (39 and 48 product rows: the same tiles), within 1e-6
+    at 5 (15 and 24 rows) and without a mask; a second prompt of another length replays the same graph."""
+    from rwkv_hf.modeling import rwkv_decode
+    from rwkv_hf.modeling.rwkv_decode import RwkvGraphDecoder
+
+    m = build(version, torch.float32, n_layer=3, n_embd=256, triton_decode=True)
+    dec = RwkvGraphDecoder(m, batch_size=3, triton=True)
+    start = dec.export_cache().layers_state
+    g = torch.Generator().manual_seed(8)
+    leaves = lambda: torch.utils._pytree.tree_leaves(dec.export_cache().layers_state)  # noqa: E731
+
+    def both(T, masked):
+        ids = torch.randint(0, 65536, (3, T), generator=g).to(DEV)
+        mask = None
+        if masked:
+            mask = torch.ones(3, T, dtype=torch.bool, device=DEV)
+            mask[1, : T // 3] = False
+        out = []
+        for graphs in (True, False):
+            monkeypatch.setattr(rwkv_decode, "PROMPT_GRAPHS", graphs)
+            dec.load_cache(_cache_of(start))
+            with torch.no_grad():
+                out.append((dec.prompt(ids, mask), leaves()))
+        return out
+
+    for T, masked in ((13, True), (5, True), (11, False), (7, False)):
+        (a, sa), (b, sb) = both(T, masked)
+        err = max([float((a - b).abs().max() / b.abs().max())] + [float((x - y).abs().max()) for x, y in zip(sa, sb)])
+        print(f"\nv{version} prompt of {T} ({'masked' if masked else 'no mask'}): captured vs uncaptured {err:.1e}")
+        assert (err == 0) if T == 13 else err <= 1e-6, (T, err)
+    assert sorted(dec._prompts) == [8, 16]
+
+
+def _cache_of(layers_state):
+    from rwkv_hf.modeling.rwkv_cache import RwkvCache
+
+    c = RwkvCache(len(layers_state))
+    c.layers_state = layers_state
+    return c
 
 
 @pytest.mark.parametrize("version, batch", [("7", 1), ("7", 3), ("6", 3), ("5.2", 3), ("4", 3)])

@@ -265,6 +265,20 @@ def test_forward_sends_a_short_prompt_to_the_triton_step():
         assert case["err"] <= 1e-5 and case["seen"] == seen, res["fallback"]
 
 
+def test_prompt_width_rounds_up_to_a_power_of_two(monkeypatch):
+    """`rwkv_decode.prompt_width`, the width of the captured step a prompt goes through on CUDA: its
+    length rounded up to a power of two; uncaptured (None) where the rounded rows would exceed
+    TRITON_PROMPT_ROWS, or with PROMPT_GRAPHS off. (The captured step itself: tests/test_gpu.py.)"""
+    from rwkv_hf.modeling import rwkv_decode, rwkv_paths
+
+    monkeypatch.setattr(rwkv_paths, "TRITON_PROMPT_ROWS", 1024)
+    assert [rwkv_decode.prompt_width(1, t) for t in (1, 2, 3, 5, 16, 17, 64)] == [1, 2, 4, 8, 16, 32, 64]
+    assert rwkv_decode.prompt_width(32, 32) == 32
+    assert rwkv_decode.prompt_width(20, 40) is None  # (800 rows, 1,280 rounded up)
+    monkeypatch.setattr(rwkv_decode, "PROMPT_GRAPHS", False)
+    assert rwkv_decode.prompt_width(1, 5) is None
+
+
 GEMV_SCRIPT = r"""
 import json
 import torch

@@ -38,7 +38,7 @@ import operator
 import types
 import warnings
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,7 @@ from .rwkv_cache import CACHE_FIELD, RwkvCache, copy_into, map_tensors, same_ten
 from .rwkv_helpers import DirectCalls, ReduceCalls
 from .rwkv_inputs import normalize_mask
 from .rwkv_paths import Path, pick_path, stop_auto_compiling, stop_triton_prompt, stop_triton_step
-from . import rwkv_triton
+from . import rwkv_paths, rwkv_triton
 from .rwkv_triton import make_plan, triton_step, tune_step
 
 Tensor = torch.Tensor
@@ -125,6 +125,8 @@ class RwkvGraphDecoder:
         self._owner: Optional[weakref.ref] = None
         self.logits: Optional[Tensor] = None
         self.warmup = warmup
+        self._prompts: dict = {}  # width -> _PromptGraph (`prompt`)
+        self._pool = None  # their memory pool: one for all, as they never run at once
 
     @property
     def fused(self) -> bool:
@@ -215,6 +217,55 @@ class RwkvGraphDecoder:
         self.cache.seen_tokens += 1
         return self.logits
 
+    # ----------------------------------------------------------------------------------- prompts
+    @torch.no_grad()
+    def prompt(self, ids: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """ids [B, T] through the Triton step at once (`triton_step`, T tokens a row), from the state in
+        the static buffers and into them; `mask` [B, T] bool (False: padding) or None. The last
+        column's logits [B, V] (a copy). Launched from Python, the step's ~170 launches cost the host
+        more than the card takes to run them; so the step is captured, once for each width: T rounded
+        up to a power of two (`prompt_width`), the rows padded on the left, which changes no state.
+        A real token's outputs are those of the uncaptured step but for the products' rounding where
+        the padded row count takes other tiles. Where that width would exceed `TRITON_PROMPT_ROWS`
+        rows, or with `PROMPT_GRAPHS` off, it runs uncaptured. The widths' graphs keep their buffers
+        in one pool while the decoder lives: by their sizes, some 120 MB at 1,024 rows of a 1.5B RWKV-7
+        (width 2048)."""
+        B, T = ids.shape
+        width = prompt_width(B, T)
+        if width is None:
+            return triton_step(self.model, ids, self.cache.layers_state, self._plan, mask)
+        g = self._prompts.get(width)
+        if g is None:
+            g = self._prompts[width] = self._capture_prompt(width)
+        pad = width - T
+        if pad:
+            g.ids[:, :pad].zero_()
+            g.mask[:, :pad].zero_()
+        g.ids[:, pad:].copy_(ids)
+        if mask is None:
+            g.mask[:, pad:].fill_(True)
+        else:
+            g.mask[:, pad:].copy_(mask)
+        g.graph.replay()
+        return g.logits.clone()
+
+    def _capture_prompt(self, width: int) -> "_PromptGraph":
+        model, B = self.model, self.B
+        ids = torch.zeros(B, width, dtype=torch.long, device=self.device)
+        mask = torch.ones(B, width, dtype=torch.bool, device=self.device)
+        # once on copies of the state, which stays as it is, so that Triton builds this width's kernels.
+        # (Their products take the tiles the decode step's tuning chose for the same kind and row
+        # block, else one tile, `rwkv_triton._UNTUNED`. Tuning a prompt's products as the decode step's
+        # are, on an H200 at 32 x 16 tokens, left the prompt at 13.2 ms against 13.5 and doubled the
+        # first generate() call on a cold card, 35 -> 71 s: not done.)
+        triton_step(model, ids, [map_tensors(torch.clone, s) for s in self.cache.layers_state], self._plan, mask)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):  # (capturing runs nothing)
+            logits = triton_step(model, ids, self.cache.layers_state, self._plan, mask)
+        return _PromptGraph(g, ids, mask, logits)
+
     # ------------------------------------------------------------------- a cache that decodes here
     def owns(self, cache: RwkvCache) -> bool:
         # the layer states are tuples, so the same tuple objects mean the same tensors
@@ -254,6 +305,27 @@ class RwkvGraphDecoder:
             nxt = self.step(nxt).argmax(-1)
             toks.append(nxt)
         return torch.stack(toks, dim=1)
+
+
+class _PromptGraph(NamedTuple):
+    """A prompt width's captured Triton step: the graph, its static inputs and its logits."""
+
+    graph: "torch.cuda.CUDAGraph"
+    ids: Tensor
+    mask: Tensor
+    logits: Tensor
+
+
+# prompts go through `RwkvGraphDecoder.prompt`'s captured steps (else its Triton step uncaptured)
+PROMPT_GRAPHS = True
+
+
+def prompt_width(batch: int, tokens: int) -> Optional[int]:
+    """The width of the captured step a prompt of `batch` rows of `tokens` goes through: `tokens`
+    rounded up to a power of two; None (uncaptured) with `PROMPT_GRAPHS` off or where that would be
+    more rows than `rwkv_paths.TRITON_PROMPT_ROWS`."""
+    width = 1 << (tokens - 1).bit_length()
+    return width if PROMPT_GRAPHS and batch * width <= rwkv_paths.TRITON_PROMPT_ROWS else None
 
 
 # ------------------------------------------------------------------------------- from a forward pass
@@ -306,7 +378,7 @@ def prompt_logits(model, input_ids: Tensor, cache: RwkvCache, path: Path, attent
         else:
             if not dec.owns(cache):
                 dec.adopt(cache)
-            logits = triton_step(model, input_ids, dec.cache.layers_state, dec._plan, mask)
+            logits = dec.prompt(input_ids, mask)
             dec.cache.seen_tokens += T
     except Exception as e:
         if kind in _PROMPT_RAN:

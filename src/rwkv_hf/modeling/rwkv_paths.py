@@ -47,8 +47,9 @@ TRITON_MAX_BATCH = 32  # the Triton step by default up to this batch (tested on 
 # where the decode step is the captured Triton one, goes through that step's kernels at once
 # (`rwkv_triton.triton_step` with T tokens a row: the step's ~170 launches for the whole prompt) rather
 # than through the modules, whose forward pass is some 1,800 launches at any length (0: never). On an
-# H200 (1.5B RWKV-7, bf16) at batch 1 64 tokens took 18 ms against 60; at batch 32, 16 tokens 32 ms
-# against 88, and 64 tokens (2,048 rows) 79 against 74. See `RwkvForCausalLMBase._decode_path`.
+# H200 (1.5B RWKV-7, bf16; uncaptured, session 13) at batch 1 64 tokens took 18 ms against 60; at
+# batch 32, 16 tokens 32 ms against 88, and 64 tokens (2,048 rows) 79 against 74. See
+# `RwkvForCausalLMBase._decode_path`.
 TRITON_PROMPT_MAX = 64
 TRITON_PROMPT_ROWS = 1024
 _TRITON_PROMPT_FAILED = False

@@ -6,8 +6,8 @@ reference package; `tests/test_gpu.py`: compiled, in a captured graph).
 The same launches take a short prompt at once (`triton_step` with T tokens a row): the products run
 on B T rows, and `_norm_mix` and the per-head kernels go through a row's T tokens in turn, carrying
 the token shift and the state from one to the next (`rwkv_decode.prompt_logits`; where, see
-`rwkv_paths.TRITON_PROMPT_MAX`). The products of such a launch, which no step tuned, take one tile
-(`_UNTUNED`).
+`rwkv_paths.TRITON_PROMPT_MAX`; on the captured path, `RwkvGraphDecoder.prompt` captures it once
+for each width). The products of such a launch, which no step tuned, take one tile (`_UNTUNED`).
 
 Why: a decode step reads every weight once, so its floor is the memory bandwidth; the plain step
 captured in a CUDA graph is ~68 kernels a layer, the compiled one ~23 (inductor does not fuse a
