@@ -6,7 +6,7 @@ its own CUDA kernel). Prefill 1x4096 and 8x2048 (last logits only), decode batch
 generate() calls timed with CUDA events (`cuda_time`), decode steps over runs of --steps steps
 (`decode_rate`). Prints a table with ratios to fla and the card's name, and writes JSON to $OUT (or --out).
 
-    python benchmarks/gpu.py [--out DIR] [--skip-rwkv] [--skip-fla] [--long 0] [--profile]
+    python benchmarks/gpu.py [--out DIR] [--skip-rwkv] [--skip-fla] [--long 0] [--profile] [--skip-prefill]
                              [--torch-compile] [--fla-compile] [--trace-generate] [--decode-only]
 
 The `rwkv` package runs in a subprocess (it compiles its CUDA kernel with nvcc on first use and
@@ -240,7 +240,7 @@ def bench_ours(sd, args, res):
     out = {}
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        if not args.decode_only:
+        if not (args.decode_only or args.skip_prefill):
             prefill_rows("ours", m, out, args, g)
             if args.torch_compile:
                 compiled_prefill_rows("ours", m, out, args, g)
@@ -319,9 +319,10 @@ def bench_fla(args, res):
     out = {"params": sum(p.numel() for p in m.parameters())}
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        prefill_rows("fla", m, out, args, g)
-        if args.torch_compile:
-            compiled_prefill_rows("fla", m, out, args, g)
+        if not args.skip_prefill:
+            prefill_rows("fla", m, out, args, g)
+            if args.torch_compile:
+                compiled_prefill_rows("fla", m, out, args, g)
         for B in DECODE:
             out[f"decode_{B}"] = decode_rate(fla_step(m), B, args.steps)
             print(f"fla decode b{B}: {out[f'decode_{B}']:,.1f} tok/s", flush=True)
@@ -457,6 +458,8 @@ def main():
     ap.add_argument("--trace-generate", action="store_true", help="save a profiler trace of one generate() call per batch size")
     ap.add_argument("--profile", action="store_true", help="also split GPU kernel time into matmul / WKV / other")
     ap.add_argument("--decode-only", action="store_true", help="ours only, decode only (skips fla and rwkv)")
+    ap.add_argument("--skip-prefill", action="store_true",
+                    help="skip the prefill rows of ours and fla (their first long prompt tunes fla's kernels: minutes on a cold card)")
     ap.add_argument("--rwkv-timeout", type=int, default=300)
     ap.add_argument("--long", type=int, default=131072, help="also prefill one prompt this long (0: skip)")
     args = ap.parse_args()
