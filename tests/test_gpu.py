@@ -438,7 +438,7 @@ def test_captured_prompt_is_the_uncaptured_step(version, monkeypatch):
 
     m = build(version, torch.float32, n_layer=3, n_embd=256, triton_decode=True)
     dec = RwkvGraphDecoder(m, batch_size=3, triton=True)
-    start = dec.export_cache().layers_state
+    start = dec.export_cache()  # (load_cache copies it into the buffers: it stays as it is)
     g = torch.Generator().manual_seed(8)
     leaves = lambda: torch.utils._pytree.tree_leaves(dec.export_cache().layers_state)  # noqa: E731
 
@@ -451,7 +451,7 @@ def test_captured_prompt_is_the_uncaptured_step(version, monkeypatch):
         out = []
         for graphs in (True, False):
             monkeypatch.setattr(rwkv_decode, "PROMPT_GRAPHS", graphs)
-            dec.load_cache(_cache_of(start))
+            dec.load_cache(start)
             with torch.no_grad():
                 out.append((dec.prompt(ids, mask), leaves()))
         return out
@@ -462,14 +462,6 @@ def test_captured_prompt_is_the_uncaptured_step(version, monkeypatch):
         print(f"\nv{version} prompt of {T} ({'masked' if masked else 'no mask'}): captured vs uncaptured {err:.1e}")
         assert (err == 0) if T == 13 else err <= 1e-6, (T, err)
     assert sorted(dec._prompts) == [8, 16]
-
-
-def _cache_of(layers_state):
-    from rwkv_hf.modeling.rwkv_cache import RwkvCache
-
-    c = RwkvCache(len(layers_state))
-    c.layers_state = layers_state
-    return c
 
 
 @pytest.mark.parametrize("version, batch", [("7", 1), ("7", 3), ("6", 3), ("5.2", 3), ("4", 3)])

@@ -48,7 +48,7 @@ from .rwkv_helpers import DirectCalls, ReduceCalls
 from .rwkv_inputs import normalize_mask
 from .rwkv_paths import Path, pick_path, stop_auto_compiling, stop_triton_prompt, stop_triton_step
 from . import rwkv_paths, rwkv_triton
-from .rwkv_triton import make_plan, triton_step, tune_step
+from .rwkv_triton import _pow2, make_plan, triton_step, tune_step
 
 Tensor = torch.Tensor
 
@@ -324,7 +324,7 @@ def prompt_width(batch: int, tokens: int) -> Optional[int]:
     """The width of the captured step a prompt of `batch` rows of `tokens` goes through: `tokens`
     rounded up to a power of two; None (uncaptured) with `PROMPT_GRAPHS` off or where that would be
     more rows than `rwkv_paths.TRITON_PROMPT_ROWS`."""
-    width = 1 << (tokens - 1).bit_length()
+    width = _pow2(tokens)
     return width if PROMPT_GRAPHS and batch * width <= rwkv_paths.TRITON_PROMPT_ROWS else None
 
 

@@ -1075,8 +1075,8 @@ def _step6(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Te
                        mask=mask)
         _gemv_call(xxx, hid, plan.metas["maa"], [att.time_maa_w1], hid.shape[1])
         _v6_mixes[(B, _cdiv(C, block_c))](hid, att.time_maa_w2, hx, att.time_maa_w, att.time_maa_k, att.time_maa_v,
-                                                att.time_maa_r, att.time_maa_g, xs, C, d_mix, BLOCK_C=block_c,
-                                                BLOCK_D=_lora_block((d_mix,)), num_warps=4, **_pdl(x.device))
+                                          att.time_maa_r, att.time_maa_g, xs, C, d_mix, BLOCK_C=block_c,
+                                          BLOCK_D=_lora_block((d_mix,)), num_warps=4, **_pdl(x.device))
         _gemv_call(xs, buf, plan.metas["in"], [att.receptance.weight, att.key.weight, att.value.weight, att.gate.weight,
                                                att.time_decay_w1], C)
         H, N = att.time_faaaa.shape
@@ -1124,7 +1124,7 @@ def _step4(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Te
                        ln0=blk.ln0 if i == 0 else None, form=1, T=T, mask=mask)
         _gemv_call(xs, buf, plan.metas["in"], [att.key.weight, att.value.weight, att.receptance.weight], A)
         _wkv4[(B // T, _cdiv(A, block))](buf, buf.stride(0), A, att.time_decay, att.time_first, aa, bb, pp, ry,
-                                               T, BLOCK=block, **_padding(mask, x), **_pdl(x.device), num_warps=4)
+                                         T, BLOCK=block, **_padding(mask, x), **_pdl(x.device), num_warps=4)
         _gemv_call(ry, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
         _channel_mix(x, blk, ffn_shift, plan, form=1, T=T, mask=mask)
 
