@@ -639,15 +639,21 @@ if HAVE_TRITON:
 
     # the tiles the step tunes over (`tune_step`): on an H200 (1.5B RWKV-7, session 11) a step picked
     # (32, 256) for r/k/v and the LoRAs, (16, 256) for O and the channel mix's key, (32, 256, K in 4
-    # slices) for its value and (64, 128) for the head, at batch 1 and 32
+    # slices) for its value and (64, 128) for the head, at batch 1 and 32. The last three tiles here and
+    # the last four split ones came in session 17 (benchmarks/step_parts.py --extra-tiles, the same
+    # card and model): at batch 32 the channel mix's value took (64, 256, K in 4 slices, 8 warps), 13.6
+    # us a launch against 15.0, the second LoRA stages (64, 64) and the channel mix's key (32, 128), and
+    # the captured step went from 2,016 to 1,811 us (batch 1: 1,177 and 1,183, the same picks)
     _GEMV_CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": 1}, num_warps=nw, num_stages=ns)
-        for bn, bk, nw, ns in ((16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 512, 4, 2), (64, 256, 8, 3))
+        for bn, bk, nw, ns in ((16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 512, 4, 2), (64, 256, 8, 3),
+                               (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3))
     ]
     # one-segment launches (O, the channel mix's value, the head) may split K too
     _SPLIT_CONFIGS = _GEMV_CONFIGS + [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": 256, "SPLIT": sp}, num_warps=4, num_stages=3)
-        for bn, sp in ((16, 2), (16, 4), (32, 2), (32, 4))
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp}, num_warps=nw, num_stages=ns)
+        for bn, bk, sp, nw, ns in ((16, 256, 2, 4, 3), (16, 256, 4, 4, 3), (32, 256, 2, 4, 3), (32, 256, 4, 4, 3),
+                                   (64, 256, 4, 8, 3), (64, 128, 4, 4, 3), (64, 128, 8, 4, 3), (32, 128, 8, 4, 4))
     ]
     MAX_SPLIT = max(c.kwargs["SPLIT"] for c in _SPLIT_CONFIGS)
     # batch 1 may also take `_gemv_rows` (ROWS): whole rows, or K in halves, BLOCK_N rows a program
