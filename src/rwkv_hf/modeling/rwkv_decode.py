@@ -282,13 +282,14 @@ class RwkvGraphDecoder:
         self._owner = weakref.ref(cache)
 
     @torch.no_grad()
-    def run(self, ids: Tensor, cache: RwkvCache) -> Tensor:
-        """One step for `cache` (which ends up holding the static buffers); returns logits [B, V] (a copy)."""
+    def run(self, ids: Tensor, cache: RwkvCache, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """One step for `cache` (which ends up holding the static buffers); returns logits [B, V] (a copy,
+        in `dtype` if given)."""
         if not self.owns(cache):
             self.adopt(cache)
         logits = self.step(ids)
         cache.seen_tokens += 1
-        return logits.clone()
+        return logits.to(dtype or logits.dtype, copy=True)
 
     # ---------------------------------------------------------------------------------- generate
     @torch.no_grad()
@@ -329,11 +330,13 @@ def prompt_width(batch: int, tokens: int) -> Optional[int]:
 
 
 # ------------------------------------------------------------------------------- from a forward pass
-def step_logits(model, input_ids: Tensor, cache: RwkvCache, path: Path) -> Tensor:
-    """One decode step of `model` along `path` (runner "step" or "graph"); logits [B, V]."""
+def step_logits(model, input_ids: Tensor, cache: RwkvCache, path: Path, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """One decode step of `model` along `path` (runner "step" or "graph"); logits [B, V] (in `dtype`
+    if given: from a graph, the copy out of its buffer is the conversion)."""
     if path.runner == "graph":
-        return _graph_step(model, input_ids, cache, path)
-    return _plain_step(model, input_ids, cache, path)
+        return _decoder(model, input_ids.shape[0], path).run(input_ids, cache, dtype)
+    logits = _plain_step(model, input_ids, cache, path)
+    return logits if dtype is None else logits.to(dtype)
 
 
 def prompt_logits(model, input_ids: Tensor, cache: RwkvCache, path: Path, attention_mask=None) -> Optional[Tensor]:
@@ -442,10 +445,6 @@ def _plain_step(model, input_ids: Tensor, cache: RwkvCache, path: Path) -> Tenso
 # with it, and kept off the module itself, so deepcopy / pickling a model never meets a CUDA graph
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _MAX_DECODERS_PER_MODEL = 4
-
-
-def _graph_step(model, input_ids: Tensor, cache: RwkvCache, path: Path) -> Tensor:
-    return _decoder(model, input_ids.shape[0], path).run(input_ids, cache)
 
 
 def _decoder(model, batch: int, path: Path) -> "RwkvGraphDecoder":

@@ -61,7 +61,7 @@ def decode_loop(
     pad = generation_config._pad_token_tensor.to(device) if pad_finished else None
     processors = list(logits_processor)
     do_sample = bool(generation_config.do_sample)
-    unfinished = torch.ones(B, dtype=torch.long, device=device)
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
     alive = torch.zeros((), dtype=torch.long, device=device)  # steps after which some row was unfinished
     every = STOP_CHECK_EVERY.get(device.type, 8)
     kept = cache if _cache_outlives(model_kwargs, generation_config) else None
@@ -75,7 +75,7 @@ def decode_loop(
         if start + j == ids.shape[1]:
             ids = torch.cat([ids, ids.new_empty(B, min(ids.shape[1], start + total - ids.shape[1]))], 1)
         if j:
-            logits = step_logits(model, ids[:, start + j - 1, None], cache, path).float()
+            logits = step_logits(model, ids[:, start + j - 1, None], cache, path, torch.float32)
         scores = logits
         seen = ids[:, : start + j]
         for p in processors:
@@ -85,12 +85,12 @@ def decode_loop(
             tok = torch.multinomial(probs, num_samples=1).squeeze(1)
         else:
             tok = torch.argmax(scores, dim=-1)
-        if pad_finished:  # finished rows get the padding token
-            tok = tok * unfinished + pad * (1 - unfinished)
+        if pad_finished:  # finished rows get the padding token (transformers: four launches of arithmetic)
+            tok = torch.where(unfinished, tok, pad)
         ids[:, start + j] = tok
         if checks:
             unfinished = unfinished & ~checks(ids[:, : start + j + 1], None)
-            alive += unfinished.amax()
+            alive += unfinished.any()
         if (j + 1) % every and j + 1 < total:
             continue
         # a look at the device: how far the rows went, and the tokens for the streamer
