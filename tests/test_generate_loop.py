@@ -276,7 +276,8 @@ def test_wkv_mode_argument_reaches_the_steps(monkeypatch, own_calls):
     ids, mask = padded_batch()
     forms = []
     real = rwkv_generate.step_logits
-    monkeypatch.setattr(rwkv_generate, "step_logits", lambda m, i, c, path, *dtype: forms.append(path.wkv) or real(m, i, c, path, *dtype))
+    monkeypatch.setattr(rwkv_generate, "step_logits",
+                        lambda m, i, c, path, *dtype: forms.append(path.wkv) or real(m, i, c, path, *dtype))
     theirs, ours, _, _ = both(model, input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
                               wkv_mode="chunk")
     assert torch.equal(theirs, ours) and own_calls["own"] == 1 and forms == ["chunk"] * 3
