@@ -62,9 +62,9 @@ def _extra_tiles(rwkv_triton):
     rwkv_triton._SPLIT_CONFIGS = rwkv_triton._SPLIT_CONFIGS + whole + split
 
 
-def parts(m, dec, rwkv_triton, B, T, reps):
+def parts(m, dec, rwkv_triton, T, reps):
     """{row: us} for the step of T tokens a row on `dec`'s state and plan."""
-    ids = torch.zeros(B, T, dtype=torch.long, device="cuda")
+    ids = torch.zeros(dec.B, T, dtype=torch.long, device="cuda")
     states, plan = dec.cache.layers_state, dec._plan
     step = lambda: rwkv_triton.triton_step(m, ids, states, plan)  # noqa: E731
     rows = {"whole": (), "without the per-head kernels": HEADS, "without _norm_mix": ("_norm_mix",),
@@ -108,11 +108,11 @@ def main():
                 torch.cuda.synchronize()
                 print(f"[{label}] b{B}: tuned and captured in {time.time() - t:.0f} s", flush=True)
                 for k, v in rwkv_triton._TIMINGS.items():
-                    if k[2] == (16 if B <= 16 else 32 if B <= 32 else 64):
+                    if k[2] == rwkv_triton.row_block(B):  # (the key's third field: this batch's row block)
                         print(f"  tiles K={k[1]} n_max={k[5]} segments={k[6]} acc={k[3]}: {v[:4]}", flush=True)
                 widths = [1] + ([args.prompt] if args.prompt and not extra else [])
                 for T in widths:
-                    got = parts(m, dec, rwkv_triton, B, T, args.reps)
+                    got = parts(m, dec, rwkv_triton, T, args.reps)
                     res["rows"][f"{label} b{B} T{T}"] = got
                     whole = got["whole"]
                     print(f"[{label}] b{B} T{T}: " + "; ".join(

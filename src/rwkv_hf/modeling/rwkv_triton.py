@@ -739,6 +739,12 @@ def _scratch(device: torch.device, rows: int, n: int, split: int):
     return _SCRATCH[key]
 
 
+def row_block(rows: int) -> int:
+    """`_gemv`'s rows a program (BLOCK_B, part of a product's tuning key): the batch padded to 16, 32
+    or 64 rows for the tensor cores."""
+    return 16 if rows <= 16 else (32 if rows <= 32 else 64)
+
+
 def _grid(n_max: int, segments: int, K: int, B: int, block_b: int, BLOCK_N: int, BLOCK_K: int, SPLIT: int) -> tuple:
     """`_gemv`'s grid: output tiles, then the segments (SPLIT 1) or the slices of K (as the kernel cuts
     them: SPLIT slices rounded up to whole BLOCK_K, so there may be fewer), then row tiles."""
@@ -754,7 +760,7 @@ def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_ma
     widest; each its own K_s)."""
     B, K = x.shape[0], x.shape[-1] if depth is None else depth
     sx_r = 1 if depth is not None else (x.stride(1) if x.dim() == 3 else 0)
-    block_b = 16 if B <= 16 else (32 if B <= 32 else 64)
+    block_b = row_block(B)
     rows = _cdiv(B, block_b) * block_b
     one = len(weights) == 1
     ws = list(weights) + [weights[0]] * (MAX_SEGMENTS - len(weights))
