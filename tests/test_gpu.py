@@ -343,6 +343,26 @@ def test_triton_step_with_whole_rows_matches_eager(version, monkeypatch):
     assert rt._CHOSEN and all(c.kwargs.get("ROWS") for c in rt._CHOSEN.values()), rt._CHOSEN
 
 
+@pytest.mark.parametrize("version,batch", [("7", 1), ("6", 5)])
+def test_triton_step_with_reversed_segments_matches_eager(version, batch, monkeypatch):
+    """The same with every tile the step's tuning may choose reversed (a launch of several segments
+    starts its programs from the last segment's: `SEGMENTS_REVERSED`), so that this order runs on the
+    GPU whichever the tuning would pick; RWKV-7 at batch 1 (whole rows or tiles, PDL late: `_late`),
+    RWKV-6 at batch 5 (tensor-core tiles; its channel mix has two segments)."""
+    from rwkv_hf.modeling import rwkv_triton as rt
+
+    def reversed_(configs):
+        return [rt.triton.Config(dict(c.kwargs, REVERSED=True), num_warps=c.num_warps, num_stages=c.num_stages)
+                for c in configs]
+
+    for name in ("_GEMV_CONFIGS", "_SPLIT_CONFIGS", "_ROWS_CONFIGS"):
+        monkeypatch.setattr(rt, name, reversed_(getattr(rt, name)))
+    monkeypatch.setattr(rt, "_CHOSEN", {})
+    _triton_step_against_eager(version, 2048, batch)
+    several = [c for key, c in rt._CHOSEN.items() if key[6] > 1]  # (key[6]: the launch's segments)
+    assert several and all(c.kwargs.get("REVERSED") for c in several), rt._CHOSEN
+
+
 def _triton_step_against_eager(version, n_embd, batch):
     """A version's Triton step (rwkv_triton) against the eager graph step, 16 teacher-forced steps, on the
     bounds of test_fused_decoder_matches_eager: fp32 within 1e-5 x max|logit| with the same greedy

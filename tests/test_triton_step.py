@@ -333,6 +333,13 @@ rt._gemv_call(x, out, meta, [w, lora], N)
 xd = x.double()
 want = torch.cat([torch.tanh(xd[:, 0] @ w.double().T), xd[:, 1, :Ks] @ lora.double()], -1).float()
 res["segments"] = float((out - want).abs().max())
+# the same with the programs in the segments' order (interpreted, a launch of several segments starts
+# from the last one's where SEGMENTS_REVERSED is set, as the default is)
+rt.SEGMENTS_REVERSED = not rt.SEGMENTS_REVERSED
+out = torch.zeros(1, N + D)
+rt._gemv_call(x, out, meta, [w, lora], N)
+res["segments_other_order"] = float((out - want).abs().max())
+rt.SEGMENTS_REVERSED = not rt.SEGMENTS_REVERSED
 # one segment, multiplied and added (the channel mix's value)
 mul, base = torch.rand(1, N, generator=g), torch.randn(1, N, generator=g)
 out = base.clone()
@@ -351,7 +358,8 @@ print(json.dumps(res))
 def test_gemv_rows_matches_the_product():
     """`_gemv_rows` (one row of x, whole rows of W without tensor cores; interpreted, `_gemv_call` sends
     every one-row launch to it): two segments, tanh of a [96, 640] nn.Linear-layout product and a
-    [200, 40] input-major LoRA matrix of depth 200 < K, both within 1e-5 of the fp64 products, and one
+    [200, 40] input-major LoRA matrix of depth 200 < K, both within 1e-5 of the fp64 products whichever
+    segment's programs start first (`SEGMENTS_REVERSED`), and one
     segment multiplied by a given vector and added to the output; `_gemv`'s tiles, the same launch on
     three rows, agree on row 0 to 1e-5."""
     env = dict(os.environ, TRITON_INTERPRET="1")

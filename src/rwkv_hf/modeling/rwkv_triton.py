@@ -59,7 +59,9 @@ On Hopper and later every launch of the step is a programmatic dependent launch 
 (their part of W, the norms' and mixes' weights, a layer's own state) and only then wait for it. At
 batch 1 the step's time was mostly the gaps and ramps between ~170 small launches; on an H200 (1.5B
 RWKV-7, session 15) PDL, `_gemv_rows` and the heads' warps took the step from 574 to 818 tok/s at
-batch 1 and from 13,464 to 15,577 at batch 32 (benchmarks/README.md).
+batch 1 and from 13,464 to 15,577 at batch 32 (benchmarks/README.md). At batch 1 (v7, v5, v4) a
+product lets the next launch start only at its end (`PDL_LATE_ROWS`), and a launch of several
+segments may start its programs from the last segment's (`SEGMENTS_REVERSED`, a tuning choice).
 
 Used by `rwkv_decode.RwkvGraphDecoder` when `rwkv_paths.pick_path` says `triton` (CUDA with Triton,
 wkv_mode "auto", `triton_decode` None or True; every version, not DeepEmbed RWKV-7, not v4-v6 in
@@ -104,7 +106,7 @@ if HAVE_TRITON:
         HAVE_PDL = False
 
     @triton.jit
-    def _after_the_last():
+    def _after_the_last(LATE: tl.constexpr = False):
         """Programmatic dependent launch (a kernel calls this where its PDL is set): wait until the
         launch before this one has ended (its stores seen), then let the next launch start its
         programs. Everything a program reads or writes that another launch writes comes after this;
@@ -114,8 +116,18 @@ if HAVE_TRITON:
         launches overlap, and a launch that starts finds the launch before the one before it, and all
         before that, ended; a layer's launch of the step before lies further back, and no launch
         between writes its state. (Called under `if PDL:`, not taking the flag: under Triton's
-        interpreter every call of a jit function costs about a millisecond.)"""
+        interpreter every call of a jit function costs about a millisecond.) LATE: only wait; the
+        program lets the next launch start at its end (`_let_the_next_start`)."""
         _GDC.gdc_wait()
+        if not LATE:
+            _GDC.gdc_launch_dependents()
+
+    @triton.jit
+    def _let_the_next_start():
+        """A program whose `_after_the_last` was LATE: its loads are done, the next launch may start
+        (once every program of this launch has called this or ended). Early (`_after_the_last`), the
+        next launch's programs take SMs while this launch still has programs waiting for one: in a
+        launch of more programs than the card holds at once they sit there, waiting, in their way."""
         _GDC.gdc_launch_dependents()
 
     @triton.jit
@@ -264,17 +276,20 @@ if HAVE_TRITON:
     @triton.jit
     def _products(w, x_row, ns, n_ok, b_ok, k_lo, k_end, K, N, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                  PDL: tl.constexpr):
+                  PDL: tl.constexpr, LATE: tl.constexpr):
         """sum over k in [k_lo, k_end) of x[b, k] W[n, k], [BLOCK_B, BLOCK_N] fp32. The first tile of W is
         read before `_after_the_last` (PDL: while the launch before ends), the rest after it."""
         wt = _w_tile(w, ns, n_ok, k_lo, k_end, K, N, BLOCK_K, LAYOUT)
         if PDL:
-            _after_the_last()
+            _after_the_last(LATE)
         acc = _dot_tile(tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), wt, x_row, b_ok, k_lo, k_end, BLOCK_K,
                         LAYOUT, PRECISION, UPCAST)
         for k0 in range(k_lo + BLOCK_K, k_end, BLOCK_K):
             acc = _dot_tile(acc, _w_tile(w, ns, n_ok, k0, k_end, K, N, BLOCK_K, LAYOUT), x_row, b_ok, k0, k_end,
                             BLOCK_K, LAYOUT, PRECISION, UPCAST)
+        if PDL:
+            if LATE:
+                _let_the_next_start()
         return acc
 
     @triton.jit
@@ -312,7 +327,7 @@ if HAVE_TRITON:
         B, K, n_max,
         ACCUMULATE: tl.constexpr, MULTIPLY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
-        ALIGNED: tl.constexpr,
+        ALIGNED: tl.constexpr, LATE: tl.constexpr = False, REVERSED: tl.constexpr = False,
     ):
         """Segment s of out[b, off_s + n] (+)= [mul[b, n] *] act_s(sum_k x[b, row_s, k] W_s[n, k]).
         meta[s] = (N_s, row_s, off_s, act_s, layout_s, K_s); layout 0: W_s is [N, K] (nn.Linear), 1:
@@ -326,11 +341,16 @@ if HAVE_TRITON:
         8192 inputs) than one per BLOCK_N rows.
         UPCAST: multiply in fp32 (Triton's interpreter multiplies bf16 tiles wrongly; on a GPU the
         tensor cores take the model's dtype, with fp32 sums). PRECISION: "ieee" for fp32 weights (no
-        TF32). PDL: the first tile of W is read before waiting for the launch before (`_products`)."""
+        TF32). PDL: the first tile of W is read before waiting for the launch before (`_products`);
+        LATE: the next launch starts when every program is past its products. REVERSED: program row
+        s of axis 1 takes segment (segments - 1 - s): the card starts programs in order, and the last
+        segments' (RWKV-7's LoRAs: narrow, read with a stride) then start first, not last."""
         pid_n = tl.program_id(0)
         pid_b = tl.program_id(2)
         if SPLIT == 1:
             seg = tl.program_id(1)
+            if REVERSED:
+                seg = tl.num_programs(1) - 1 - seg
             k_per = K
             kid = 0
         else:
@@ -348,10 +368,10 @@ if HAVE_TRITON:
             x_row = x_ptr + bs[:, None] * sx_b + row * sx_r
             if lora == 0:
                 acc = _products(w, x_row, ns, n_ok, b_ok, k_lo, k_hi, K, N, BLOCK_B, BLOCK_N, BLOCK_K, 0, PRECISION,
-                                UPCAST, PDL)
+                                UPCAST, PDL, LATE)
             else:  # (a LoRA stage: its own depth K_s, up to K)
                 acc = _products(w, x_row, ns, n_ok, b_ok, k_lo, tl.minimum(k_hi, k_s), K, N, BLOCK_B, BLOCK_N, BLOCK_K,
-                                1, PRECISION, UPCAST, PDL)
+                                1, PRECISION, UPCAST, PDL, LATE)
             ok = b_ok[:, None] & n_ok[None, :]
             dst = bs[:, None] * so_b + off + ns[None, :]
             if MULTIPLY:
@@ -389,40 +409,46 @@ if HAVE_TRITON:
 
     @triton.jit
     def _row_products(w, x_row, ns, n_ok, k_end, K, N, BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr,
-                      PDL: tl.constexpr):
+                      PDL: tl.constexpr, LATE: tl.constexpr):
         """`_products` for one row of x: [BLOCK_N] fp32. With BLOCK_K = K the whole of the program's
         part of W is read before the launch before ends (PDL)."""
         wt = _w_tile(w, ns, n_ok, 0, k_end, K, N, BLOCK_K, LAYOUT)
         if PDL:
-            _after_the_last()
+            _after_the_last(LATE)
         acc = _row_sums(wt, x_row, 0, k_end, BLOCK_K, LAYOUT)
         for k0 in range(BLOCK_K, k_end, BLOCK_K):
             acc += _row_sums(_w_tile(w, ns, n_ok, k0, k_end, K, N, BLOCK_K, LAYOUT), x_row, k0, k_end, BLOCK_K, LAYOUT)
+        if PDL:
+            if LATE:
+                _let_the_next_start()
         return acc
 
     @triton.jit
     def _gemv_rows(
         x_ptr, sx_r, out_ptr, mul_ptr, meta_ptr, w0, w1, w2, w3, w4, w5, w6, K,
         ACCUMULATE: tl.constexpr, MULTIPLY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PDL: tl.constexpr, ALIGNED: tl.constexpr,
+        PDL: tl.constexpr, ALIGNED: tl.constexpr, LATE: tl.constexpr = False, REVERSED: tl.constexpr = False,
     ):
         """`_gemv` for one row of x (batch 1) without tensor cores: program (i, s) multiplies BLOCK_N
         whole rows of segment s's W (outputs i BLOCK_N + [0, BLOCK_N)) by x in fp32, K in BLOCK_K
         chunks. `_gemv` pads the row to a 16-row tile for the tensor cores and goes through K in
         256-wide tiles; here a program's rows are read in one or a few long loads (on an H200, a
         chain of [2048, 2048] products: 4.41 us a product with 16 x 2048 tiles, against 7.46 for
-        `_gemv`'s best tile; benchmarks/grid_barrier.py). `tune_step` chooses between the two."""
+        `_gemv`'s best tile; benchmarks/grid_barrier.py). `tune_step` chooses between the two.
+        LATE and REVERSED as `_gemv`'s."""
         pid_n = tl.program_id(0)
         seg = tl.program_id(1)
+        if REVERSED:
+            seg = tl.num_programs(1) - 1 - seg
         N, row, off, act, lora, k_s, w = _segment(meta_ptr, seg, w0, w1, w2, w3, w4, w5, w6, ALIGNED)
         ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = ns < N
         if pid_n * BLOCK_N < N:
             x_row = x_ptr + row * sx_r
             if lora == 0:
-                acc = _row_products(w, x_row, ns, n_ok, K, K, N, BLOCK_K, 0, PDL)
+                acc = _row_products(w, x_row, ns, n_ok, K, K, N, BLOCK_K, 0, PDL, LATE)
             else:
-                acc = _row_products(w, x_row, ns, n_ok, tl.minimum(K, k_s), K, N, BLOCK_K, 1, PDL)
+                acc = _row_products(w, x_row, ns, n_ok, tl.minimum(K, k_s), K, N, BLOCK_K, 1, PDL, LATE)
             _gemv_out(acc, act, out_ptr, off + ns, mul_ptr, ns, n_ok, ACCUMULATE, MULTIPLY)
 
     @triton.jit
@@ -656,10 +682,13 @@ if HAVE_TRITON:
                                    (64, 256, 4, 8, 3), (64, 128, 4, 4, 3), (64, 128, 8, 4, 3), (32, 128, 8, 4, 4))
     ]
     MAX_SPLIT = max(c.kwargs["SPLIT"] for c in _SPLIT_CONFIGS)
-    # batch 1 may also take `_gemv_rows` (ROWS): whole rows, or K in halves, BLOCK_N rows a program
+    # batch 1 may also take `_gemv_rows` (ROWS): whole rows, or K in halves, BLOCK_N rows a program. The
+    # 4-row tiles: on an H200 (1.5B RWKV-7, session 19, step_parts.py --extra-tiles) O, the channel mix's
+    # key and value and the head took them (us a launch: 4.15 against 4.38 for 8 rows, 9.76 / 10.29,
+    # 10.15 / 11.21, 62.9 / 63.3), the captured step 1,095 us against 1,126
     _ROWS_CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": 1, "ROWS": True}, num_warps=nw, num_stages=1)
-        for bn, bk, nw in ((16, 2048, 8), (8, 2048, 4), (32, 1024, 8), (16, 1024, 4))
+        for bn, bk, nw in ((16, 2048, 8), (8, 2048, 4), (32, 1024, 8), (16, 1024, 4), (4, 2048, 4), (4, 2048, 2))
     ]
     # the tile of a product no step tuned (a prompt's, `triton_step` with T tokens a row), by precision:
     # 64 x 128 (16 x 256 for fp32's "ieee" products). Triton's autotuner built 9 variants of each kind
@@ -692,6 +721,18 @@ V6_MIX_BLOCK = 64
 # programmatic dependent launch on CUDA cards that have it (compute capability 9 on): each launch of the
 # step may start while the one before ends, reading its weights meanwhile (`_after_the_last`)
 PDL = True
+# where a product lets the next launch start (PDL): at once, after its wait, or (`late`) at its end
+# (`_let_the_next_start`): for launches of up to PDL_LATE_ROWS rows, in these versions' steps. On an
+# H200 (1.5B, batch 1, session 18, each tuned afresh, one process) the step went 824 -> 850 tok/s for
+# RWKV-7, 847 -> 852 for 5.2, 886 -> 892 for 4, and 752 -> 744 for RWKV-6; at batch 32 RWKV-7 17,243 ->
+# 15,937 (the per-head kernels late as well: 767 at batch 1, 16,818 at 32)
+PDL_LATE_ROWS = 1
+PDL_LATE_VERSIONS = ("rwkv7_world", "rwkv5_world", "rwkv4_world")
+# a launch of several segments (r/k/v and the LoRAs) may start its programs from the last segment's:
+# `tune_step` times each tile in both orders. On an H200 (1.5B, batch 1, session 18) RWKV-7's r/k/v and
+# LoRA launch took 9.8 us reversed against 11.4 (its four LoRA segments, narrow and read with a stride,
+# last in line otherwise), RWKV-6's 10.1 in order against 11.1, its channel mix 12.0 reversed against 13.6
+SEGMENTS_REVERSED = True
 # batch-1 products may be tuned with `_gemv_rows` among the candidates
 ROWS = True
 # warps a program of `_wkv7_head` / `_wkv5_head`; None: 8 for fewer rows than `LORA_APART_FROM`, else 4.
@@ -717,13 +758,16 @@ def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _pdl(device: torch.device) -> dict:
-    """A launch's PDL arguments on `device`: the kernel's flag and, where on, Triton's launch option."""
+def _pdl(device: torch.device, late: Optional[bool] = None) -> dict:
+    """A launch's PDL arguments on `device`: the kernel's flag and, where on, Triton's launch option
+    [and, for a kernel that takes it, LATE: `late`]."""
     if not (PDL and HAVE_TRITON and HAVE_PDL) or device.type != "cuda" or interpreted():
         return {"PDL": False}
     if device not in _CAPABILITY:
         _CAPABILITY[device] = torch.cuda.get_device_capability(device)
-    return {"PDL": True, "launch_pdl": True} if _CAPABILITY[device] >= (9, 0) else {"PDL": False}
+    if _CAPABILITY[device] < (9, 0):
+        return {"PDL": False}
+    return {"PDL": True, "launch_pdl": True, **({} if late is None else {"LATE": late})}
 
 
 def _scratch(device: torch.device, rows: int, n: int, split: int):
@@ -745,6 +789,10 @@ def row_block(rows: int) -> int:
     return 16 if rows <= 16 else (32 if rows <= 32 else 64)
 
 
+# a `_gemv` config's grid-shaping part (the rest, REVERSED among them, only the kernel takes)
+_TILE = ("BLOCK_N", "BLOCK_K", "SPLIT")
+
+
 def _grid(n_max: int, segments: int, K: int, B: int, block_b: int, BLOCK_N: int, BLOCK_K: int, SPLIT: int) -> tuple:
     """`_gemv`'s grid: output tiles, then the segments (SPLIT 1) or the slices of K (as the kernel cuts
     them: SPLIT slices rounded up to whole BLOCK_K, so there may be fewer), then row tiles."""
@@ -753,11 +801,11 @@ def _grid(n_max: int, segments: int, K: int, B: int, block_b: int, BLOCK_N: int,
 
 
 def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_max: int, accumulate: bool = False,
-               multiply: Optional[Tensor] = None, depth: Optional[int] = None) -> None:
+               multiply: Optional[Tensor] = None, depth: Optional[int] = None, late: bool = False) -> None:
     """`_gemv` over x [B, rows, K] (or [B, K], rows may be strided) into out [B, *]; `weights` one per
     row of `meta`; `multiply` [B, n_max]: the products are multiplied by it (before accumulating).
     `depth`: the second LoRA stages, x [B, *] whose segment s starts at column row_s, K = depth (the
-    widest; each its own K_s)."""
+    widest; each its own K_s). `late`: with PDL, the next launch starts at this one's end (`_late`)."""
     B, K = x.shape[0], x.shape[-1] if depth is None else depth
     sx_r = 1 if depth is not None else (x.stride(1) if x.dim() == 3 else 0)
     block_b = row_block(B)
@@ -778,35 +826,44 @@ def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_ma
                  ALIGNED=aligned)
     sizes = dict(n_max=n_max, segments=len(weights), K=K, B=B, block_b=block_b)
     rows_kw = dict(ACCUMULATE=accumulate, MULTIPLY=multiply is not None, ALIGNED=aligned)
+    # several segments: the programs may start from the last segment's (a tile's REVERSED; interpreted,
+    # always where SEGMENTS_REVERSED is set, so that the CPU tests run that order)
+    several = len(weights) > 1 and SEGMENTS_REVERSED
     rows_args = (x, sx_r, out, mul, meta, *ws, K)
     # (one row: `_gemv_rows`, so that the CPU tests run it too, in the steps at batch 1; 128 outputs a
     # program: under Triton's interpreter a program's every operation costs, whatever its size)
     if cpu:
         if B == 1 and ROWS:
-            _gemv_rows[(_cdiv(n_max, 128), len(weights))](*rows_args, **rows_kw, BLOCK_N=128, BLOCK_K=128, PDL=False)
+            _gemv_rows[(_cdiv(n_max, 128), len(weights))](*rows_args, **rows_kw, BLOCK_N=128, BLOCK_K=128, PDL=False,
+                                                          REVERSED=several)
             return
         tile = dict(BLOCK_N=128, BLOCK_K=128, SPLIT=split)
-        _gemv[_grid(**sizes, **tile)](*head, *scratch(split), *tail, UPCAST=True, **tile, **flags, PDL=False)
+        _gemv[_grid(**sizes, **tile)](*head, *scratch(split), *tail, UPCAST=True, **tile, **flags, PDL=False,
+                                      REVERSED=several)
         return
     split_ok = one and SPLIT_K
     rows_ok = B == 1 and ROWS
     key = (str(x.device), K, block_b, accumulate, multiply is not None, n_max, len(weights), precision, split_ok,
-           rows_ok)
-    pdl = _pdl(x.device)
+           rows_ok, late)
+    pdl = _pdl(x.device, late=late)
 
     def launch(cfg):
         kw = cfg.kwargs
         if kw.get("ROWS"):
             _gemv_rows[(_cdiv(n_max, kw["BLOCK_N"]), len(weights))](
-                *rows_args, **rows_kw, BLOCK_N=kw["BLOCK_N"], BLOCK_K=kw["BLOCK_K"], **pdl, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+                *rows_args, **rows_kw, BLOCK_N=kw["BLOCK_N"], BLOCK_K=kw["BLOCK_K"], REVERSED=kw.get("REVERSED", False),
+                **pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             return
-        _gemv[_grid(**sizes, **kw)](*head, *scratch(kw["SPLIT"]), *tail, UPCAST=False, **flags, **kw, **pdl,
-                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        grid = _grid(**sizes, **{k: kw[k] for k in _TILE})
+        _gemv[grid](*head, *scratch(kw["SPLIT"]), *tail, UPCAST=False, **flags, **kw, **pdl, num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages)
 
     if _RECORD is not None:  # `tune_step` is recording: this launch's kind, with the first config meanwhile
         configs = (_SPLIT_CONFIGS if split_ok else _GEMV_CONFIGS) + (_ROWS_CONFIGS if rows_ok else [])
         configs = [c for c in configs if precision != "ieee" or _small(c) or c.kwargs.get("ROWS")]
+        if several:  # each tile in both orders
+            configs += [triton.Config(dict(c.kwargs, REVERSED=True), num_warps=c.num_warps, num_stages=c.num_stages)
+                        for c in configs]
         _RECORD.setdefault(key, {"configs": configs, "launches": []})["launches"].append(launch)
         launch(configs[0])
     elif key in _CHOSEN:
@@ -815,7 +872,7 @@ def _gemv_call(x: Tensor, out: Tensor, meta: Tensor, weights: List[Tensor], n_ma
         launch(_UNTUNED[precision])
     else:  # Triton's autotuner picks, launch by launch (META: the arguments and the config's tile)
         tuned = _gemv_split_tuned if split_ok else _gemv_tuned
-        grid = lambda META: _grid(**sizes, **{k: META[k] for k in ("BLOCK_N", "BLOCK_K", "SPLIT")})  # noqa: E731
+        grid = lambda META: _grid(**sizes, **{k: META[k] for k in _TILE})  # noqa: E731
         tuned[grid](*head, *scratch(MAX_SPLIT), *tail, UPCAST=False, **flags, PDL=False)
 
 
@@ -1010,6 +1067,11 @@ def _norm_mix_call(x: Tensor, ln, shift, mixes, out: Tensor, ln0=None, hx: Optio
                     **_padding(mask, x), **_pdl(x.device))
 
 
+def _late(plan: Plan, rows: int) -> bool:
+    """Whether a product of `rows` rows lets the next launch start at its end (PDL_LATE_ROWS)."""
+    return rows <= PDL_LATE_ROWS and plan.version in PDL_LATE_VERSIONS
+
+
 def _head_warps(rows: int) -> int:
     return HEAD_WARPS or (8 if rows < LORA_APART_FROM else 4)
 
@@ -1020,11 +1082,11 @@ def _lora_block(dims) -> int:
 
 def _head(model, x: Tensor, plan: Plan) -> Tensor:
     """ln_out and the LM head for x [B, C]: logits [B, V] in the model's dtype."""
-    xn = torch.empty_like(x)
+    xn, late = torch.empty_like(x), _late(plan, x.shape[0])
     _norm_mix_call(x, model.model.ln_out, None, [], xn)
     head = model.lm_head.weight
     logits = x.new_empty(x.shape[0], head.shape[0])
-    _gemv_call(xn, logits, plan.metas["vocab"], [head], head.shape[0])
+    _gemv_call(xn, logits, plan.metas["vocab"], [head], head.shape[0], late=late)
     return logits
 
 
@@ -1032,16 +1094,18 @@ def _channel_mix(x: Tensor, blk, shift: Tensor, plan: Plan, form: int, T: int, m
     """The channel mix of v4-v6: x += sigmoid(xr R) * (relu(xk K)^2 V) (v6's mixes: `form` 0)."""
     ffn = blk.ffn
     B, C = x.shape
-    Fw = ffn.key.weight.shape[0]
+    Fw, late = ffn.key.weight.shape[0], _late(plan, B)
     mixes = [ffn.time_maa_k, ffn.time_maa_r] if form == 0 else [ffn.time_mix_k, ffn.time_mix_r]
     fx, fbuf = x.new_empty(B, 2, C), x.new_empty(B, Fw + C)  # [xk, xr]; [relu(xk K)^2 | sigmoid(xr R)]
     _norm_mix_call(x, blk.ln2, shift, mixes, fx, form=form, T=T, mask=mask)
-    _gemv_call(fx, fbuf, plan.metas["ffn"], [ffn.key.weight, ffn.receptance.weight], Fw)
-    _gemv_call(fbuf[:, :Fw], x, plan.metas["c"], [ffn.value.weight], C, accumulate=True, multiply=fbuf[:, Fw:])
+    _gemv_call(fx, fbuf, plan.metas["ffn"], [ffn.key.weight, ffn.receptance.weight], Fw, late=late)
+    _gemv_call(fbuf[:, :Fw], x, plan.metas["c"], [ffn.value.weight], C, accumulate=True, multiply=fbuf[:, Fw:],
+               late=late)
 
 
 def _step7(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Tensor]) -> None:
     B, C = x.shape  # (B: rows, T tokens each)
+    late = _late(plan, B)
     dw, da, dv, dg = plan.dims
     xs, yg, fk = x.new_empty(B, 6, C), x.new_empty(B, C), x.new_empty(B, 1, C)
     buf = torch.empty(B, plan.width, device=x.device, dtype=torch.float32)
@@ -1055,9 +1119,10 @@ def _step7(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Te
         _norm_mix_call(x, blk.ln1, att_shift, [att.x_r, att.x_w, att.x_k, att.x_v, att.x_a, att.x_g], xs,
                        ln0=blk.ln0 if i == 0 else None, T=T, mask=mask)
         _gemv_call(xs, buf, plan.metas["in"], [att.receptance.weight, att.key.weight, att.value.weight, att.w1, att.a1,
-                                               att.v1, att.g1], C)
+                                               att.v1, att.g1], C, late=late)
         if apart:
-            _gemv_call(buf, lo, plan.metas["lora2"], [att.w2, att.a2, att.v2, att.g2], C, depth=max(plan.dims))
+            _gemv_call(buf, lo, plan.metas["lora2"], [att.w2, att.a2, att.v2, att.g2], C, depth=max(plan.dims),
+                       late=late)
         H, N = att.r_k.shape
         _wkv7_head[(B // T, H)](buf, buf.stride(0), C, H, *plan.offsets, att.w2, att.a2, att.v2, att.g2, dw, da, dv, dg,
                                 att.w0, att.a0, att.v0, att.k_k, att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias,
@@ -1065,14 +1130,15 @@ def _step7(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Te
                                 **dict(zip(("BW", "BA", "BV", "BG"), map(_lora_block, ((d,) for d in plan.dims)))),
                                 APART=apart, num_warps=_head_warps(B), **_padding(mask, x),
                                 **_pdl(x.device))
-        _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
+        _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True, late=late)
         _norm_mix_call(x, blk.ln2, ffn_shift, [ffn.x_k], fk, T=T, mask=mask)
-        _gemv_call(fk, hidden, plan.metas["ffn"], [ffn.key.weight], hidden.shape[1])
-        _gemv_call(hidden, x, plan.metas["c"], [ffn.value.weight], C, accumulate=True)
+        _gemv_call(fk, hidden, plan.metas["ffn"], [ffn.key.weight], hidden.shape[1], late=late)
+        _gemv_call(hidden, x, plan.metas["c"], [ffn.value.weight], C, accumulate=True, late=late)
 
 
 def _step6(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Tensor]) -> None:
     B, C = x.shape
+    late = _late(plan, B)
     f32 = dict(device=x.device, dtype=torch.float32)
     blocks = model.model.blocks
     d_mix = blocks[0].att.time_maa_w2.shape[1]
@@ -1085,23 +1151,24 @@ def _step6(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Te
         att_shift, S, ffn_shift = states[i]
         _norm_mix_call(x, blk.ln1, att_shift, [att.time_maa_x], xxx, ln0=blk.ln0 if i == 0 else None, hx=hx, T=T,
                        mask=mask)
-        _gemv_call(xxx, hid, plan.metas["maa"], [att.time_maa_w1], hid.shape[1])
+        _gemv_call(xxx, hid, plan.metas["maa"], [att.time_maa_w1], hid.shape[1], late=late)
         _v6_mixes[(B, _cdiv(C, block_c))](hid, att.time_maa_w2, hx, att.time_maa_w, att.time_maa_k, att.time_maa_v,
                                           att.time_maa_r, att.time_maa_g, xs, C, d_mix, BLOCK_C=block_c,
                                           BLOCK_D=_lora_block((d_mix,)), num_warps=4, **_pdl(x.device))
         _gemv_call(xs, buf, plan.metas["in"], [att.receptance.weight, att.key.weight, att.value.weight, att.gate.weight,
-                                               att.time_decay_w1], C)
+                                               att.time_decay_w1], C, late=late)
         H, N = att.time_faaaa.shape
         _wkv5_head[(B // T, H)](buf, buf.stride(0), C, H, plan.offsets[0], att.time_decay_w2, plan.dims[0],
                                 att.time_decay, att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps, S, yg, T,
                                 N=N, BLOCK_D=_lora_block(plan.dims), DECAY_LORA=True, PER_HEAD=False, GATED=True,
                                 num_warps=_head_warps(B), **_padding(mask, x), **_pdl(x.device))
-        _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
+        _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True, late=late)
         _channel_mix(x, blk, ffn_shift, plan, form=0, T=T, mask=mask)
 
 
 def _step5(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Tensor]) -> None:
     B, C = x.shape
+    late = _late(plan, B)
     buf = torch.empty(B, plan.width, device=x.device, dtype=torch.float32)
     yg = x.new_empty(B, C)
     gated = model.model.blocks[0].att.gated
@@ -1112,19 +1179,20 @@ def _step5(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Te
         mixes = [att.time_mix_r, att.time_mix_k, att.time_mix_v] + ([att.time_mix_g] if gated else [])
         _norm_mix_call(x, blk.ln1, att_shift, mixes, xs, ln0=blk.ln0 if i == 0 else None, form=1, T=T, mask=mask)
         mats = [att.receptance.weight, att.key.weight, att.value.weight] + ([att.gate.weight] if gated else [])
-        _gemv_call(xs, buf, plan.metas["in"], mats, C)
+        _gemv_call(xs, buf, plan.metas["in"], mats, C, late=late)
         per_head = att.version != "5.2"
         H, N = att.n_head, att.head_size
         _wkv5_head[(B // T, H)](buf, buf.stride(0), C, H, 0, att.time_decay, 1, att.time_decay,
                                 att.time_first if per_head else att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps,
                                 S, yg, T, N=N, BLOCK_D=16, DECAY_LORA=False, PER_HEAD=per_head, GATED=gated,
                                 num_warps=_head_warps(B), **_padding(mask, x), **_pdl(x.device))
-        _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
+        _gemv_call(yg, x, plan.metas["c"], [att.output.weight], C, accumulate=True, late=late)
         _channel_mix(x, blk, ffn_shift, plan, form=1, T=T, mask=mask)
 
 
 def _step4(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Tensor]) -> None:
     B, C = x.shape
+    late = _late(plan, B)
     A = model.model.blocks[0].att.key.weight.shape[0]
     buf = torch.empty(B, plan.width, device=x.device, dtype=torch.float32)
     xs, ry = x.new_empty(B, 3, C), x.new_empty(B, A)
@@ -1134,10 +1202,10 @@ def _step4(model, x: Tensor, states: list, plan: Plan, T: int, mask: Optional[Te
         att_shift, (aa, bb, pp), ffn_shift = states[i]
         _norm_mix_call(x, blk.ln1, att_shift, [att.time_mix_k, att.time_mix_v, att.time_mix_r], xs,
                        ln0=blk.ln0 if i == 0 else None, form=1, T=T, mask=mask)
-        _gemv_call(xs, buf, plan.metas["in"], [att.key.weight, att.value.weight, att.receptance.weight], A)
+        _gemv_call(xs, buf, plan.metas["in"], [att.key.weight, att.value.weight, att.receptance.weight], A, late=late)
         _wkv4[(B // T, _cdiv(A, block))](buf, buf.stride(0), A, att.time_decay, att.time_first, aa, bb, pp, ry,
                                          T, BLOCK=block, **_padding(mask, x), **_pdl(x.device), num_warps=4)
-        _gemv_call(ry, x, plan.metas["c"], [att.output.weight], C, accumulate=True)
+        _gemv_call(ry, x, plan.metas["c"], [att.output.weight], C, accumulate=True, late=late)
         _channel_mix(x, blk, ffn_shift, plan, form=1, T=T, mask=mask)
 
 
