@@ -62,6 +62,7 @@ def main():
                       f"{ms[200]:.2f} ({row['generate_tok_s']:,.0f} tok/s); prompt forward {fwd:.2f} ms; per token "
                       f"{row['per_token_ms']:.3f} ms; bare step {row['step_ms']:.3f} ms; first call {first:.1f} s", flush=True)
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "generate_split.json"), "w") as f:
         json.dump(res, f, indent=1)
 

@@ -51,15 +51,19 @@ def _extra_tiles(rwkv_triton):
     """More candidates for the products, beside `rwkv_triton`'s lists: tiles that no step there picks
     yet. (Session 17's run of this added (64, 256, K in 4, 8 warps), (64, 128, K in 8), (32, 128, K
     in 8), (64, 128, K in 4), (32, 128), (64, 64) and (128, 128), which it showed winning at batch 32:
-    they are in the lists now.)"""
+    they are in the lists now.) At batch 1 also narrower whole-row tiles (`_gemv_rows`): 1 or 2 rows of
+    W a program, and 4096-wide K chunks (session 19's run of this added 4-row tiles, now in the list)."""
     import triton
 
     split = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp}, num_warps=nw, num_stages=ns)
              for bn, bk, sp, nw, ns in ((128, 128, 4, 8, 3), (32, 256, 8, 4, 3), (128, 256, 2, 8, 3), (64, 64, 8, 4, 4))]
     whole = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": 1}, num_warps=nw, num_stages=ns)
              for bn, bk, nw, ns in ((32, 512, 8, 2), (128, 64, 4, 4), (16, 128, 4, 4), (128, 256, 8, 3))]
+    rows = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": 1, "ROWS": True}, num_warps=nw, num_stages=1)
+            for bn, bk, nw in ((2, 2048, 2), (2, 2048, 4), (2, 4096, 4), (1, 2048, 2), (4, 4096, 2))]
     rwkv_triton._GEMV_CONFIGS = rwkv_triton._GEMV_CONFIGS + whole
     rwkv_triton._SPLIT_CONFIGS = rwkv_triton._SPLIT_CONFIGS + whole + split
+    rwkv_triton._ROWS_CONFIGS = rwkv_triton._ROWS_CONFIGS + rows
 
 
 def parts(m, dec, rwkv_triton, T, reps):
